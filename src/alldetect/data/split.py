@@ -1,0 +1,120 @@
+"""Subject-level splits. Cells of one subject share stain, microscope and class, so a model can learn the
+subject instead of the cell: every split is by subject, stratified by class, and no subject is ever on
+two sides. Unlabelled rows are left without a split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from ..errors import DataError
+from .manifest import ManifestRow
+
+logger = logging.getLogger(__name__)
+
+PAPER_VAL_FRACTION = 0.3  # Table 3: 15 of 47 ALL and 7 of 26 HEM training subjects go to validation
+
+
+def subject_key(row: ManifestRow) -> str:
+    """The unit that must not cross splits: the subject, or the image itself when the subject is unknown."""
+    return row.subject or f"image:{row.path}"
+
+
+def subject_split(rows: list[ManifestRow], *, val_fraction: float = 0.2, test_fraction: float = 0.2,
+                  seed: int = 0) -> list[ManifestRow]:
+    """Assign ``train``/``val``/``test`` by subject, stratified by class, reproducibly for ``seed``.
+
+    Each class's subjects are shuffled and cut by the fractions (a non-zero fraction gets at least one
+    subject when the class has three or more). Returns new rows in the input order.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    assignment = _assign_subjects(_labelled(rows), {"test": test_fraction, "val": val_fraction}, seed)
+    return _apply(rows, assignment)
+
+
+def paper_split(rows: list[ManifestRow], *, val_fraction: float = PAPER_VAL_FRACTION,
+                seed: int = 0) -> list[ManifestRow]:
+    """The paper's Table-3 protocol: the preliminary test set is the test split; the training folds are
+    split by subject into train and validation (about 70/30 of subjects per class)."""
+    labelled = _labelled(rows)
+    test = [r for r in labelled if r.source == "prelim"]
+    if not test:
+        raise DataError("the paper protocol needs the labelled preliminary test set (source 'prelim'), "
+                        "which this manifest lacks; use --val-fraction/--test-fraction instead")
+    test_subjects = {subject_key(r) for r in test}
+    development = [r for r in labelled if r.source != "prelim"]
+    shared = sorted({subject_key(r) for r in development} & test_subjects)
+    if shared:
+        raise DataError(f"subject(s) {', '.join(shared[:10])} appear in the preliminary test set and in the "
+                        "training data; the paper protocol would leak them")
+    assignment = _assign_subjects(development, {"val": val_fraction}, seed)
+    assignment.update({s: "test" for s in test_subjects})
+    return _apply(rows, assignment)
+
+
+def check_subject_disjoint(rows: list[ManifestRow]) -> None:
+    """Raise ``DataError`` naming the subjects that sit in more than one split."""
+    splits: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r.split:
+            splits[subject_key(r)].add(r.split)
+    leaked = sorted(s for s, where in splits.items() if len(where) > 1)
+    if leaked:
+        detail = "; ".join(f"{s} in {'/'.join(sorted(splits[s]))}" for s in leaked[:10])
+        raise DataError(f"{len(leaked)} subject(s) appear in more than one split ({detail}): "
+                        "results would be optimistic; re-split by subject")
+
+
+def _labelled(rows: list[ManifestRow]) -> list[ManifestRow]:
+    labelled = [r for r in rows if r.label]
+    if not labelled:
+        raise DataError("the manifest has no labelled images to split")
+    classes = {r.label for r in labelled}
+    if len(classes) < 2:
+        raise DataError(f"the manifest holds only {classes.pop().upper()} images; both all and hem are needed")
+    return labelled
+
+
+def _check_fractions(*fractions: float) -> None:
+    if any(not 0 <= f < 1 for f in fractions) or sum(fractions) >= 1:
+        raise DataError(f"split fractions {fractions} must each be in [0, 1) and sum to less than 1")
+
+
+def _assign_subjects(rows: list[ManifestRow], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Map subject -> split. ``fractions`` are taken in order from each class's shuffled subjects; the
+    rest is ``train``."""
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        votes[subject_key(r)][r.label] += 1
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for subject, counts in votes.items():
+        if len(counts) > 1:
+            logger.warning("subject %s has cells of both classes %s; stratified as %s",
+                           subject, dict(counts), counts.most_common(1)[0][0])
+        by_class[counts.most_common(1)[0][0]].append(subject)
+
+    rng = np.random.default_rng(seed)
+    assignment = {}
+    for label in sorted(by_class):
+        subjects = sorted(by_class[label])
+        rng.shuffle(subjects)
+        start = 0
+        for split, fraction in fractions.items():
+            left = len(subjects) - start
+            take = round(len(subjects) * fraction)
+            if fraction > 0 and take == 0 and len(subjects) >= 3:
+                take = 1
+            take = min(take, left - 1)  # keep at least one training subject per class
+            assignment.update({s: split for s in subjects[start:start + take]})
+            start += max(take, 0)
+        assignment.update({s: "train" for s in subjects[start:]})
+    return assignment
+
+
+def _apply(rows: list[ManifestRow], assignment: dict[str, str]) -> list[ManifestRow]:
+    out = [r.with_split(assignment.get(subject_key(r), "") if r.label else "") for r in rows]
+    check_subject_disjoint(out)
+    return out
