@@ -1,0 +1,141 @@
+"""The ``alldetect`` command: one entry point with a subcommand per stage."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable
+
+import typer
+
+from .errors import AlldetectError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Acute lymphoblastic leukemia detection in white-blood-cell images with a weighted "
+                       "ensemble of CNNs.")
+logger = logging.getLogger("alldetect")
+
+
+def user_errors(command: Callable) -> Callable:
+    """Print our own errors as one red line and exit non-zero, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except AlldetectError as e:
+            typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", force=True)
+    for noisy in ("PIL", "matplotlib", "timm", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+class ImageFormat(str, Enum):
+    bmp = "bmp"
+    png = "png"
+
+
+@app.command()
+@user_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the dataset into (C-NMC-2019 layout).")],
+    size: Annotated[int, typer.Option(help="Frame side in pixels (C-NMC: 450).")] = 450,
+    all_subjects: Annotated[int, typer.Option(help="ALL patients in the training folds.")] = 15,
+    hem_subjects: Annotated[int, typer.Option(help="Healthy donors in the training folds.")] = 7,
+    test_all_subjects: Annotated[int, typer.Option(help="ALL patients in the preliminary test set.")] = 4,
+    test_hem_subjects: Annotated[int, typer.Option(help="Healthy donors in the preliminary test set.")] = 2,
+    final_subjects: Annotated[int, typer.Option(help="Subjects in the unlabelled final test set.")] = 4,
+    cells_per_subject: Annotated[int, typer.Option(help="Cell images per subject.")] = 20,
+    image_format: Annotated[ImageFormat, typer.Option("--format", help="Image file format.")] = ImageFormat.bmp,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 0,
+) -> None:
+    """Write a synthetic C-NMC-2019 dataset: plausible cells that test the software, not the medicine."""
+    from .data.synth import SynthConfig, generate
+
+    cfg = SynthConfig(size=size, all_subjects=all_subjects, hem_subjects=hem_subjects,
+                      test_all_subjects=test_all_subjects, test_hem_subjects=test_hem_subjects,
+                      final_subjects=final_subjects, cells_per_subject=cells_per_subject,
+                      image_format=image_format.value, seed=seed)
+    try:
+        counts = generate(out, cfg)
+    except ValueError as e:
+        raise AlldetectError(str(e)) from None
+    typer.echo(f"wrote {sum(counts.values())} synthetic images to {out}: "
+               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+@app.command()
+@user_errors
+def index(
+    data: Annotated[Path, typer.Argument(help="A C-NMC tree, a folder with all/ and hem/, or any image folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
+) -> None:
+    """Find and label the images under DATA and write a manifest (path,label,subject,split,image,cell,source).
+
+    Unusable files are listed in <out>.problems.csv and skipped.
+    """
+    from .data.index import index_folder
+    from .data.manifest import summarize, write_manifest
+    from .data.problems import log_problems, write_problems
+    from .tables import format_table
+
+    result = index_folder(data)
+    write_manifest(result.rows, out)
+    problems_file = out.with_suffix(".problems.csv")
+    write_problems(result.problems, problems_file)
+    if result.synthetic:
+        typer.echo("dataset: SYNTHETIC (made by `alldetect synth`; it tests the software, not the medicine)")
+    typer.echo(format_table(summarize(result.rows)))
+    for warning in result.warnings:
+        logger.warning(warning)
+    log_problems(result.problems)
+    skipped = sum(p.action == "skipped" for p in result.problems)
+    typer.echo(f"wrote {out} ({len(result.rows)} images); {skipped} skipped, "
+               f"{len(result.problems) - skipped} converted: see {problems_file}")
+
+
+class Protocol(str, Enum):
+    subject = "subject"
+    paper = "paper"
+
+
+@app.command()
+@user_errors
+def split(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV from `alldetect index`.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write (default: in place).")] = None,
+    protocol: Annotated[Protocol, typer.Option(
+        help="paper: prelim test set = test, training folds split 70/30 by subject (Table 3); "
+             "subject: any manifest, by the fractions below.")] = Protocol.subject,
+    val_fraction: Annotated[float | None, typer.Option(
+        help="Share of each class's subjects for validation [default: 0.3 paper, 0.2 subject].")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Share of each class's subjects for test "
+                                                      "(protocol subject).")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Random seed for the subject shuffle.")] = 0,
+) -> None:
+    """Assign train/val/test by subject, stratified by class; no subject is ever in two splits."""
+    from .data.manifest import read_manifest, summarize, write_manifest
+    from .data.split import PAPER_VAL_FRACTION, paper_split, subject_split
+    from .tables import format_table
+
+    rows = read_manifest(manifest)
+    if protocol is Protocol.paper:
+        rows = paper_split(rows, val_fraction=PAPER_VAL_FRACTION if val_fraction is None else val_fraction,
+                           seed=seed)
+    else:
+        rows = subject_split(rows, val_fraction=0.2 if val_fraction is None else val_fraction,
+                             test_fraction=test_fraction, seed=seed)
+    write_manifest(rows, out or manifest)
+    typer.echo(format_table(summarize(rows, by="split")))
+    typer.echo(f"wrote {out or manifest}: subject-disjoint splits checked")
