@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-dev"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def write_cell(path: Path, *, size: int = 64, value: int = 90, mode: str = "RGB") -> Path:
+    """A small bright disc on black, saved in whatever format the suffix says."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    rgb = np.zeros((size, size, 3), np.uint8)
+    rgb[disc] = (value, value // 3, value)
+    Image.fromarray(rgb).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """A small synthetic C-NMC tree (80 px frames), generated once per test session."""
+    from alldetect.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, SynthConfig(size=80, all_subjects=6, hem_subjects=3, test_all_subjects=2, test_hem_subjects=2,
+                               final_subjects=2, cells_per_subject=4, seed=7), workers=1)
+    return root
+
+
+@pytest.fixture
+def real_cells(tmp_path) -> Path:
+    """A few real C-NMC cells (shipped fixtures) copied where tests may write."""
+    target = tmp_path / "real"
+    shutil.copytree(FIXTURES / "cnmc", target)
+    return target
