@@ -154,3 +154,65 @@ def split(
     write_manifest(rows, out or manifest)
     typer.echo(format_table(summarize(rows, by="split")))
     typer.echo(f"wrote {out or manifest}: subject-disjoint splits checked")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+@user_errors
+def train(
+    manifest: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Split manifest CSV.")],
+    member: Annotated[str, typer.Option(help="Network: vgg16, xception, mobilenet, inception_resnet_v2, "
+                                             "densenet121, or an extra member (see `alldetect members`).")]
+    = "densenet121",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/<member>].")] = None,
+    profile: Annotated[str, typer.Option(help="paper (the paper's protocol) or demo (small and quick).")] = "paper",
+    epochs: Annotated[int | None, typer.Option(help="Epochs [paper: 12 = one triangular2 cycle].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per optimizer step [paper profile: 32].")] = None,
+    crop: Annotated[int | None, typer.Option(help="Center-crop side in pixels [paper: 300].")] = None,
+    input_size: Annotated[int | None, typer.Option(help="Resize crops to this side (default: no resize).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local ImageNet weights: a file, or a folder of them.")]
+    = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained",
+                                             help="Start from ImageNet weights.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue from <out>/checkpoints/last.pt.")] = False,
+    device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
+    compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Also checkpoint every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+) -> None:
+    """Fine-tune one member with the paper's protocol and write a run directory.
+
+    Adamax (lr 2e-4, betas 0.9/0.999), triangular2 cyclic lr 1e-7..2e-3 with a step of 6 epochs,
+    cross-entropy, oversampled and augmented 300x300 center crops; the epoch with the best validation
+    balanced accuracy is kept. Launch with torchrun for several GPUs or nodes.
+    """
+    from .models import member_spec
+    from .training import fit, profile_config
+
+    member_spec(member)
+    try:
+        cfg = profile_config(profile, member=member, manifest=str(manifest), out=str(out or Path("runs") / member),
+                             epochs=epochs, batch_size=batch_size, crop=crop, input_size=input_size,
+                             weights=str(weights) if weights else None, pretrained=pretrained if weights is None
+                             else True, device=device.value, workers=workers, compile=compile or None,
+                             checkpoint_every=checkpoint_every, seed=seed)
+    except ValueError as e:
+        raise AlldetectError(str(e)) from None
+    run = fit(cfg, resume=resume)
+    typer.echo(f"run directory: {run}")
+
+
+@app.command()
+def members() -> None:
+    """List the available members (* = the paper's five)."""
+    from .models import list_members, member_spec
+
+    for name in list_members():
+        spec = member_spec(name)
+        typer.echo(f"{'*' if spec.paper else ' '} {name:<20} timm: {spec.timm_name:<24} grad-cam: {spec.cam_layer}")

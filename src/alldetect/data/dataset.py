@@ -13,20 +13,33 @@ logger = logging.getLogger(__name__)
 
 
 class CellDataset(Dataset):
-    """``(uint8 CHW tensor, label)`` pairs from an ``(N, S, S, 3)`` uint8 array (usually the memmap cache)."""
+    """``(uint8 CHW tensor, label)`` pairs from an ``(N, S, S, 3)`` uint8 array (usually the memmap cache).
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    ``positions`` maps dataset items to rows of ``images`` (default: one to one). An item may be an index
+    or ``(index, seed)``: with a seed the random augmentation is drawn from that seed alone, so it does
+    not depend on which worker, rank or resumed run produces the sample.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None,
+                 positions: np.ndarray | None = None):
+        self.positions = np.arange(len(images)) if positions is None else np.asarray(positions)
+        if len(self.positions) != len(labels):
+            raise ValueError(f"{len(self.positions)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        x = torch.from_numpy(np.array(self.images[self.positions[i]])).permute(2, 0, 1)  # copy: memmap is read-only
         if self.transform is not None:
-            x = self.transform(x)
+            if seed is None:
+                x = self.transform(x)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    x = self.transform(x)
         return x, int(self.labels[i])
 
 
