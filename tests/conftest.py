@@ -39,3 +39,29 @@ def real_cells(tmp_path) -> Path:
     target = tmp_path / "real"
     shutil.copytree(FIXTURES / "cnmc", target)
     return target
+
+
+@pytest.fixture(scope="session")
+def split_manifest(tmp_path_factory) -> Path:
+    """The paper split of a small synthetic set (80 px frames), for training tests."""
+    from alldetect.data.index import index_folder
+    from alldetect.data.manifest import write_manifest
+    from alldetect.data.split import paper_split
+    from alldetect.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("train-data")
+    generate(root / "data", SynthConfig(size=80, all_subjects=6, hem_subjects=3, test_all_subjects=2,
+                                        test_hem_subjects=1, final_subjects=1, cells_per_subject=4, seed=11),
+             workers=1)
+    manifest = root / "manifest.csv"
+    write_manifest(paper_split(index_folder(root / "data").rows, seed=0), manifest)
+    return manifest
+
+
+def tiny_config(manifest: Path, out: Path, **overrides):
+    """A seconds-long CPU training config: MobileNet, 64 px crops, random init."""
+    from alldetect.training import TrainConfig
+
+    base = dict(member="mobilenet", manifest=str(manifest), out=str(out), crop=64, epochs=2, batch_size=8,
+                clr_step_epochs=1, pretrained=False, device="cpu", workers=0, seed=0)
+    return TrainConfig(**{**base, **overrides})

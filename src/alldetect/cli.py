@@ -216,3 +216,7 @@ def members() -> None:
     for name in list_members():
         spec = member_spec(name)
         typer.echo(f"{'*' if spec.paper else ' '} {name:<20} timm: {spec.timm_name:<24} grad-cam: {spec.cam_layer}")
+
+
+if __name__ == "__main__":
+    app()

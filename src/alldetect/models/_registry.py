@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,10 @@ def create_member(name: str, *, pretrained: bool = False, weights: str | Path | 
         if num_classes != 1000:
             net.reset_classifier(num_classes)
     elif pretrained:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise WeightsUnavailable(
+                f"ImageNet weights for {name} ({spec.timm_name}) need the hub, but HF_HUB_OFFLINE is set; "
+                "pass --weights FILE or --weights-dir DIR with a local copy, or --no-pretrained")
         try:
             net = timm.create_model(spec.timm_name, pretrained=True, num_classes=num_classes)
         except Exception as e:  # the hub fails in many ways offline (OSError, HTTP errors, hub-specific ones)

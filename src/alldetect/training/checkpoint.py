@@ -36,7 +36,7 @@ def load_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused: the file holds Python objects that could run code when "
                               f"loaded, not just weights ({str(e).splitlines()[0][:160]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # torch.load fails on damaged files with many types (RuntimeError, struct.error, ...)
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an alldetect checkpoint")

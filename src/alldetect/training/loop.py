@@ -74,6 +74,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     model = create_member(cfg.member, pretrained=cfg.pretrained and state is None, weights=cfg.weights
                           if state is None else None).to(device)
+    if dist_info.world_size > 1 and device.type == "cuda":  # batch statistics over the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.clr_low, betas=cfg.betas, eps=cfg.eps)

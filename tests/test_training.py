@@ -1,0 +1,185 @@
+import csv
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alldetect.data.manifest import read_manifest, write_manifest
+from alldetect.models import create_member
+from alldetect.predictions import read_predictions
+from alldetect.training import fit
+from alldetect.training.checkpoint import CheckpointError, load_checkpoint
+from alldetect.training.schedule import triangular2_lr
+from conftest import tiny_config
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(split_manifest, tmp_path_factory):
+    cfg = tiny_config(split_manifest, tmp_path_factory.mktemp("run") / "mobilenet")
+    return cfg, fit(cfg)
+
+
+def test_run_directory_holds_everything(tiny_run):
+    cfg, run = tiny_run
+    for name in ("config.json", "history.csv", "epochs.csv", "metrics.json", "predictions_val.csv",
+                 "predictions_test.csv", "problems.csv", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["seed"] == 0 and saved["config"]["member"] == "mobilenet" and "torch" in saved["versions"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["select_metric"] == "ba" and {"val", "test"} <= set(metrics)
+    assert [list(r) for r in _csv(run / "history.csv")][0] == ["step", "epoch", "lr", "loss"]
+
+
+def test_oversampling_and_the_clr_schedule_per_step(tiny_run, split_manifest):
+    cfg, run = tiny_run
+    train = [r for r in read_manifest(split_manifest) if r.split == "train"]
+    majority = max(sum(r.label == "all" for r in train), sum(r.label == "hem" for r in train))
+    steps_per_epoch = math.ceil(2 * majority / cfg.batch_size)  # oversampled to twice the majority
+    history = _csv(run / "history.csv")
+    assert [int(r["step"]) for r in history] == list(range(cfg.epochs * steps_per_epoch))
+    for r in history:
+        expected = triangular2_lr(int(r["step"]), low=cfg.clr_low, high=cfg.clr_high,
+                                  half_cycle=cfg.clr_step_epochs * steps_per_epoch)
+        assert float(r["lr"]) == pytest.approx(expected, rel=1e-9)
+        assert int(r["epoch"]) == int(r["step"]) // steps_per_epoch
+
+
+def test_adamax_betas_stay_fixed(tiny_run):
+    _, run = tiny_run
+    groups = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.9, 0.999) for g in groups)
+
+
+def test_predictions_follow_the_contract_and_restore_the_two_class_head(tiny_run, split_manifest):
+    cfg, run = tiny_run
+    preds = read_predictions(run / "predictions_val.csv")["mobilenet"]
+    val = [r for r in read_manifest(split_manifest) if r.split == "val"]
+    assert preds.path == [r.path for r in val] and preds.subject == [r.subject for r in val]
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    model = create_member("mobilenet")
+    model.load_state_dict(best["model"])  # strict: the 2-class head comes back too
+    from alldetect.data.cache import load_crops
+    from alldetect.inference import predict_probs
+
+    crops = load_crops(preds.path, crop=cfg.crop, cache_dir=split_manifest.parent / ".alldetect-cache")
+    np.testing.assert_allclose(predict_probs(model, crops.images), preds.prob_all, atol=1e-6)
+
+
+def test_test_split_never_influences_training_or_selection(tiny_run, split_manifest, tmp_path):
+    cfg, run = tiny_run
+    flipped = [r if r.split != "test" else r.__class__(**{**r.__dict__, "label": "hem" if r.label == "all" else "all"})
+               for r in read_manifest(split_manifest)]
+    manifest = split_manifest.parent / "flipped-test.csv"
+    write_manifest(flipped, manifest)
+    other = fit(tiny_config(manifest, tmp_path / "other"))
+    assert _csv(other / "history.csv") == _csv(run / "history.csv")
+    assert _csv(other / "epochs.csv") == _csv(run / "epochs.csv")
+    assert _same_weights(_weights(other / "checkpoints" / "best.pt"), _weights(run / "checkpoints" / "best.pt"))
+
+
+def test_resume_after_sigkill_is_exact(split_manifest, tmp_path):
+    def command(out):
+        return [sys.executable, "-m", "alldetect.cli", "train", str(split_manifest), "--member", "mobilenet",
+                "--out", str(out), "--crop", "64", "--epochs", "3", "--batch-size", "8", "--no-pretrained",
+                "--device", "cpu", "--workers", "0", "--checkpoint-every", "2", "--seed", "0"]
+
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(command(whole), check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(last)["step"]
+    total = len(_csv(whole / "history.csv"))
+    assert 0 < killed_at < total, "the kill must land mid-run"
+    assert not (out / "metrics.json").exists()
+    subprocess.run([*command(out), "--resume"], check=True, capture_output=True, timeout=300)
+    assert _same_weights(_weights(out / "checkpoints" / "last.pt"), _weights(whole / "checkpoints" / "last.pt"))
+    assert _same_weights(_weights(out / "checkpoints" / "best.pt"), _weights(whole / "checkpoints" / "best.pt"))
+    assert _csv(out / "history.csv") == _csv(whole / "history.csv")
+    assert _csv(out / "epochs.csv") == _csv(whole / "epochs.csv")
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((whole / "metrics.json").read_text())
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "alldetect-checkpoint", "model": _RunsCode()}, f)
+    torch.save({"format": "alldetect-checkpoint", "model": _RunsCode()}, tmp_path / "evil2.pt")
+    with pytest.raises(CheckpointError, match="refused: the file holds Python objects that could run code"):
+        load_checkpoint(tmp_path / "evil2.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: (refused|not a readable checkpoint)"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_fine_tuning_starts_from_the_offline_imagenet_weights(split_manifest, tmp_path):
+    cfg = tiny_config(split_manifest, tmp_path / "lite0", member="efficientnet_lite0", pretrained=True, epochs=1,
+                      clr_low=0.0, clr_high=0.0)  # lr 0: the weights can only be what training started from
+    run = fit(cfg)
+    imagenet = create_member("efficientnet_lite0", pretrained=True).state_dict()
+    trained = _weights(run / "checkpoints" / "last.pt")
+    assert torch.equal(trained["net.conv_stem.weight"], imagenet["net.conv_stem.weight"])
+    assert torch.equal(trained["net.blocks.6.0.conv_pw.weight"], imagenet["net.blocks.6.0.conv_pw.weight"])
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(split_manifest, tmp_path):
+    common = ["train", str(split_manifest), "--member", "vgg16", "--crop", "64", "--epochs", "1",
+              "--no-pretrained", "--device", "cpu", "--workers", "0", "--seed", "0"]
+    single = subprocess.run([sys.executable, "-m", "alldetect.cli", *common, "--batch-size", "8",
+                             "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", "-m", "alldetect.cli", *common, "--batch-size", "4", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=900)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = _weights(tmp_path / "one" / "checkpoints" / "last.pt"), _weights(tmp_path / "two" / "checkpoints" / "last.pt")
+    # Gradients agree to float summation order; Adamax turns a near-zero gradient's noise into a step of up
+    # to the learning rate, so a handful of weights may differ by at most the largest lr used.
+    max_lr = max(float(r["lr"]) for r in _csv(tmp_path / "one" / "history.csv"))
+    differing = total = 0
+    for k in one:
+        diff = (two[k].double() - one[k].double()).abs()
+        assert diff.max() <= 2 * max_lr + 1e-6, k
+        differing += int((diff > 1e-5 + 1e-3 * one[k].double().abs()).sum())
+        total += diff.numel()
+    assert differing / total < 1e-3, f"{differing} of {total} weights differ"  # a broken DDP moves ~all
+    assert [r["step"] for r in _csv(tmp_path / "one" / "history.csv")] == \
+        [r["step"] for r in _csv(tmp_path / "two" / "history.csv")]
