@@ -9,6 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable
 
+import numpy as np
 import typer
 
 from .errors import AlldetectError
@@ -216,6 +217,100 @@ def members() -> None:
     for name in list_members():
         spec = member_spec(name)
         typer.echo(f"{'*' if spec.paper else ' '} {name:<20} timm: {spec.timm_name:<24} grad-cam: {spec.cam_layer}")
+
+
+
+@app.command()
+@user_errors
+def evaluate(
+    predictions: Annotated[Path, typer.Argument(help="Predictions CSV (path,label,prob_all[,model,subject]).")],
+    threshold: Annotated[float, typer.Option(help="P(ALL) at or above which a cell is called ALL.")] = 0.5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keyed by model).")] = False,
+    ci: Annotated[int, typer.Option(help="Bootstrap resamples over subjects for 95% CIs (0: none).")] = 0,
+    sensitivity: Annotated[float | None, typer.Option(
+        help="Also report the operating point that reaches this sensitivity.")] = None,
+    subjects: Annotated[bool, typer.Option(help="Also print subject-level results.")] = False,
+) -> None:
+    """Metrics per model: WP, WR, WFS, ACC, BA, AUC, kappa, sensitivity, specificity and confusion counts."""
+    import json
+    import warnings
+
+    from .evaluation import bootstrap_ci, subject_level
+    from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
+    from .predictions import read_predictions
+    from .tables import format_table
+
+    results: dict[str, dict] = {}
+    subject_tables = {}
+    for model, p in read_predictions(predictions).items():
+        labelled = p.y >= 0
+        if not labelled.any():
+            raise AlldetectError(f"{predictions}: model {model!r} has no labelled rows to score")
+        y, prob = p.y[labelled], p.prob_all[labelled]
+        names = [s or path for s, path, keep in zip(p.subject, p.path, labelled) if keep]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UndefinedMetricWarning)
+            try:
+                result: dict = classification_metrics(y, prob, threshold=threshold)
+            except ValueError as e:
+                raise AlldetectError(f"{predictions}: {e}") from None
+        for w in caught:
+            logger.warning("%s: %s", model, w.message)
+        if ci:
+            result["ci95"] = bootstrap_ci(y, prob, np.asarray(names), n_boot=ci, threshold=threshold)
+        if sensitivity is not None:
+            t = threshold_for_sensitivity(y, prob, sensitivity)
+            at = classification_metrics(y, prob, threshold=t)
+            result["operating_point"] = {"threshold": t, "sensitivity": at["sensitivity"],
+                                         "specificity": at["specificity"]}
+        if subjects:
+            subject_tables[model] = subject_level(y, prob, names, threshold=threshold)
+            result["subjects_right"] = sum(r["correct"] == "yes" for r in subject_tables[model])
+            result["subjects"] = len(subject_tables[model])
+        results[model] = result
+    if as_json:
+        typer.echo(json.dumps(next(iter(results.values())) if len(results) == 1 else results, indent=2))
+        return
+    typer.echo(format_table([{"model": m, **{k: v for k, v in r.items() if not isinstance(v, dict)}}
+                             for m, r in results.items()]))
+    for m, r in results.items():
+        if "ci95" in r:
+            typer.echo(f"{m} 95% CI: " + ", ".join(f"{k} {lo:.3f}-{hi:.3f}" for k, (lo, hi) in r["ci95"].items()))
+        if "operating_point" in r:
+            op = r["operating_point"]
+            typer.echo(f"{m}: threshold {op['threshold']:.4f} gives sensitivity {op['sensitivity']:.3f}, "
+                       f"specificity {op['specificity']:.3f}")
+    for m, table in subject_tables.items():
+        typer.echo(f"\n{m}: subject level (ALL when the mean P(ALL) >= {threshold})")
+        typer.echo(format_table(table))
+
+
+@app.command()
+@user_errors
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="Member run directories from `alldetect train`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Ensemble directory to write.")] = Path("runs/ensemble"),
+    method: Annotated[str, typer.Option(help="Default method for predict/export/serve.")] = "wen_kappa",
+) -> None:
+    """Combine member runs with SAP, WEN (acc, auc, f1, kappa) and better combiners, fitted on validation."""
+    from .ensemble_dir import build_ensemble_dir
+
+    spec = build_ensemble_dir(runs, out, default_method=method)
+    typer.echo(f"wrote {out}: {len(spec['members'])} members, methods {', '.join(spec['methods'])}; "
+               f"default {spec['default_method']}")
+
+
+@app.command()
+@user_errors
+def report(
+    ens_dir: Annotated[Path, typer.Argument(help="Ensemble directory from `alldetect ensemble`.")],
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over subjects.")] = 1000,
+) -> None:
+    """Write report.md with Table 4/5, ROC, calibration and subject-level results."""
+    from .report import make_report
+
+    path = make_report(ens_dir, n_boot=bootstrap)
+    typer.echo(f"report: {path}")
 
 
 if __name__ == "__main__":

@@ -38,14 +38,21 @@ def write_predictions(path: str | Path, paths: list[str], labels: list[str], pro
                       model: str = "", subjects: list[str] | None = None,
                       extra: dict[str, np.ndarray] | None = None) -> None:
     """Write one model's predictions; ``extra`` adds columns (e.g. each member's prob_all)."""
+    write_prediction_blocks(path, paths, labels, {model: prob_all}, subjects=subjects, extra=extra)
+
+
+def write_prediction_blocks(path: str | Path, paths: list[str], labels: list[str], blocks: dict[str, np.ndarray],
+                            *, subjects: list[str] | None = None, extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write several models' predictions on the same images into one file, one block of rows per model."""
     subjects = subjects or [""] * len(paths)
     extra = extra or {}
     records = []
-    for i, p in enumerate(paths):
-        record = {"path": p, "label": labels[i], "prob_all": f"{float(prob_all[i]):.8f}", "model": model,
-                  "subject": subjects[i]}
-        record.update({k: f"{float(v[i]):.8f}" for k, v in extra.items()})
-        records.append(record)
+    for model, prob_all in blocks.items():
+        for i, p in enumerate(paths):
+            record = {"path": p, "label": labels[i], "prob_all": f"{float(prob_all[i]):.8f}", "model": model,
+                      "subject": subjects[i]}
+            record.update({k: f"{float(v[i]):.8f}" for k, v in extra.items()})
+            records.append(record)
     write_csv_atomic(path, ("path", "label", "prob_all", "model", "subject", *extra), records)
 
 

@@ -1,0 +1,188 @@
+"""The paper's tables and figures for an ensemble directory: Table 4 (members and ensembles, with
+subject-bootstrap CIs), Table 5 (confusion matrices), Fig. 5 (ROC), a reliability diagram, subject-level
+results, and whether the best ensemble's gain over the best member is real."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from .data.manifest import write_csv_atomic  # noqa: E402
+from .ensemble import METHODS  # noqa: E402
+from .ensemble_dir import load_ensemble_spec  # noqa: E402
+from .evaluation import bootstrap_ci, paired_bootstrap, subject_level  # noqa: E402
+from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity  # noqa: E402
+from .predictions import Predictions, read_predictions  # noqa: E402
+from .tables import format_table  # noqa: E402
+
+logger = logging.getLogger(__name__)
+TABLE4_COLUMNS = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa")
+LABELS = {"sap": "SAP", "wen_acc": "WEN-acc", "wen_auc": "WEN-auc", "wen_f1": "WEN-f1", "wen_kappa": "WEN-kappa",
+          "logloss": "log-loss weights", "ts_sap": "temperature-scaled SAP", "stacking": "logistic stacking"}
+
+
+def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, target_sensitivity: float = 0.95) -> Path:
+    """Write ``report.md``, ``table4.csv``/``table4.json``, ``subjects.csv`` and PNG figures into ``ens_dir``."""
+    ens_dir = Path(ens_dir)
+    spec = load_ensemble_spec(ens_dir)
+    test_file = ens_dir / "predictions_test.csv"
+    split = "test" if test_file.is_file() else "val"
+    preds = read_predictions(ens_dir / f"predictions_{split}.csv")
+    val = read_predictions(ens_dir / "predictions_val.csv")
+    members = [m["name"] for m in spec["members"]]
+    order = members + [m for m in METHODS if m in preds]
+    first = next(iter(preds.values()))
+    y, groups = first.y, np.array([s or p for s, p in zip(first.subject, first.path)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        point = {m: classification_metrics(y, preds[m].prob_all) for m in order}
+        val_point = {m: classification_metrics(val[m].y, val[m].prob_all) for m in order}
+        cis = {m: bootstrap_ci(y, preds[m].prob_all, groups, n_boot=n_boot, seed=seed) for m in order}
+    best_member = max(members, key=lambda m: (val_point[m]["ba"], val_point[m]["auc"]))
+    ensembles = [m for m in order if m not in members]
+    best_ensemble = max(ensembles, key=lambda m: (val_point[m]["ba"], val_point[m]["auc"]))
+
+    table4 = [{"model": _label(m), "kind": "member" if m in members else "ensemble",
+               **{k: point[m][k] for k in TABLE4_COLUMNS},
+               **{f"{k}_ci": f"{cis[m][k][0]:.3f}-{cis[m][k][1]:.3f}" for k in TABLE4_COLUMNS}} for m in order]
+    write_csv_atomic(ens_dir / "table4.csv", list(table4[0]), table4)
+    gain = {metric: paired_bootstrap(y, preds[best_ensemble].prob_all, preds[best_member].prob_all, groups,
+                                     metric=metric, n_boot=n_boot, seed=seed) for metric in ("ba", "auc", "wfs")}
+    operating = _operating_point(val[spec["default_method"]], preds[spec["default_method"]], target_sensitivity)
+    subjects = {m: subject_level(y, preds[m].prob_all, first.subject) for m in (best_member, spec["default_method"])}
+    write_csv_atomic(ens_dir / "subjects.csv", ["model", *subjects[best_member][0]],
+                     [{"model": _label(m), **row} for m, rows in subjects.items() for row in rows])
+    (ens_dir / "table4.json").write_text(json.dumps(
+        {"split": split, "data": spec["data"], "metrics": point, "ci95": cis, "val_metrics": val_point,
+         "best_member": best_member, "best_ensemble": best_ensemble, "gain": gain, "operating_point": operating},
+        indent=2, default=float))
+
+    _roc_figure(ens_dir / "roc.png", y, preds, order, members)
+    _confusion_figure(ens_dir / "confusion.png", {m: point[m] for m in (best_member, best_ensemble)})
+    _calibration_figure(ens_dir / "calibration.png", y, preds, members + [spec["default_method"], best_ensemble])
+    report = _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects)
+    (ens_dir / "report.md").write_text(report)
+    return ens_dir / "report.md"
+
+
+def _label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def _operating_point(val: Predictions, test: Predictions, sensitivity: float) -> dict:
+    """A threshold chosen on validation for the target sensitivity, and what it gives on test."""
+    threshold = threshold_for_sensitivity(val.y, val.prob_all, sensitivity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        m = classification_metrics(test.y, test.prob_all, threshold=threshold)
+    return {"target_sensitivity": sensitivity, "threshold": threshold, "sensitivity": m["sensitivity"],
+            "specificity": m["specificity"], "fn": m["fn"], "fp": m["fp"]}
+
+
+def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects) -> str:
+    data = spec["data"]
+    lines = [f"**Data: {data['dataset']}; split: {data['protocol']}; scored on the {split} split.**", "",
+             "# alldetect report", ""]
+    if data.get("synthetic"):
+        lines += ["> Every number below was measured on synthetic cells. It shows that the pipeline works end to "
+                  "end; it says nothing about leukemia detection on real smears.", ""]
+    header = ["Classifier", "WP", "WR", "WFS", "ACC", "BA", "AUC", "kappa"]
+    lines += ["## Table 4: members and ensembles", "",
+              "Cell level, ALL positive, threshold 0.5; 95% CIs from a bootstrap over subjects.", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table4:
+        cells = [f"{row[k]:.3f} ({row[k + '_ci']})" for k in TABLE4_COLUMNS]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    lines += ["", "Weights are fitted on the validation split only. The best member and the best ensemble "
+              f"are chosen by validation balanced accuracy: **{_label(best_member)}** and "
+              f"**{_label(best_ensemble)}**.", "", "## Is the ensemble better?", ""]
+    for metric, g in gain.items():
+        verdict = "a real gain" if g["ci"][0] > 0 else "a loss" if g["ci"][1] < 0 else "not distinguishable"
+        lines.append(f"- {metric.upper()}: {_label(best_ensemble)} minus {_label(best_member)} = "
+                     f"{g['difference']:+.3f} (95% CI {g['ci'][0]:+.3f} to {g['ci'][1]:+.3f}, paired bootstrap "
+                     f"over subjects, {g['resamples']} resamples): {verdict}.")
+    lines += ["", "## Table 5: confusion matrices", "", "![confusion matrices](confusion.png)", ""]
+    for m in (best_member, best_ensemble):
+        c = point[m]
+        hem, all_ = c["tn"] + c["fp"], c["fn"] + c["tp"]
+        lines += [f"**{_label(m)}**", "", "| actual \\ predicted | HEM | ALL |", "|---|---|---|",
+                  f"| HEM | {c['tn']} ({_pct(c['tn'], hem)}) | {c['fp']} ({_pct(c['fp'], hem)}) |",
+                  f"| ALL | {c['fn']} ({_pct(c['fn'], all_)}) | {c['tp']} ({_pct(c['tp'], all_)}) |", ""]
+    lines += ["## ROC curves (Fig. 5)", "", "![ROC curves](roc.png)", "",
+              "## Calibration", "", "![reliability diagram](calibration.png)", "",
+              "## Operating point for few false negatives", "",
+              f"For {_label(spec['default_method'])}, the threshold that reaches sensitivity "
+              f"{operating['target_sensitivity']:.2f} on validation is {operating['threshold']:.3f}; on {split} it "
+              f"gives sensitivity {operating['sensitivity']:.3f} and specificity {operating['specificity']:.3f} "
+              f"({operating['fn']} false negatives, {operating['fp']} false positives).", "",
+              "## Subjects", "", "A subject is called ALL when the mean P(ALL) of its cells is at least 0.5.", ""]
+    for m, rows in subjects.items():
+        labelled = [r for r in rows if r["truth"]]
+        right = sum(r["correct"] == "yes" for r in labelled)
+        lines += [f"**{_label(m)}**: {right} of {len(labelled)} subjects called right.", "",
+                  format_table([{k: r[k] for k in ("subject", "cells", "flagged_all", "mean_prob_all", "call",
+                                                   "truth", "correct")} for r in rows], markdown=True), ""]
+    return "\n".join(lines)
+
+
+def _pct(n: int, total: int) -> str:
+    return f"{100 * n / total:.2f}%" if total else "-"
+
+
+def _roc_figure(path: Path, y: np.ndarray, preds: dict[str, Predictions], order: list[str], members: list[str]) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    colours = plt.get_cmap("tab20").colors
+    for i, m in enumerate(order if len(set(y.tolist())) == 2 else []):
+        fpr, tpr, _ = roc_curve(y, preds[m].prob_all)
+        auc = classification_metrics(y, preds[m].prob_all)["auc"]
+        ax.plot(fpr, tpr, lw=1.2 if m in members else 2.0, ls="--" if m in members else "-",
+                color=colours[(2 * i) % 20 + (i * 2 >= 20)], label=f"{_label(m)} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           title="ROC: members (dashed) and ensembles", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _confusion_figure(path: Path, counts: dict[str, dict]) -> None:
+    fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts), 3.8))
+    for ax, (m, c) in zip(np.atleast_1d(axes), counts.items()):
+        matrix = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]], dtype=float)
+        rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, f"{int(matrix[i, j])}\n{100 * rates[i, j]:.2f}%", ha="center", va="center",
+                        color="white" if rates[i, j] > 0.5 else "black")
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["HEM", "ALL"], yticklabels=["HEM", "ALL"],
+               xlabel="predicted", ylabel="actual", title=_label(m))
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _calibration_figure(path: Path, y: np.ndarray, preds: dict[str, Predictions], models: list[str]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfectly calibrated")
+    for m in dict.fromkeys(models):
+        frac, mean = calibration_curve(y, preds[m].prob_all, n_bins=10, strategy="quantile")
+        ax.plot(mean, frac, marker="o", ms=3, label=_label(m))
+    ax.set(xlabel="mean predicted P(ALL)", ylabel="observed fraction ALL", title="Reliability diagram",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
