@@ -313,5 +313,51 @@ def report(
     typer.echo(f"report: {path}")
 
 
+
+class Profile(str, Enum):
+    demo = "demo"
+    paper = "paper"
+
+
+@app.command()
+@user_errors
+def run(
+    data: Annotated[Path | None, typer.Option(help="C-NMC-2019 tree or image folder [default: built-in synthetic "
+                                                   "cells].")] = None,
+    profile: Annotated[Profile, typer.Option(help="demo: small and quick on a CPU; paper: the paper's protocol.")]
+    = Profile.demo,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/demo"),
+    members: Annotated[str | None, typer.Option(help="Comma-separated members [default: the paper's five].")]
+    = None,
+    weights_dir: Annotated[Path | None, typer.Option(help="Folder of local ImageNet weights, one per member.")]
+    = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
+                                                    help="Start from ImageNet weights [profile default].")] = None,
+    device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
+    epochs: Annotated[int | None, typer.Option(help="Override the profile's epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override the profile's batch size.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the report's CIs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Random seed for data, splits and training.")] = 0,
+    force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,
+) -> None:
+    """Run the whole method: data -> index -> subject split -> five members -> ensembles -> report.
+
+    Finished stages are skipped on a rerun; an interrupted member resumes where it stopped.
+    """
+    from .models.members import PAPER_MEMBERS
+    from .models import member_spec
+    from .pipeline import PipelineConfig, run_pipeline
+
+    chosen = tuple(m.strip() for m in members.split(",")) if members else PAPER_MEMBERS
+    for m in chosen:
+        member_spec(m)
+    cfg = PipelineConfig(out=str(out), data=str(data) if data else None, profile=profile.value, members=chosen,
+                         weights_dir=str(weights_dir) if weights_dir else None, pretrained=pretrained,
+                         device=device.value, seed=seed, epochs=epochs, batch_size=batch_size, bootstrap=bootstrap,
+                         force=force)
+    report_path = run_pipeline(cfg)
+    typer.echo(f"report: {report_path}")
+
+
 if __name__ == "__main__":
     app()

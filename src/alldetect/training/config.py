@@ -42,7 +42,7 @@ class TrainConfig:
 PROFILES: dict[str, dict] = {
     "paper": {},
     # minutes on a laptop CPU with the built-in synthetic set: small crops, few epochs, random init
-    "demo": {"crop": 96, "epochs": 4, "batch_size": 32, "clr_step_epochs": 1, "pretrained": False},
+    "demo": {"crop": 80, "epochs": 4, "batch_size": 16, "clr_step_epochs": 1, "pretrained": False},
 }
 
 
