@@ -65,3 +65,21 @@ def tiny_config(manifest: Path, out: Path, **overrides):
     base = dict(member="mobilenet", manifest=str(manifest), out=str(out), crop=64, epochs=2, batch_size=8,
                 clr_step_epochs=1, pretrained=False, device="cpu", workers=0, seed=0)
     return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def member_runs(split_manifest, tmp_path_factory) -> list[Path]:
+    """Two members trained for one epoch on the tiny synthetic split."""
+    from alldetect.training import fit
+
+    root = tmp_path_factory.mktemp("members")
+    return [fit(tiny_config(split_manifest, root / m, member=m, epochs=1)) for m in ("mobilenet", "densenet121")]
+
+
+@pytest.fixture(scope="session")
+def ensemble_dir(member_runs, tmp_path_factory) -> Path:
+    from alldetect.ensemble_dir import build_ensemble_dir
+
+    out = tmp_path_factory.mktemp("ensemble")
+    build_ensemble_dir(member_runs, out)
+    return out

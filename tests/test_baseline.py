@@ -12,5 +12,5 @@ def test_hand_feature_baseline_is_above_chance_and_below_perfect(tmp_path):
                                    final_subjects=0, seed=1), workers=2)
     rows = subject_split(index_folder(tmp_path).rows, val_fraction=0.0, test_fraction=0.4, seed=1)
     scores = evaluate_baseline(rows)
-    assert 0.65 <= scores["ba"] <= 0.93, scores
-    assert 0.70 <= scores["auc"] <= 0.97, scores
+    assert 0.60 <= scores["ba"] <= 0.92, scores
+    assert 0.65 <= scores["auc"] <= 0.97, scores

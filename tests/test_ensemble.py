@@ -80,18 +80,6 @@ def test_subject_level_rule_and_bootstrap():
     assert better["ci"][0] > 0 and better["p_not_better"] == 0
 
 
-def _member_runs(tmp_path, split_manifest):
-    from alldetect.training import fit
-    from conftest import tiny_config
-
-    return [fit(tiny_config(split_manifest, tmp_path / m, member=m, epochs=1)) for m in ("mobilenet", "densenet121")]
-
-
-@pytest.fixture(scope="module")
-def member_runs(tmp_path_factory, split_manifest):
-    return _member_runs(tmp_path_factory.mktemp("members"), split_manifest)
-
-
 def test_ensemble_and_report_end_to_end(member_runs, tmp_path):
     r = runner.invoke(app, ["ensemble", *map(str, member_runs), "--out", str(tmp_path / "ens")])
     assert r.exit_code == 0, r.output

@@ -36,7 +36,7 @@ def test_run_end_to_end_then_reuses_every_stage(tiny_demo, tmp_path):
     text = report.read_text()
     assert text.startswith("**Data: SYNTHETIC") and "| WEN-kappa |" in text
     stages = json.loads((tmp_path / "stages.json").read_text())
-    assert all(s["done"] for s in stages.values()) and len(stages) == 7
+    assert all(s["done"] for s in stages.values()) and len(stages) == 8
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "stages.json"}
 
     started = time.perf_counter()

@@ -314,6 +314,87 @@ def report(
 
 
 
+@app.command()
+@user_errors
+def predict(
+    ens_dir: Annotated[Path, typer.Argument(help="Ensemble directory.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files, folders, or a C-NMC tree.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.")] = Path("predictions.csv"),
+    method: Annotated[str | None, typer.Option(help="Ensemble method [default: the ensemble's].")] = None,
+    tta: Annotated[bool, typer.Option(help="Also score with test-time augmentation (8 flips/rotations), as "
+                                           "its own variant '<method>+tta'.")] = False,
+    cam: Annotated[Path | None, typer.Option(help="Write a Grad-CAM overlay of every cell flagged ALL here.")]
+    = None,
+    device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
+    batch_size: Annotated[int, typer.Option(help="Cells per batch.")] = 32,
+) -> None:
+    """P(ALL) per cell from every member and the ensemble; a patient summary when subjects are known.
+
+    Unreadable files get a row with an error; the exit status is 1 if any file failed.
+    """
+    from .ensemble_model import load_ensemble
+    from .predict import collect_inputs, load_crops_for, predict_rows
+    from .tables import format_table
+
+    model = load_ensemble(ens_dir, method=method, device=device.value)
+    collected = collect_inputs(inputs)
+    summary = predict_rows(model, collected, out, tta=tta, batch_size=batch_size)
+    typer.echo(f"wrote {summary['csv']}: {summary['scored']} cells scored, {summary['failed']} failed")
+    if "patients" in summary:
+        typer.echo(f"patients (ALL when the mean P(ALL) >= 0.5): {summary['patients_csv']}")
+        typer.echo(format_table(summary["patients"]))
+    if "submission" in summary:
+        typer.echo(f"challenge submission: {summary['submission']}")
+    if cam is not None:
+        from .explain import explain
+        from .predictions import read_predictions
+
+        scored = read_predictions(out)[model.method]
+        flagged = [p for p, prob in zip(scored.path, scored.prob_all) if prob >= 0.5]
+        if flagged:
+            rows = [r for r in collected.rows if r.path in set(flagged)]
+            crops, kept = load_crops_for(model, rows, {})
+            for start in range(0, len(kept), 8):
+                part = kept[start:start + 8]
+                explain(model, crops[start:start + 8], [rows[i].path for i in part], cam / f"batch{start // 8:04d}")
+            typer.echo(f"Grad-CAM overlays of {len(flagged)} flagged cell(s): {cam}")
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+class Target(str, Enum):
+    predicted = "predicted"
+    all = "all"
+    hem = "hem"
+
+
+@app.command()
+@user_errors
+def explain(
+    ens_dir: Annotated[Path, typer.Argument(help="Ensemble directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Cell images (a few; one grid row each).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays and the grid.")] = Path("gradcam"),
+    method: Annotated[str | None, typer.Option(help="Ensemble method [default: the ensemble's].")] = None,
+    target: Annotated[Target, typer.Option(help="Class the maps explain.")] = Target.predicted,
+    device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
+) -> None:
+    """Grad-CAM of every member and of the ensemble (weighted like its probabilities), as in Figs. 6-8."""
+    from .ensemble_model import load_ensemble
+    from .explain import explain as make_grid
+    from .predict import collect_inputs, load_crops_for
+
+    model = load_ensemble(ens_dir, method=method, device=device.value)
+    collected = collect_inputs(images)
+    errors = dict(collected.errors)
+    crops, kept = load_crops_for(model, collected.rows, errors)
+    for path, reason in errors.items():
+        logger.warning("%s: %s (skipped)", path, reason)
+    if not kept:
+        raise AlldetectError("none of the images could be read")
+    grid = make_grid(model, crops, [collected.rows[i].path for i in kept], out, target=target.value)
+    typer.echo(f"Grad-CAM grid: {grid}")
+
+
 class Profile(str, Enum):
     demo = "demo"
     paper = "paper"

@@ -1,6 +1,6 @@
 """``alldetect run``: the whole method in one command, as cached, resumable stages.
 
-    (synthetic data) -> index -> subject split -> train each member -> ensemble -> report -> Grad-CAM grid
+    (synthetic data) -> index -> subject split -> train each member -> ensemble -> Grad-CAM grid -> report
 
 Each stage records the key of its inputs and config in ``<out>/stages.json``; a rerun skips stages whose key
 and outputs are unchanged, resumes a member whose training was interrupted, and redoes a stage (and what
@@ -21,12 +21,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .data.index import SYNTHETIC_MARKER, index_folder
-from .data.manifest import read_manifest, write_manifest
+from .data.manifest import ManifestRow, read_manifest, write_manifest
 from .data.problems import write_problems
 from .data.split import paper_split, subject_split
 from .data.synth import SynthConfig, generate
 from .ensemble_dir import build_ensemble_dir
 from .models.members import PAPER_MEMBERS
+from .predictions import read_predictions
 from .report import make_report
 from .training import fit, profile_config
 
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 # the demo's synthetic set: small frames so that five members train in minutes on a laptop CPU
 DEMO_SYNTH = SynthConfig(size=112, all_subjects=12, hem_subjects=6, test_all_subjects=4, test_hem_subjects=2,
                          final_subjects=2, cells_per_subject=10)
+GRID_CELLS = 4  # Grad-CAM grid rows: half ALL, half HEM
 DEMO_CROP = 80  # 112 -> 80 keeps the paper's 450 -> 300 proportion of cell to frame; InceptionResNet-V2 needs 75
 
 
@@ -95,6 +97,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     ens_dir = out / "ensemble"
     steps.append(("ensemble", {"members": [t.out for t in train_cfgs]}, [ens_dir / "ensemble.json"],
                   lambda status: build_ensemble_dir([t.out for t in train_cfgs], ens_dir)))
+    steps.append(("explain", {"cells": GRID_CELLS}, [ens_dir / "gradcam" / "gradcam_grid.png"],
+                  lambda status: _explain_examples(ens_dir, cfg.device)))
     steps.append(("report", {"bootstrap": cfg.bootstrap, "seed": cfg.seed}, [ens_dir / "report.md"],
                   lambda status: make_report(ens_dir, n_boot=cfg.bootstrap, seed=cfg.seed)))
 
@@ -151,6 +155,21 @@ def _index_and_split(data_dir: Path, manifest: Path, seed: int) -> None:
         rows = subject_split(rows, val_fraction=0.2, test_fraction=0.2, seed=seed)
     write_manifest(rows, manifest)
     logger.info("manifest: %s (%d images)", manifest, len(read_manifest(manifest)))
+
+
+def _explain_examples(ens_dir: Path, device: str) -> None:
+    """A Grad-CAM grid of the first test cells of each class (Figs. 6-8 of the paper)."""
+    from .ensemble_model import load_ensemble
+    from .explain import explain
+    from .predict import Inputs, load_crops_for
+
+    model = load_ensemble(ens_dir, device=device)
+    split = "test" if (ens_dir / "predictions_test.csv").is_file() else "val"
+    preds = read_predictions(ens_dir / f"predictions_{split}.csv")[model.method]
+    chosen = [p for label in (1, 0) for p in [q for q, y in zip(preds.path, preds.y) if y == label][:GRID_CELLS // 2]]
+    inputs = Inputs([ManifestRow(path=p) for p in chosen], {})
+    crops, kept = load_crops_for(model, inputs.rows, inputs.errors)
+    explain(model, crops, [chosen[i] for i in kept], ens_dir / "gradcam")
 
 
 def _hash(obj: object) -> str:

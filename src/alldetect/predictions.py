@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from .data.manifest import write_csv_atomic
 from .errors import DataError
 
+logger = logging.getLogger(__name__)
 REQUIRED = ("path", "label", "prob_all")
 _LABELS = {"all": 1, "1": 1, "hem": 0, "0": 0, "": -1}
 
@@ -68,7 +70,11 @@ def read_predictions(path: str | Path) -> dict[str, Predictions]:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}; predictions need "
                             f"{','.join(REQUIRED)}")
         groups: dict[str, list[tuple[str, int, float, str]]] = {}
+        failed = 0
         for line, row in enumerate(reader, start=2):
+            if (row.get("error") or "").strip():
+                failed += 1  # an image that could not be scored: no probability to read
+                continue
             label = (row["label"] or "").strip().lower()
             if label not in _LABELS:
                 raise DataError(f"{path}:{line}: label {row['label']!r} is not all, hem, 1, 0 or empty")
@@ -80,6 +86,8 @@ def read_predictions(path: str | Path) -> dict[str, Predictions]:
                 raise DataError(f"{path}:{line}: prob_all {prob} is not a probability in [0, 1]")
             model = (row.get("model") or "").strip() or path.stem
             groups.setdefault(model, []).append((row["path"], _LABELS[label], prob, (row.get("subject") or "")))
+    if failed:
+        logger.warning("%s: %d row(s) with an error and no probability were left out", path, failed)
     if not groups:
         raise DataError(f"{path}: no predictions")
     return {m: Predictions([r[0] for r in rs], np.array([r[1] for r in rs]), np.array([r[2] for r in rs]), m,

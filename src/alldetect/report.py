@@ -71,7 +71,8 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
     _roc_figure(ens_dir / "roc.png", y, preds, order, members)
     _confusion_figure(ens_dir / "confusion.png", {m: point[m] for m in (best_member, best_ensemble)})
     _calibration_figure(ens_dir / "calibration.png", y, preds, members + [spec["default_method"], best_ensemble])
-    report = _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects)
+    report = _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects,
+                       has_gradcam=(ens_dir / "gradcam" / "gradcam_grid.png").is_file())
     (ens_dir / "report.md").write_text(report)
     return ens_dir / "report.md"
 
@@ -90,7 +91,8 @@ def _operating_point(val: Predictions, test: Predictions, sensitivity: float) ->
             "specificity": m["specificity"], "fn": m["fn"], "fp": m["fp"]}
 
 
-def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects) -> str:
+def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects,
+              has_gradcam: bool) -> str:
     data = spec["data"]
     lines = [f"**Data: {data['dataset']}; split: {data['protocol']}; scored on the {split} split.**", "",
              "# alldetect report", ""]
@@ -121,6 +123,9 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
                   f"| ALL | {c['fn']} ({_pct(c['fn'], all_)}) | {c['tp']} ({_pct(c['tp'], all_)}) |", ""]
     lines += ["## ROC curves (Fig. 5)", "", "![ROC curves](roc.png)", "",
               "## Calibration", "", "![reliability diagram](calibration.png)", "",
+              *(["## Grad-CAM (Figs. 6-8)", "", "Rows are cells; columns the members and the ensemble, whose map "
+                 "is the weighted mean of the members' maps.", "", "![Grad-CAM grid](gradcam/gradcam_grid.png)", ""]
+                if has_gradcam else []),
               "## Operating point for few false negatives", "",
               f"For {_label(spec['default_method'])}, the threshold that reaches sensitivity "
               f"{operating['target_sensitivity']:.2f} on validation is {operating['threshold']:.3f}; on {split} it "

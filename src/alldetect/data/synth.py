@@ -154,12 +154,12 @@ def render_cell(rng: np.random.Generator, label: str, stain: dict, size: int = 4
     dy, dx = yy - centre[0], xx - centre[1]
     theta, dist = np.arctan2(dy, dx), np.hypot(dy, dx)
 
-    irregular = rng.uniform(0.01, 0.05) if blast else rng.uniform(0.005, 0.035)
-    ragged = rng.uniform(0.02, 0.05) if rng.random() < (0.25 if blast else 0.06) else 0.0
+    irregular = rng.uniform(0.01, 0.045) if blast else rng.uniform(0.006, 0.04)
+    ragged = rng.uniform(0.02, 0.05) if rng.random() < (0.2 if blast else 0.08) else 0.0
     outline = radius * _harmonics(rng, theta, ellipticity=rng.uniform(0, 0.12), irregular=irregular, ragged=ragged)
     body = np.clip((outline - dist) / (2.5 * scale + 0.5), 0, 1)
 
-    nc_ratio = float(np.clip(rng.normal(0.87, 0.06) if blast else rng.normal(0.77, 0.07), 0.55, 0.97))
+    nc_ratio = float(np.clip(rng.normal(0.85, 0.07) if blast else rng.normal(0.79, 0.08), 0.55, 0.97))
     shift = (1 - nc_ratio) * radius * rng.uniform(0, 0.9)
     angle = rng.uniform(0, 2 * np.pi)
     ndy, ndx = dy - shift * np.sin(angle), dx - shift * np.cos(angle)
@@ -168,12 +168,12 @@ def render_cell(rng: np.random.Generator, label: str, stain: dict, size: int = 4
     nucleus = np.clip((n_outline - np.hypot(ndy, ndx)) / (3 * scale + 0.5), 0, 1)
 
     # chromatin: blasts fine and even, normal lymphocytes coarse and clumped (overlapping)
-    grain = rng.normal(30, 6) if blast else rng.normal(18, 5)
-    contrast = (rng.normal(7, 2) if blast else rng.normal(10, 2.5)) * stain["texture"]
+    grain = rng.normal(26, 7) if blast else rng.normal(20, 6)
+    contrast = (rng.normal(8, 2.5) if blast else rng.normal(9.5, 2.5)) * stain["texture"]
     chromatin = _noise(rng, size, max(4, grain)) * contrast + _noise(rng, size, 6) * 4
     rgb = CYTOPLASM_RGB * (1 - nucleus[..., None]) + NUCLEUS_RGB * nucleus[..., None]
     rgb = rgb + chromatin[..., None] * np.array([1.0, 0.6, 0.8])
-    for _ in range(rng.poisson(1.6 if blast else 0.4)):  # nucleoli: small pale spots inside the nucleus
+    for _ in range(rng.poisson(1.2 if blast else 0.6)):  # nucleoli: small pale spots inside the nucleus
         rgb += _spot(rng, ndy, ndx, nc_ratio * radius * 0.6, rng.uniform(5, 11) * scale)[..., None] * \
             np.array([14.0, 9.0, 10.0])
     rgb = rgb * stain["gain"] * stain["brightness"] * rng.normal(1.0, 0.03)

@@ -1,0 +1,131 @@
+"""Score new cells with a trained ensemble: files, folders or a C-NMC tree in, a predictions CSV out.
+
+Unreadable files become rows with an ``error`` and no probability; the rest go on. When subjects can be
+parsed from the names, a patient-level summary is written too; for the unlabelled final-test layout,
+the challenge submission file (one 0/1 per line, in file-number order).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .data.images import read_rgb
+from .data.index import index_folder
+from .data.manifest import ManifestRow, write_csv_atomic
+from .data.names import is_image_file, parse_cell_name
+from .data.transforms import center_crop
+from .ensemble_model import EnsembleModel
+from .errors import DataError, ImageProblem
+from .evaluation import subject_level
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    rows: list[ManifestRow]            # every input image, readable or not
+    errors: dict[str, str]             # path -> why it cannot be scored
+
+
+def collect_inputs(inputs: list[str | Path]) -> Inputs:
+    """Files as given; folders indexed (C-NMC trees included) with unreadable files kept as errors."""
+    rows: list[ManifestRow] = []
+    errors: dict[str, str] = {}
+    for item in map(Path, inputs):
+        if item.is_dir():
+            result = index_folder(item, check_images=False)
+            rows += result.rows
+            for p in result.problems:
+                if p.action == "skipped":
+                    rows.append(ManifestRow(path=p.path))
+                    errors[p.path] = p.problem
+        elif item.exists() or is_image_file(item):
+            name = parse_cell_name(item.name)
+            rows.append(ManifestRow(path=str(item.resolve()) if item.exists() else str(item),
+                                    label=name.label if name else "", subject=name.subject if name else "",
+                                    source="files"))
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    if not rows:
+        raise DataError("no input images")
+    return Inputs(rows, errors)
+
+
+def load_crops_for(model: EnsembleModel, rows: list[ManifestRow], errors: dict[str, str]) -> tuple[np.ndarray, list[int]]:
+    """uint8 crops of the readable rows (and their indices); failures are added to ``errors``."""
+    side = model.input_size or model.crop
+    crops, kept = [], []
+    for i, row in enumerate(tqdm(rows, desc="reading cells", unit="img", leave=False, disable=None)):
+        if row.path in errors:
+            continue
+        try:
+            pixels = center_crop(read_rgb(row.path)[0], model.crop, path=row.path)
+        except ImageProblem as e:
+            errors[row.path] = e.reason
+            continue
+        if side != model.crop:
+            pixels = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BILINEAR))
+        crops.append(pixels)
+        kept.append(i)
+    return (np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)), kept
+
+
+def predict_rows(model: EnsembleModel, inputs: Inputs, out_csv: str | Path, *, tta: bool = False,
+                 batch_size: int = 32) -> dict:
+    """Write the predictions CSV (+ patients and submission files); returns a summary."""
+    out_csv = Path(out_csv)
+    rows, errors = inputs.rows, dict(inputs.errors)
+    crops, kept = load_crops_for(model, rows, errors)
+    variants = {model.method: False, f"{model.method}+tta": True} if tta else {model.method: False}
+    results = {}
+    for name, use_tta in variants.items():
+        ens, members = _batched(model, crops, use_tta, batch_size)
+        results[name] = (ens, members)
+    member_cols = [f"prob_{m}" for m in model.names]
+    records = []
+    for name, (ens, members) in results.items():
+        by_row = {row_index: j for j, row_index in enumerate(kept)}
+        for i, row in enumerate(rows):
+            record = {"path": row.path, "label": row.label, "model": name, "subject": row.subject,
+                      "prob_all": "", "error": errors.get(row.path, "")}
+            if i in by_row:
+                j = by_row[i]
+                record["prob_all"] = f"{ens[j]:.8f}"
+                record.update({c: f"{members[k, j]:.8f}" for k, c in enumerate(member_cols)})
+            records.append(record)
+    write_csv_atomic(out_csv, ["path", "label", "prob_all", "model", "subject", *member_cols, "error"], records)
+    summary = {"scored": len(kept), "failed": len(rows) - len(kept), "csv": str(out_csv)}
+    ens = results[model.method][0]
+    scored_rows = [rows[i] for i in kept]
+    if scored_rows and all(r.subject for r in scored_rows):
+        y = np.array([r.y if r.label else -1 for r in scored_rows])
+        patients = subject_level(y, ens, [r.subject for r in scored_rows])
+        patients_file = out_csv.with_name(out_csv.stem + ".patients.csv")
+        write_csv_atomic(patients_file, list(patients[0]), patients)
+        summary["patients"] = patients
+        summary["patients_csv"] = str(patients_file)
+    final = [(int(Path(r.path).stem), int(p >= 0.5)) for r, p in zip(scored_rows, ens)
+             if r.source == "final" and Path(r.path).stem.isdigit()]
+    if final:
+        submission = out_csv.with_name(out_csv.stem + ".submission.txt")
+        submission.write_text("".join(f"{call}\n" for _, call in sorted(final)))
+        summary["submission"] = str(submission)
+    return summary
+
+
+def _batched(model: EnsembleModel, crops: np.ndarray, tta: bool, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(crops) == 0:
+        return np.zeros(0), np.zeros((len(model.members), 0))
+    ens_parts, member_parts = [], []
+    for start in tqdm(range(0, len(crops), batch_size), desc="scoring" + (" (TTA)" if tta else ""), unit="batch",
+                      leave=False, disable=None):
+        ens, members = model.predict(crops[start:start + batch_size], tta=tta)
+        ens_parts.append(ens)
+        member_parts.append(members)
+    return np.concatenate(ens_parts), np.concatenate(member_parts, axis=1)

@@ -1,0 +1,116 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from alldetect.cli import app
+from alldetect.ensemble_model import dihedral_views, load_ensemble
+from alldetect.errors import AlldetectError
+from alldetect.explain import ensemble_cam, member_cams
+from alldetect.predict import collect_inputs, predict_rows
+from conftest import write_cell
+
+runner = CliRunner()
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def model(ensemble_dir):
+    return load_ensemble(ensemble_dir, device="cpu")
+
+
+def _crops(n=3, side=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, side, side, 3), dtype=np.uint8)
+
+
+def test_cam_shapes_ranges_and_the_weighted_ensemble_map(model):
+    crops = _crops()
+    cams = member_cams(model, crops, [1, 0, 1])
+    assert cams.shape == (2, 3, 64, 64)
+    assert cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    w = model.cam_weights
+    combined = ensemble_cam(cams, w)
+    np.testing.assert_allclose(combined, (w[0] * cams[0] + w[1] * cams[1]) / w.sum(), rtol=1e-6)
+
+
+def test_tta_is_invariant_for_a_rotation_symmetric_cell(model):
+    yy, xx = np.mgrid[0:64, 0:64]
+    disc = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2 < 20 ** 2)[..., None]
+    cell = (disc * np.array([90, 30, 110])).astype(np.uint8)[None]
+    plain = model.member_probs(cell)
+    tta = model.member_probs(cell, tta=True)
+    np.testing.assert_allclose(tta, plain, atol=1e-5)
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert len({tuple(v.flatten().tolist()) for v in dihedral_views(x)}) == 8
+
+
+def test_predict_writes_members_patients_and_error_rows(model, tmp_path):
+    for subject, label, n in (("7", "all", 3), ("H7", "hem", 2)):
+        for i in range(n):
+            write_cell(tmp_path / "cells" / f"UID_{subject}_1_{i + 1}_{label}.png", size=80)
+    (tmp_path / "cells" / "UID_7_2_1_all.png").write_bytes(b"broken")
+    write_cell(tmp_path / "cells" / "UID_7_3_1_all.png", size=40)  # smaller than the crop
+    out = tmp_path / "preds.csv"
+    summary = predict_rows(model, collect_inputs([tmp_path / "cells"]), out, tta=True)
+    assert summary["scored"] == 5 and summary["failed"] == 2
+    rows = _rows(out)
+    assert {r["model"] for r in rows} == {"wen_kappa", "wen_kappa+tta"}
+    errors = {r["path"].rsplit("/", 1)[-1]: r["error"] for r in rows if r["model"] == "wen_kappa" and r["error"]}
+    assert "not an image" in errors["UID_7_2_1_all.png"] and "smaller than the 64x64" in errors["UID_7_3_1_all.png"]
+    good = [r for r in rows if r["model"] == "wen_kappa" and not r["error"]]
+    for r in good:
+        members = np.array([float(r["prob_mobilenet"]), float(r["prob_densenet121"])])
+        w = np.array(model.combiner.weights)
+        assert float(r["prob_all"]) == pytest.approx(w @ members / w.sum(), abs=1e-6)
+    patients = {p["subject"]: p for p in summary["patients"]}
+    assert patients["7"]["cells"] == 3 and patients["H7"]["cells"] == 2
+    probs_7 = [float(r["prob_all"]) for r in good if r["subject"] == "7"]
+    assert patients["7"]["mean_prob_all"] == pytest.approx(np.mean(probs_7), abs=1e-6)
+    assert patients["7"]["call"] == ("all" if np.mean(probs_7) >= 0.5 else "hem")
+
+
+def test_predict_cli_exit_status_and_submission_file(ensemble_dir, tmp_path):
+    final = tmp_path / "testing_data" / "C-NMC_test_final_phase_data"
+    for n in (1, 2, 10):
+        write_cell(final / f"{n}.bmp", size=80)
+    r = runner.invoke(app, ["predict", str(ensemble_dir), str(tmp_path / "testing_data"), "-o",
+                            str(tmp_path / "p.csv"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "p.submission.txt").read_text().splitlines()
+    assert len(lines) == 3 and set(lines) <= {"0", "1"}
+    (final / "3.bmp").write_bytes(b"")
+    r = runner.invoke(app, ["predict", str(ensemble_dir), str(final), "-o", str(tmp_path / "q.csv"),
+                            "--device", "cpu"])
+    assert r.exit_code == 1 and "1 failed" in r.output
+
+
+def test_explain_cli_writes_the_grid(ensemble_dir, tmp_path):
+    paths = [write_cell(tmp_path / f"UID_1_1_{i}_all.png", size=80) for i in (1, 2)]
+    r = runner.invoke(app, ["explain", str(ensemble_dir), *map(str, paths), "-o", str(tmp_path / "cam"),
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cam" / "gradcam_grid.png").stat().st_size > 10_000
+    assert len(list((tmp_path / "cam").glob("UID_1_1_1_all_*.png"))) == 3  # two members and the ensemble
+
+
+def test_ensemble_spec_that_does_not_match_the_code_is_a_clear_error(ensemble_dir, tmp_path):
+    import json
+    import shutil
+
+    broken = tmp_path / "ens"
+    shutil.copytree(ensemble_dir, broken)
+    spec = json.loads((broken / "ensemble.json").read_text())
+    spec["members"][0]["name"] = "densenet121"  # a mobilenet checkpoint claimed to be a densenet
+    (broken / "ensemble.json").write_text(json.dumps(spec))
+    with pytest.raises(AlldetectError, match="holds 'mobilenet', the spec says 'densenet121'"):
+        load_ensemble(broken, device="cpu")
+    spec["version"] = 99
+    (broken / "ensemble.json").write_text(json.dumps(spec))
+    with pytest.raises(AlldetectError, match="not an ensemble spec this version"):
+        load_ensemble(broken, device="cpu")
