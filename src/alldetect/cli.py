@@ -314,6 +314,12 @@ def report(
 
 
 
+class Engine(str, Enum):
+    auto = "auto"
+    onnx = "onnx"
+    torch = "torch"
+
+
 @app.command()
 @user_errors
 def predict(
@@ -326,17 +332,20 @@ def predict(
     cam: Annotated[Path | None, typer.Option(help="Write a Grad-CAM overlay of every cell flagged ALL here.")]
     = None,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
+    engine: Annotated[Engine, typer.Option(help="auto: onnxruntime when the ensemble was exported and no GPU "
+                                                "is used, else torch.")] = Engine.auto,
     batch_size: Annotated[int, typer.Option(help="Cells per batch.")] = 32,
 ) -> None:
     """P(ALL) per cell from every member and the ensemble; a patient summary when subjects are known.
 
     Unreadable files get a row with an error; the exit status is 1 if any file failed.
     """
-    from .ensemble_model import load_ensemble
+    from .export import load_engine
     from .predict import collect_inputs, load_crops_for, predict_rows
     from .tables import format_table
 
-    model = load_ensemble(ens_dir, method=method, device=device.value)
+    model = load_engine(ens_dir, method=method, device=device.value, engine=engine.value)
+    logger.info("engine: %s", type(model).__name__)
     collected = collect_inputs(inputs)
     summary = predict_rows(model, collected, out, tta=tta, batch_size=batch_size)
     typer.echo(f"wrote {summary['csv']}: {summary['scored']} cells scored, {summary['failed']} failed")
@@ -346,9 +355,11 @@ def predict(
     if "submission" in summary:
         typer.echo(f"challenge submission: {summary['submission']}")
     if cam is not None:
+        from .ensemble_model import load_ensemble
         from .explain import explain
         from .predictions import read_predictions
 
+        model = load_ensemble(ens_dir, method=method, device=device.value)  # Grad-CAM needs gradients: torch
         scored = read_predictions(out)[model.method]
         flagged = [p for p, prob in zip(scored.path, scored.prob_all) if prob >= 0.5]
         if flagged:
@@ -360,6 +371,25 @@ def predict(
             typer.echo(f"Grad-CAM overlays of {len(flagged)} flagged cell(s): {cam}")
     if summary["failed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def export(
+    ens_dir: Annotated[Path, typer.Argument(help="Ensemble directory.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file [default: ENS_DIR/ensemble.onnx].")]
+    = None,
+    method: Annotated[str | None, typer.Option(help="Ensemble method in the graph [default: the ensemble's].")]
+    = None,
+    input_dtype: Annotated[str, typer.Option(help="uint8 (0-255) or float32 (0-1) NHWC input.")] = "uint8",
+) -> None:
+    """Export every member, its normalisation and the weighted average as one ONNX graph."""
+    from .ensemble_model import load_ensemble
+    from .export import ONNX_NAME, export_onnx
+
+    model = load_ensemble(ens_dir, method=method, device="cpu")
+    path = export_onnx(model, out or ens_dir / ONNX_NAME, input_dtype=input_dtype)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB)")
 
 
 class Target(str, Enum):

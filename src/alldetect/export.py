@@ -1,0 +1,149 @@
+"""The whole ensemble as one ONNX graph, and an onnxruntime engine that runs it.
+
+Graph input ``images``: a batch of cropped RGB cells, NHWC, uint8 (0-255) or float32 (0-1), dynamic batch.
+Outputs ``prob_all`` (N,) of the ensemble and ``member_prob_all`` (N, members). Each member's own
+normalisation and the ensemble's combiner are inside the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ensemble import EnsembleFit
+from .ensemble_dir import load_ensemble_spec, method_fit
+from .ensemble_model import EnsembleModel, dihedral_views
+from .errors import AlldetectError
+
+logger = logging.getLogger(__name__)
+ONNX_NAME = "ensemble.onnx"
+_EPS = 1e-7
+
+
+class EnsembleGraph(nn.Module):
+    """Members plus combiner as one module, for export."""
+
+    def __init__(self, model: EnsembleModel):
+        super().__init__()
+        self.members = nn.ModuleList(model.members)
+        fit = model.combiner
+        self.method = fit.method
+        k = len(model.members)
+        self.register_buffer("weights", torch.tensor(fit.weights or [1.0] * k, dtype=torch.float32))
+        self.register_buffer("temperatures", torch.tensor(fit.temperatures or [1.0] * k, dtype=torch.float32))
+        self.register_buffer("coef", torch.tensor(fit.coef or [0.0] * k, dtype=torch.float32))
+        self.intercept = float(fit.intercept)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2)
+        probs = torch.stack([m(x).softmax(dim=1)[:, 1] for m in self.members], dim=1)  # (N, K)
+        if self.method == "ts_sap":
+            ens = torch.sigmoid(_logit(probs) / self.temperatures).mean(dim=1)
+        elif self.method == "stacking":
+            ens = torch.sigmoid(_logit(probs) @ self.coef + self.intercept)
+        else:
+            ens = probs @ self.weights / self.weights.sum()
+        return ens, probs
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(_EPS, 1 - _EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def export_onnx(model: EnsembleModel, out: str | Path, *, input_dtype: str = "uint8", opset: int = 18) -> Path:
+    """Export ``model`` (on CPU, fp32) to ``out`` and record members and method in the graph's metadata."""
+    import onnx
+
+    if input_dtype not in ("uint8", "float32"):
+        raise AlldetectError(f"input dtype must be uint8 or float32, not {input_dtype!r}")
+    out = Path(out)
+    graph = EnsembleGraph(model).cpu().float().eval()
+    side = model.input_size or model.crop
+    example = torch.zeros(2, side, side, 3, dtype=torch.uint8 if input_dtype == "uint8" else torch.float32)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(graph, (example,), dynamo=True, opset_version=opset, input_names=["images"],
+                                output_names=["prob_all", "member_prob_all"], dynamic_shapes=({0: batch},),
+                                verbose=False)
+    program.save(str(out))
+    proto = onnx.load(str(out))
+    meta = {"members": json.dumps(model.names), "method": model.method, "crop": str(model.crop),
+            "input_size": str(model.input_size or ""), "input_dtype": input_dtype}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"alldetect.{key}", value
+    onnx.save(proto, str(out))
+    return out
+
+
+@dataclass
+class OnnxEnsemble:
+    """Same interface as ``EnsembleModel.predict``/``member_probs``, on onnxruntime (CPU)."""
+    session: object
+    names: list[str]
+    combiner: EnsembleFit
+    method: str
+    crop: int
+    input_size: int | None
+    input_dtype: str
+
+    def member_probs(self, crops: np.ndarray, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
+        out = np.zeros((len(self.names), len(crops)))
+        for start in range(0, len(crops), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
+            views = [v.permute(0, 2, 3, 1) for v in dihedral_views(x.permute(0, 3, 1, 2))] if tta else [x]
+            runs = [self.session.run(["member_prob_all"], {"images": self._cast(v)})[0] for v in views]
+            out[:, start:start + len(x)] = np.mean(runs, axis=0).T
+        return out
+
+    def predict(self, crops: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        members = self.member_probs(crops, tta=tta)
+        return self.combiner.apply(members), members
+
+    def _cast(self, x: torch.Tensor) -> np.ndarray:
+        x = x.contiguous().numpy()
+        return x if self.input_dtype == "uint8" else (x.astype(np.float32) / 255)
+
+
+def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: str | Path | None = None,
+                       threads: int | None = None) -> OnnxEnsemble:
+    """Open ``ensemble.onnx`` of an ensemble directory; refuse a graph whose members differ from the spec."""
+    import onnxruntime as ort
+
+    spec = load_ensemble_spec(ens_dir)
+    path = Path(path) if path else Path(ens_dir) / ONNX_NAME
+    if not path.is_file():
+        raise AlldetectError(f"{path}: not found; create it with `alldetect export {ens_dir}`")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    names = json.loads(meta.get("alldetect.members", "[]"))
+    expected = [m["name"] for m in spec["members"]]
+    if names != expected:
+        raise AlldetectError(f"{path}: holds members {names}, the ensemble has {expected}; export it again")
+    method = method or spec["default_method"]
+    input_size = int(meta["alldetect.input_size"]) if meta.get("alldetect.input_size") else None
+    return OnnxEnsemble(session, names, method_fit(spec, method), method, int(meta["alldetect.crop"]), input_size,
+                        meta.get("alldetect.input_dtype", "uint8"))
+
+
+def load_engine(ens_dir: str | Path, *, method: str | None = None, device: str = "auto", engine: str = "auto"):
+    """``onnx`` (onnxruntime, the fastest accurate engine on CPU), ``torch``, or ``auto``: onnx when the
+    ensemble has been exported and no GPU is used, else torch."""
+    from .ensemble_model import load_ensemble
+    from .inference import resolve_device
+
+    if engine not in ("auto", "onnx", "torch"):
+        raise AlldetectError(f"engine must be auto, onnx or torch, not {engine!r}")
+    on_cpu = resolve_device(device).type == "cpu"
+    if engine == "onnx" or (engine == "auto" and on_cpu and (Path(ens_dir) / ONNX_NAME).is_file()):
+        return load_onnx_ensemble(ens_dir, method=method)
+    return load_ensemble(ens_dir, method=method, device=device)
