@@ -23,7 +23,7 @@ def exported(ensemble_dir, tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore")
 def test_onnx_matches_pytorch_within_1e_4(exported):
-    torch_model = load_ensemble(exported, device="cpu")
+    torch_model = load_ensemble(exported, device="cpu", precision="fp32")
     onnx_model = load_onnx_ensemble(exported)
     crops = np.random.default_rng(0).integers(0, 256, size=(7, 64, 64, 3), dtype=np.uint8)  # odd batch: dynamic
     for tta in (False, True):
@@ -34,14 +34,17 @@ def test_onnx_matches_pytorch_within_1e_4(exported):
     np.testing.assert_allclose(graph_prob, torch_model.predict(crops)[0], atol=1e-4)
     np.testing.assert_allclose(graph_members.T, torch_model.member_probs(crops), atol=1e-4)
     for method in ("sap", "ts_sap", "stacking"):  # the combiners inside the graph, through the python side
-        a = load_ensemble(exported, method=method, device="cpu").predict(crops)[0]
+        a = load_ensemble(exported, method=method, device="cpu", precision="fp32").predict(crops)[0]
         b = load_onnx_ensemble(exported, method=method).predict(crops)[0]
         np.testing.assert_allclose(b, a, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_auto_engine_is_onnx_on_cpu_once_exported(exported, ensemble_dir):
-    assert isinstance(load_engine(exported, device="cpu"), OnnxEnsemble)
+def test_auto_engine_picks_the_fastest_accurate_one(exported, ensemble_dir):
+    from alldetect.inference import cpu_has_native_bf16
+
+    assert isinstance(load_engine(exported, device="cpu", precision="fp32"), OnnxEnsemble)
+    assert isinstance(load_engine(exported, device="cpu"), OnnxEnsemble) != cpu_has_native_bf16()
     assert not isinstance(load_engine(ensemble_dir, device="cpu"), OnnxEnsemble)
     with pytest.raises(AlldetectError, match="alldetect export"):
         load_engine(ensemble_dir, engine="onnx")
@@ -55,7 +58,7 @@ def test_predict_with_both_engines_agrees(exported, tmp_path):
         write_cell(tmp_path / "cells" / f"UID_5_1_{i + 1}_all.png", size=80)
     for engine in ("onnx", "torch"):
         r = runner.invoke(app, ["predict", str(exported), str(tmp_path / "cells"), "--engine", engine, "-o",
-                                str(tmp_path / f"{engine}.csv"), "--device", "cpu"])
+                                str(tmp_path / f"{engine}.csv"), "--device", "cpu", "--precision", "fp32"])
         assert r.exit_code == 0, r.output
     from alldetect.predictions import read_predictions
 

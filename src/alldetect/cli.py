@@ -320,6 +320,12 @@ class Engine(str, Enum):
     torch = "torch"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 @app.command()
 @user_errors
 def predict(
@@ -332,8 +338,10 @@ def predict(
     cam: Annotated[Path | None, typer.Option(help="Write a Grad-CAM overlay of every cell flagged ALL here.")]
     = None,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
-    engine: Annotated[Engine, typer.Option(help="auto: onnxruntime when the ensemble was exported and no GPU "
-                                                "is used, else torch.")] = Engine.auto,
+    engine: Annotated[Engine, typer.Option(help="auto: torch in bf16 on a GPU or a CPU with native bf16, else "
+                                                "onnxruntime if exported, else torch.")] = Engine.auto,
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 on GPUs and CPUs with native bf16, else fp32.")]
+    = Precision.auto,
     batch_size: Annotated[int, typer.Option(help="Cells per batch.")] = 32,
 ) -> None:
     """P(ALL) per cell from every member and the ensemble; a patient summary when subjects are known.
@@ -344,7 +352,7 @@ def predict(
     from .predict import collect_inputs, load_crops_for, predict_rows
     from .tables import format_table
 
-    model = load_engine(ens_dir, method=method, device=device.value, engine=engine.value)
+    model = load_engine(ens_dir, method=method, device=device.value, engine=engine.value, precision=precision.value)
     logger.info("engine: %s", type(model).__name__)
     collected = collect_inputs(inputs)
     summary = predict_rows(model, collected, out, tta=tta, batch_size=batch_size)
@@ -423,6 +431,31 @@ def explain(
         raise AlldetectError("none of the images could be read")
     grid = make_grid(model, crops, [collected.rows[i].path for i in kept], out, target=target.value)
     typer.echo(f"Grad-CAM grid: {grid}")
+
+
+@app.command()
+@user_errors
+def serve(
+    ens_dir: Annotated[Path, typer.Argument(help="Ensemble directory.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    db: Annotated[Path, typer.Option(help="SQLite file recording every prediction.")]
+    = Path("alldetect-predictions.sqlite"),
+    max_upload_mb: Annotated[int, typer.Option(help="Largest request, in MiB.")] = 50,
+    max_files: Annotated[int, typer.Option(help="Most cells per request (zip entries included).")] = 500,
+    device: Annotated[Device, typer.Option(help="Where to run the models.")] = Device.auto,
+) -> None:
+    """A web page and JSON API for the lab: upload cells, see calls, Grad-CAM and a patient summary."""
+    import uvicorn
+
+    from .serve import ServeSettings, create_app
+    from .serve.uploads import Limits
+
+    settings = ServeSettings(db_path=str(db), device=device.value,
+                             limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: anyone who can reach this address can upload images", host)
+    uvicorn.run(create_app(ens_dir, settings), host=host, port=port, log_level="info")
 
 
 class Profile(str, Enum):

@@ -16,7 +16,7 @@ import torch
 from .ensemble import EnsembleFit
 from .ensemble_dir import load_ensemble_spec, method_fit
 from .errors import AlldetectError
-from .inference import autocast, resolve_device
+from .inference import inference_autocast, resolve_device
 from .models import Member, create_member
 from .training.checkpoint import CheckpointError, load_checkpoint
 
@@ -30,6 +30,7 @@ class EnsembleModel:
     input_size: int | None
     spec: dict
     device: torch.device
+    precision: str = "auto"  # see inference_autocast
 
     @property
     def names(self) -> list[str]:
@@ -56,7 +57,7 @@ class EnsembleModel:
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             views = dihedral_views(x) if tta else [x]
             for k, member in enumerate(self.members):
-                with autocast(self.device, "auto"):
+                with inference_autocast(self.device, self.precision):
                     probs = [member(v).float().softmax(1)[:, 1] for v in views]
                 out[k, start:start + len(x)] = torch.stack(probs).mean(0).double().cpu().numpy()
         return out
@@ -73,7 +74,8 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     return rotations + [torch.flip(r, dims=(3,)) for r in rotations]
 
 
-def load_ensemble(ens_dir: str | Path, *, method: str | None = None, device: str = "auto") -> EnsembleModel:
+def load_ensemble(ens_dir: str | Path, *, method: str | None = None, device: str = "auto",
+                  precision: str = "auto") -> EnsembleModel:
     """Load an ensemble directory; errors say which member or checkpoint does not fit the installed code."""
     spec = load_ensemble_spec(ens_dir)
     method = method or spec["default_method"]
@@ -95,4 +97,4 @@ def load_ensemble(ens_dir: str | Path, *, method: str | None = None, device: str
     if not members:
         raise AlldetectError(f"{ens_dir}: the ensemble has no members")
     return EnsembleModel(members, combiner, method, spec["members"][0]["crop"], spec["members"][0]["input_size"],
-                         spec, dev)
+                         spec, dev, precision)

@@ -135,15 +135,19 @@ def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: 
                         meta.get("alldetect.input_dtype", "uint8"))
 
 
-def load_engine(ens_dir: str | Path, *, method: str | None = None, device: str = "auto", engine: str = "auto"):
-    """``onnx`` (onnxruntime, the fastest accurate engine on CPU), ``torch``, or ``auto``: onnx when the
-    ensemble has been exported and no GPU is used, else torch."""
+def load_engine(ens_dir: str | Path, *, method: str | None = None, device: str = "auto", engine: str = "auto",
+                precision: str = "auto"):
+    """``torch``, ``onnx`` (onnxruntime, fp32), or ``auto``, the fastest accurate engine measured
+    (BENCHMARKS.md): torch with bf16 on a GPU or on a CPU with native bf16; else onnxruntime when the
+    ensemble has been exported; else torch in fp32."""
     from .ensemble_model import load_ensemble
-    from .inference import resolve_device
+    from .inference import cpu_has_native_bf16, resolve_device
 
     if engine not in ("auto", "onnx", "torch"):
         raise AlldetectError(f"engine must be auto, onnx or torch, not {engine!r}")
     on_cpu = resolve_device(device).type == "cpu"
-    if engine == "onnx" or (engine == "auto" and on_cpu and (Path(ens_dir) / ONNX_NAME).is_file()):
+    exported = (Path(ens_dir) / ONNX_NAME).is_file()
+    bf16 = precision != "fp32" and (not on_cpu or cpu_has_native_bf16())
+    if engine == "onnx" or (engine == "auto" and on_cpu and exported and not bf16):
         return load_onnx_ensemble(ens_dir, method=method)
-    return load_ensemble(ens_dir, method=method, device=device)
+    return load_ensemble(ens_dir, method=method, device=device, precision=precision)

@@ -57,6 +57,14 @@ def collect_inputs(inputs: list[str | Path]) -> Inputs:
     return Inputs(rows, errors)
 
 
+def prepare_crop(pixels: np.ndarray, crop: int, input_size: int | None, *, name: str) -> np.ndarray:
+    """The model's input from a decoded cell: the pixel-exact center crop, resized if the model wants it."""
+    pixels = center_crop(pixels, crop, path=name)
+    if input_size and input_size != crop:
+        pixels = np.asarray(Image.fromarray(pixels).resize((input_size, input_size), Image.BILINEAR))
+    return pixels
+
+
 def load_crops_for(model: EnsembleModel, rows: list[ManifestRow], errors: dict[str, str]) -> tuple[np.ndarray, list[int]]:
     """uint8 crops of the readable rows (and their indices); failures are added to ``errors``."""
     side = model.input_size or model.crop
@@ -65,13 +73,10 @@ def load_crops_for(model: EnsembleModel, rows: list[ManifestRow], errors: dict[s
         if row.path in errors:
             continue
         try:
-            pixels = center_crop(read_rgb(row.path)[0], model.crop, path=row.path)
+            crops.append(prepare_crop(read_rgb(row.path)[0], model.crop, model.input_size, name=row.path))
         except ImageProblem as e:
             errors[row.path] = e.reason
             continue
-        if side != model.crop:
-            pixels = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BILINEAR))
-        crops.append(pixels)
         kept.append(i)
     return (np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)), kept
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -31,25 +32,33 @@ def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndar
         raise ImageProblem(path, f"cannot read: {e.strerror or e}") from None
     if size == 0:
         raise ImageProblem(path, "empty file (0 bytes)")
+    return decode_rgb(path, name=str(path), max_pixels=max_pixels)
+
+
+def decode_rgb(source: Path | BinaryIO, *, name: str, max_pixels: int = MAX_PIXELS,
+               formats: tuple[str, ...] | None = None) -> tuple[np.ndarray, str | None]:
+    """``read_rgb`` for a path or an open binary stream (e.g. an upload); ``name`` labels errors.
+    ``formats`` (Pillow names such as "PNG") restricts what is accepted, decided by content, not name."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source, formats=formats) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageProblem(
-                        path, f"{width}x{height} pixels exceeds the {max_pixels:,}-pixel limit "
+                        name, f"{width}x{height} pixels exceeds the {max_pixels:,}-pixel limit "
                         "(not a single-cell image, or a decompression bomb)")
                 img.load()
                 return _to_rgb(img)
     except ImageProblem:
         raise
     except UnidentifiedImageError:
-        raise ImageProblem(path, "not an image file Pillow can identify") from None
+        raise ImageProblem(name, "not an image file Pillow can identify"
+                           + (f" (accepted: {', '.join(formats)})" if formats else "")) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageProblem(path, "refused as a possible decompression bomb") from None
+        raise ImageProblem(name, "refused as a possible decompression bomb") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageProblem(path, f"corrupt or truncated image ({e})") from None
+        raise ImageProblem(name, f"corrupt or truncated image ({e})") from None
 
 
 def _to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:

@@ -1,0 +1,138 @@
+"""Inference throughput of the five-member ensemble on this machine's CPU (or a GPU with --device cuda).
+
+Per member and for the whole ensemble, cells per second at 300x300, batch 16, for
+  (a) naive: PyTorch eager, NCHW, fp32, float input normalised outside the model, member by member;
+  (b) torch: channels_last, inference_mode, uint8 batch normalised inside the member;
+  (c) onnxruntime: each member exported to ONNX (fp32);
+  (d) torch bf16: (b) under bf16 autocast (native on CPUs with AVX-512 BF16 or AMX, and on GPUs).
+Ratios are against (a) measured in the same run. Weights are random: speed does not depend on them.
+With --accuracy ENS_DIR, also the AUC change of bf16 against fp32 on that ensemble's test predictions.
+
+    python benchmarks/infer_throughput.py [--size 300] [--batch 16] [--repeats 2] [--accuracy runs/demo/ensemble]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alldetect.data.transforms import normalize
+from alldetect.models import create_member
+from alldetect.models.members import PAPER_MEMBERS
+from alldetect.tables import format_table
+
+warnings.filterwarnings("ignore")
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def export_member(member, side: int, path: Path) -> Path:
+    example = torch.zeros(2, 3, side, side, dtype=torch.uint8)
+    program = torch.onnx.export(member, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), verbose=False)
+    program.save(str(path))
+    return path
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--members", default=",".join(PAPER_MEMBERS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--accuracy", type=Path, help="ensemble directory whose test set measures bf16's AUC change")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    batch_u8 = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
+    rows, totals = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.members.split(","):
+            member = create_member(name).eval()
+            mean, std = member.mean, member.std
+            net = member.net.to(device)
+            x_float = normalize(batch_u8, mean, std).to(device)
+
+            def naive():
+                with torch.no_grad():
+                    net(x_float)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            fast = member.to(device).to(memory_format=torch.channels_last)
+            x_u8 = batch_u8.to(device).contiguous(memory_format=torch.channels_last)
+
+            def optimised(bf16: bool = False):
+                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    fast(x_u8)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            row = {"member": name, "naive": args.batch / timed(naive, args.repeats)}
+            row["torch"] = args.batch / timed(optimised, args.repeats)
+            if device.type == "cpu":
+                onnx_path = export_member(member.cpu().to(memory_format=torch.contiguous_format), args.size,
+                                          Path(tmp) / f"{name}.onnx")
+                feed = {"images": batch_u8.numpy()}
+                fp32 = session(onnx_path)
+                row["onnx"] = args.batch / timed(lambda: fp32.run(None, feed), args.repeats)
+            row["torch_bf16"] = args.batch / timed(lambda: optimised(bf16=True), args.repeats)
+            for k, v in row.items():
+                if k != "member":
+                    totals[k] = totals.get(k, 0.0) + 1.0 / v  # seconds per cell, summed over members
+            rows.append(row)
+            print(f"measured {name}", flush=True)
+    rows.append({"member": "ensemble", **{k: 1.0 / v for k, v in totals.items()}})
+    table = [{"member": r["member"], **{f"{k} cells/s": f"{v:.2f}" for k, v in r.items() if k != "member"},
+              **{f"{k} / naive": f"{v / r['naive']:.2f}x" for k, v in r.items() if k not in ("member", "naive")}}
+             for r in rows]
+    print(f"\n{args.size}x{args.size}, batch {args.batch}, device {device}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPU threads\n")
+    print(format_table(table, markdown=True))
+    if args.accuracy:
+        print_bf16_accuracy(args.accuracy, args.device)
+
+
+def print_bf16_accuracy(ens_dir: Path, device: str) -> None:
+    """AUC of the ensemble on its test split with fp32 members vs bf16 members, and the largest change of a
+    cell's P(ALL)."""
+    from alldetect.data.cache import load_crops
+    from alldetect.ensemble_model import load_ensemble
+    from alldetect.metrics import classification_metrics
+    from alldetect.predictions import read_predictions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_model = load_ensemble(ens_dir, device=device, precision="fp32")
+        preds = read_predictions(ens_dir / "predictions_test.csv")[fp32_model.method]
+        crops = np.array(load_crops(preds.path, crop=fp32_model.crop, size=fp32_model.input_size,
+                                    cache_dir=tmp).images)
+    fp32 = fp32_model.predict(crops)[0]
+    bf16 = load_ensemble(ens_dir, device=device, precision="bf16").predict(crops)[0]
+    auc32, auc16 = (classification_metrics(preds.y, p)["auc"] for p in (fp32, bf16))
+    print(f"\n{fp32_model.method} on the test split of {ens_dir} ({len(crops)} cells): AUC fp32 {auc32:.4f}, "
+          f"bf16 {auc16:.4f}, change {auc16 - auc32:+.4f}; largest |P(ALL) change| {np.abs(bf16 - fp32).max():.4f}")
+
+
+if __name__ == "__main__":
+    main()
