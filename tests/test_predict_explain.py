@@ -114,3 +114,26 @@ def test_ensemble_spec_that_does_not_match_the_code_is_a_clear_error(ensemble_di
     (broken / "ensemble.json").write_text(json.dumps(spec))
     with pytest.raises(AlldetectError, match="not an ensemble spec this version"):
         load_ensemble(broken, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["vgg16", "xception", "mobilenet", "inception_resnet_v2", "densenet121"])
+def test_cam_layer_is_spatial_at_the_paper_input_size(name, real_cells):
+    """At 300x300 every member's Grad-CAM layer still has a spatial map (>= 8x8) and gives a valid CAM."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from alldetect.data.images import read_rgb
+    from alldetect.data.transforms import center_crop
+    from alldetect.models import create_member
+
+    member = create_member(name).eval()
+    shapes = []
+    handle = member.cam_layer.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    cell = center_crop(read_rgb(next((real_cells / "bmp" / "all").glob("*.bmp")))[0], 300)
+    x = torch.from_numpy(cell.copy()).permute(2, 0, 1)[None].float() / 255
+    with GradCAM(model=member, target_layers=[member.cam_layer]) as cam:
+        grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])
+    handle.remove()
+    assert min(shapes[0][-2:]) >= 8, shapes[0]
+    assert grayscale.shape == (1, 300, 300) and np.isfinite(grayscale).all()
+    assert grayscale.min() >= 0 and grayscale.max() <= 1 + 1e-6
