@@ -67,3 +67,10 @@ def test_png_format_and_class_ratio(tmp_path):
                       workers=1)
     assert list((tmp_path / "training_data" / "fold_0" / "all").glob("*.png"))
     assert 2.0 <= counts["train/all"] / counts["train/hem"] <= 2.3  # C-NMC: ~2.15 ALL per HEM image
+
+
+def test_a_set_without_test_subjects(tmp_path):
+    counts = generate(tmp_path, SynthConfig(size=64, all_subjects=2, hem_subjects=1, test_all_subjects=0,
+                                            test_hem_subjects=0, final_subjects=0, cells_per_subject=2), workers=1)
+    assert set(counts) == {"train/all", "train/hem"}
+    assert not (tmp_path / "validation_data").exists() and not (tmp_path / "testing_data").exists()

@@ -215,6 +215,8 @@ def _save(pixels: np.ndarray, path: Path) -> None:
 def _write_test_part(folder: Path, cells: list[tuple[str, np.ndarray, str]], cfg: SynthConfig,
                      labels_csv: Path | None = None) -> None:
     """Shuffled and renamed ``1..N``, as in the challenge; the original names go to the labels CSV."""
+    if not cells:
+        return
     order = np.random.default_rng(cfg.seed + 1).permutation(len(cells))
     records = []
     for number, i in enumerate(order, start=1):
