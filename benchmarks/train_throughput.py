@@ -119,8 +119,8 @@ def main() -> None:
     hours = {k: sum(PAPER_IMAGES_PER_EPOCH * PAPER_EPOCHS / r[k] for r in table) / 3600
              for k in ("naive img/s", best)}
     print(f"\n300x300, batch {args.batch}, {args.steps} timed steps, device {device}, torch {torch.__version__}\n")
-    print(format_table([{k: (f"{v:.2f}x" if "/" in k and isinstance(v, float) else v) for k, v in r.items()}
-                        for r in table], markdown=True, floats="{:.2f}"))
+    print(format_table([{k: (f"{v:.2f}x" if k.endswith("/ naive") else v) for k, v in r.items()} for r in table],
+                       markdown=True, floats="{:.2f}"))
     print(f"\nprojected paper protocol ({len(table)} members x {PAPER_EPOCHS} epochs x {PAPER_IMAGES_PER_EPOCH:,} "
           f"images): naive {hours['naive img/s']:.1f} h, {best.split(' ')[0]} {hours[best]:.1f} h")
 

@@ -163,6 +163,18 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Engine(str, Enum):
+    auto = "auto"
+    onnx = "onnx"
+    torch = "torch"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 @app.command()
 @user_errors
 def train(
@@ -184,6 +196,8 @@ def train(
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
+    precision: Annotated[Precision, typer.Option(
+        help="auto: bf16 autocast on CUDA, fp32 on CPU; or force bf16 or fp32.")] = Precision.auto,
     checkpoint_every: Annotated[int | None, typer.Option(help="Also checkpoint every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
 ) -> None:
@@ -202,6 +216,7 @@ def train(
                              epochs=epochs, batch_size=batch_size, crop=crop, input_size=input_size,
                              weights=str(weights) if weights else None, pretrained=pretrained if weights is None
                              else True, device=device.value, workers=workers, compile=compile or None,
+                             precision=precision.value,
                              checkpoint_every=checkpoint_every, seed=seed)
     except ValueError as e:
         raise AlldetectError(str(e)) from None
@@ -312,18 +327,6 @@ def report(
     path = make_report(ens_dir, n_boot=bootstrap)
     typer.echo(f"report: {path}")
 
-
-
-class Engine(str, Enum):
-    auto = "auto"
-    onnx = "onnx"
-    torch = "torch"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 @app.command()
