@@ -113,3 +113,8 @@ def test_index_is_independent_of_a_copied_location(tmp_path, real_cells):
     moved = tmp_path / "moved"
     shutil.copytree(real_cells, moved)
     assert len(index_folder(moved).rows) == len(index_folder(real_cells).rows)
+
+
+def test_indexing_a_single_fold_keeps_its_name(real_cells):
+    rows = index_folder(real_cells / "fold_1").rows
+    assert {r.source for r in rows} == {"fold_1"}

@@ -133,7 +133,7 @@ def _index_by_folder_or_name(path: Path, root: Path, problems: list[Problem]) ->
             problems.append(Problem(str(path), f"file name says {parsed.label} but it is in a folder "
                                     f"named {class_dir.name}", "skipped"))
             return None
-        source = _source_name(class_dir.parent)
+        source = _source_name(class_dir.parent, root)
     else:
         unknown = _UNKNOWN_CLASS_NAME.match(path.stem)
         if parsed is None and unknown is not None:
@@ -145,14 +145,15 @@ def _index_by_folder_or_name(path: Path, root: Path, problems: list[Problem]) ->
                                     "'all' nor 'hem'", "skipped"))
             return None
         label = parsed.label if parsed else ""
-        source = "final" if "final" in path.parent.name.lower() else _source_name(path.parent.relative_to(root))
+        source = "final" if "final" in path.parent.name.lower() else _source_name(path.parent.relative_to(root), root)
     return ManifestRow(path=str(path), label=label, subject=parsed.subject if parsed else "",
                        image=parsed.image if parsed else "", cell=parsed.cell if parsed else "", source=source)
 
 
-def _source_name(folder: Path) -> str:
-    """``fold_0`` for a challenge fold, else the folder's path below the root (``.`` for the root)."""
-    for part in (folder, *folder.parents):
+def _source_name(folder: Path, root: Path) -> str:
+    """``fold_0`` for a challenge fold (the indexed folder itself may be one), else the folder's path below
+    the root (``.`` for the root)."""
+    for part in (folder, *folder.parents, root):
         fold = _FOLD_DIR.match(part.name)
         if fold:
             return f"fold_{fold['k']}"
