@@ -126,8 +126,10 @@ def _train_config(cfg: PipelineConfig, member: str, manifest: Path):
     overrides = dict(member=member, manifest=str(manifest), out=str(Path(cfg.out).resolve() / "members" / member),
                      seed=cfg.seed, device=cfg.device, epochs=cfg.epochs, batch_size=cfg.batch_size,
                      weights=cfg.weights_dir, pretrained=cfg.pretrained)
-    if cfg.profile == "demo":
+    if cfg.profile == "demo" and cfg.data is None:
         overrides["crop"] = DEMO_CROP
+    elif cfg.profile == "demo":  # real 450 px frames: the paper's crop, resized to the demo's size
+        overrides.update(crop=300, input_size=DEMO_CROP)
     return profile_config(cfg.profile, **overrides)
 
 
