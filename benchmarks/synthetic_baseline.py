@@ -43,7 +43,8 @@ def main() -> None:
 
 def _row(name: str, scores: list[dict]) -> dict:
     ba, auc = np.array([s["ba"] for s in scores]), np.array([s["auc"] for s in scores])
-    return {"data": name, "splits": len(scores), "balanced accuracy": f"{ba.mean():.3f} ({ba.min():.3f}-{ba.max():.3f})",
+    return {"data": name, "splits": len(scores),
+            "balanced accuracy": f"{ba.mean():.3f} ({ba.min():.3f}-{ba.max():.3f})",
             "AUC": f"{auc.mean():.3f} ({auc.min():.3f}-{auc.max():.3f})"}
 
 

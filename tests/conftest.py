@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-dev"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 

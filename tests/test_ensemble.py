@@ -12,7 +12,6 @@ from alldetect.errors import DataError
 from alldetect.evaluation import bootstrap_ci, paired_bootstrap, subject_level
 from alldetect.metrics import classification_metrics
 from alldetect.predictions import read_predictions, write_predictions
-from alldetect.report import make_report
 
 runner = CliRunner()
 

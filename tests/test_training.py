@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,7 +169,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process(split_manifest, tmp_path):
                           "29517", "-m", "alldetect.cli", *common, "--batch-size", "4", "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=900)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
-    one, two = _weights(tmp_path / "one" / "checkpoints" / "last.pt"), _weights(tmp_path / "two" / "checkpoints" / "last.pt")
+    one = _weights(tmp_path / "one" / "checkpoints" / "last.pt")
+    two = _weights(tmp_path / "two" / "checkpoints" / "last.pt")
     # Gradients agree to float summation order; Adamax turns a near-zero gradient's noise into a step of up
     # to the learning rate, so a handful of weights may differ by at most the largest lr used.
     max_lr = max(float(r["lr"]) for r in _csv(tmp_path / "one" / "history.csv"))

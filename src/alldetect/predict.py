@@ -23,6 +23,7 @@ from .data.transforms import center_crop
 from .ensemble_model import EnsembleModel
 from .errors import DataError, ImageProblem
 from .evaluation import subject_level
+from .export import OnnxEnsemble
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def prepare_crop(pixels: np.ndarray, crop: int, input_size: int | None, *, name:
     return pixels
 
 
-def load_crops_for(model: EnsembleModel, rows: list[ManifestRow], errors: dict[str, str]) -> tuple[np.ndarray, list[int]]:
+def load_crops_for(model: EnsembleModel | OnnxEnsemble, rows: list[ManifestRow],
+                   errors: dict[str, str]) -> tuple[np.ndarray, list[int]]:
     """uint8 crops of the readable rows (and their indices); failures are added to ``errors``."""
     side = model.input_size or model.crop
     crops, kept = [], []
@@ -81,7 +83,7 @@ def load_crops_for(model: EnsembleModel, rows: list[ManifestRow], errors: dict[s
     return (np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)), kept
 
 
-def predict_rows(model: EnsembleModel, inputs: Inputs, out_csv: str | Path, *, tta: bool = False,
+def predict_rows(model: EnsembleModel | OnnxEnsemble, inputs: Inputs, out_csv: str | Path, *, tta: bool = False,
                  batch_size: int = 32) -> dict:
     """Write the predictions CSV (+ patients and submission files); returns a summary."""
     out_csv = Path(out_csv)
@@ -124,7 +126,8 @@ def predict_rows(model: EnsembleModel, inputs: Inputs, out_csv: str | Path, *, t
     return summary
 
 
-def _batched(model: EnsembleModel, crops: np.ndarray, tta: bool, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _batched(model: EnsembleModel | OnnxEnsemble, crops: np.ndarray, tta: bool,
+             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     if len(crops) == 0:
         return np.zeros(0), np.zeros((len(model.members), 0))
     ens_parts, member_parts = [], []
