@@ -183,3 +183,10 @@ def test_ddp_on_two_cpu_processes_matches_one_process(split_manifest, tmp_path):
     assert differing / total < 1e-3, f"{differing} of {total} weights differ"  # a broken DDP moves ~all
     assert [r["step"] for r in _csv(tmp_path / "one" / "history.csv")] == \
         [r["step"] for r in _csv(tmp_path / "two" / "history.csv")]
+
+
+def test_dataloader_workers_do_not_change_the_result(split_manifest, tmp_path):
+    """Augmentation is seeded per sample, so worker processes see exactly what the main process would."""
+    runs = [fit(tiny_config(split_manifest, tmp_path / f"w{w}", epochs=1, workers=w)) for w in (0, 2)]
+    assert _csv(runs[0] / "history.csv") == _csv(runs[1] / "history.csv")
+    assert _same_weights(_weights(runs[0] / "checkpoints" / "last.pt"), _weights(runs[1] / "checkpoints" / "last.pt"))
