@@ -65,3 +65,17 @@ def test_predict_with_both_engines_agrees(exported, tmp_path):
     a = read_predictions(tmp_path / "onnx.csv")["wen_kappa"].prob_all
     b = read_predictions(tmp_path / "torch.csv")["wen_kappa"].prob_all
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_web_app_serves_the_onnx_graph_when_exported(exported, ensemble_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from alldetect.serve import ServeSettings, create_app
+
+    def engine_of(ens):
+        app = create_app(ens, ServeSettings(db_path=str(tmp_path / "p.sqlite"), device="cpu"))
+        return TestClient(app).get("/api/model").json()["engine"]
+
+    assert engine_of(exported) == "OnnxEnsemble"
+    assert engine_of(ensemble_dir) == "EnsembleModel"

@@ -447,8 +447,9 @@ def serve(
     max_upload_mb: Annotated[int, typer.Option(help="Largest request, in MiB.")] = 50,
     max_files: Annotated[int, typer.Option(help="Most cells per request (zip entries included).")] = 500,
     device: Annotated[Device, typer.Option(help="Where to run the models.")] = Device.auto,
-    engine: Annotated[Engine, typer.Option(help="auto: torch in bf16 on a GPU or a CPU with native bf16, else "
-                                                "onnxruntime if exported, else torch.")] = Engine.auto,
+    engine: Annotated[Engine | None, typer.Option(
+        help="Default: the exported ONNX graph (`alldetect export`) when there is one, else as auto. auto: torch "
+             "in bf16 on a GPU or a CPU with native bf16, else onnxruntime if exported, else torch.")] = None,
 ) -> None:
     """A web page and JSON API for the lab: upload cells, see calls, Grad-CAM and a patient summary."""
     import uvicorn
@@ -456,7 +457,7 @@ def serve(
     from .serve import ServeSettings, create_app
     from .serve.uploads import Limits
 
-    settings = ServeSettings(db_path=str(db), device=device.value, engine=engine.value,
+    settings = ServeSettings(db_path=str(db), device=device.value, engine=engine.value if engine else "prefer-onnx",
                              limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files))
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: anyone who can reach this address can upload images", host)

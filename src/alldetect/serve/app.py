@@ -31,7 +31,7 @@ from ..data.names import parse_cell_name
 from ..ensemble_dir import load_ensemble_spec
 from ..errors import ImageProblem
 from ..evaluation import subject_level
-from ..export import load_engine
+from ..export import ONNX_NAME, load_engine
 from ..predict import prepare_crop
 from .store import PredictionStore
 from .uploads import Limits, UploadedCell, UploadRejected, expand_uploads
@@ -45,14 +45,17 @@ class ServeSettings:
     db_path: str = "alldetect-predictions.sqlite"
     limits: Limits = field(default_factory=Limits)
     device: str = "auto"
-    engine: str = "auto"
+    engine: str = "prefer-onnx"  # the exported ONNX graph when there is one, else the `auto` choice
     max_cam_cells: int = 32      # Grad-CAM is the slow part: at most this many overlays per request
 
 
 def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -> FastAPI:
     ens_dir = Path(ens_dir)
     spec = load_ensemble_spec(ens_dir)
-    engine = load_engine(ens_dir, device=settings.device, engine=settings.engine)
+    choice = settings.engine
+    if choice == "prefer-onnx":
+        choice = "onnx" if (ens_dir / ONNX_NAME).is_file() else "auto"
+    engine = load_engine(ens_dir, device=settings.device, engine=choice)
     model_id = hashlib.sha256((ens_dir / "ensemble.json").read_bytes()).hexdigest()[:12]
     store = PredictionStore(settings.db_path)
     inference_lock = threading.Lock()  # one batch at a time: bounded memory, no interleaving between requests
