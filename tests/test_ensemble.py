@@ -12,6 +12,7 @@ from alldetect.errors import DataError
 from alldetect.evaluation import bootstrap_ci, paired_bootstrap, subject_level
 from alldetect.metrics import classification_metrics
 from alldetect.predictions import read_predictions, write_predictions
+from alldetect.report import make_report
 
 runner = CliRunner()
 
@@ -148,3 +149,22 @@ def test_wen_falls_back_to_equal_weights_when_no_member_beats_chance():
     y = np.array([1, 1, 0, 0])
     probs = np.array([[0.1, 0.2, 0.8, 0.9], [0.4, 0.3, 0.6, 0.7]])
     assert wen_weights(y, probs, "kappa").tolist() == [1.0, 1.0]
+
+
+def test_report_without_subjects_says_so(ensemble_dir, tmp_path):
+    import csv
+
+    ens = tmp_path / "ens"
+    shutil.copytree(ensemble_dir, ens)
+    (ens / "subjects.csv").unlink(missing_ok=True)
+    for split in ("val", "test"):
+        path = ens / f"predictions_{split}.csv"
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns, rows = reader.fieldnames, [{**r, "subject": ""} for r in reader]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    text = make_report(ens, n_boot=50).read_text()
+    assert "No subjects could be parsed" in text and not (ens / "subjects.csv").exists()

@@ -60,9 +60,12 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
     gain = {metric: paired_bootstrap(y, preds[best_ensemble].prob_all, preds[best_member].prob_all, groups,
                                      metric=metric, n_boot=n_boot, seed=seed) for metric in ("ba", "auc", "wfs")}
     operating = _operating_point(val[spec["default_method"]], preds[spec["default_method"]], target_sensitivity)
-    subjects = {m: subject_level(y, preds[m].prob_all, first.subject) for m in (best_member, spec["default_method"])}
-    write_csv_atomic(ens_dir / "subjects.csv", ["model", *subjects[best_member][0]],
-                     [{"model": _label(m), **row} for m, rows in subjects.items() for row in rows])
+    known = np.array([bool(s) for s in first.subject])  # images without a parsed subject have no patient
+    subjects = {m: subject_level(y[known], preds[m].prob_all[known], [s for s in first.subject if s])
+                for m in (best_member, spec["default_method"])} if known.any() else {}
+    if subjects:
+        write_csv_atomic(ens_dir / "subjects.csv", ["model", *subjects[best_member][0]],
+                         [{"model": _label(m), **row} for m, rows in subjects.items() for row in rows])
     (ens_dir / "table4.json").write_text(json.dumps(
         {"split": split, "data": spec["data"], "metrics": point, "ci95": cis, "val_metrics": val_point,
          "best_member": best_member, "best_ensemble": best_ensemble, "gain": gain, "operating_point": operating},
@@ -131,7 +134,9 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
               f"{operating['target_sensitivity']:.2f} on validation is {operating['threshold']:.3f}; on {split} it "
               f"gives sensitivity {operating['sensitivity']:.3f} and specificity {operating['specificity']:.3f} "
               f"({operating['fn']} false negatives, {operating['fp']} false positives).", "",
-              "## Subjects", "", "A subject is called ALL when the mean P(ALL) of its cells is at least 0.5.", ""]
+              "## Subjects", "",
+              "A subject is called ALL when the mean P(ALL) of its cells is at least 0.5." if subjects
+              else "No subjects could be parsed from the file names, so there is no subject-level result.", ""]
     for m, rows in subjects.items():
         labelled = [r for r in rows if r["truth"]]
         right = sum(r["correct"] == "yes" for r in labelled)
