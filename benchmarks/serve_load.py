@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    stain = {"gain": np.ones(3), "brightness": 1.0, "texture": 1.0, "blur": 1.0}
+    stain = {"gain": np.ones(3), "brightness": 1.0, "texture": 1.0}
     cells = []
     for i in range(16):
         buffer = io.BytesIO()

@@ -365,21 +365,18 @@ def predict(
         typer.echo(format_table(summary["patients"]))
     if "submission" in summary:
         typer.echo(f"challenge submission: {summary['submission']}")
-    if cam is not None:
+    flagged = set(summary["flagged"])
+    if cam is not None and flagged:
         from .ensemble_model import load_ensemble
         from .explain import explain
-        from .predictions import read_predictions
 
         model = load_ensemble(ens_dir, method=method, device=device.value)  # Grad-CAM needs gradients: torch
-        scored = read_predictions(out)[model.method]
-        flagged = [p for p, prob in zip(scored.path, scored.prob_all) if prob >= 0.5]
-        if flagged:
-            rows = [r for r in collected.rows if r.path in set(flagged)]
-            crops, kept = load_crops_for(model, rows, {})
-            for start in range(0, len(kept), 8):
-                part = kept[start:start + 8]
-                explain(model, crops[start:start + 8], [rows[i].path for i in part], cam / f"batch{start // 8:04d}")
-            typer.echo(f"Grad-CAM overlays of {len(flagged)} flagged cell(s): {cam}")
+        rows = [r for r in collected.rows if r.path in flagged]
+        crops, kept = load_crops_for(model, rows, {})
+        for start in range(0, len(kept), 8):
+            part = kept[start:start + 8]
+            explain(model, crops[start:start + 8], [rows[i].path for i in part], cam / f"batch{start // 8:04d}")
+        typer.echo(f"Grad-CAM overlays of {len(flagged)} flagged cell(s): {cam}")
     if summary["failed"]:
         raise typer.Exit(1)
 

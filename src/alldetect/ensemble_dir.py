@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.index import SYNTHETIC_MARKER
+from .data.index import synthetic_marker
 from .data.manifest import read_manifest
 from .ensemble import METHODS, EnsembleFit, fit_combiner
 from .errors import AlldetectError, DataError
@@ -88,7 +88,7 @@ def describe_data(manifest: str) -> dict:
     """What the runs were trained on and how it was split, for the first line of every report."""
     rows = read_manifest(manifest)
     labelled = [r for r in rows if r.label]
-    marker = _find_marker(Path(labelled[0].path)) if labelled else None
+    marker = synthetic_marker(Path(labelled[0].path).parent) if labelled else None
     sources = {r.source for r in labelled}
     if marker is not None:
         dataset = "SYNTHETIC cells from `alldetect synth` (they test the software, not the medicine)"
@@ -100,13 +100,6 @@ def describe_data(manifest: str) -> dict:
     protocol = ("paper protocol (Table 3): training folds split 70/30 by subject, preliminary test set = test"
                 if paper else "subject-level split, stratified by class")
     return {"dataset": dataset, "synthetic": marker is not None, "protocol": protocol, "manifest": manifest}
-
-
-def _find_marker(path: Path) -> Path | None:
-    for folder in path.parents:
-        if (folder / SYNTHETIC_MARKER).is_file():
-            return folder / SYNTHETIC_MARKER
-    return None
 
 
 def _member_entry(run: Path) -> dict:

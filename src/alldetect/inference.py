@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import AlldetectError
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import AlldetectError
-
         raise AlldetectError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return torch.device(device)
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .data.index import SYNTHETIC_MARKER, index_folder
-from .data.manifest import ManifestRow, read_manifest, write_manifest
+from .data.manifest import ManifestRow, write_manifest
 from .data.problems import write_problems
 from .data.split import paper_split, subject_split
 from .data.synth import SynthConfig, generate
@@ -156,7 +156,7 @@ def _index_and_split(data_dir: Path, manifest: Path, seed: int) -> None:
     else:
         rows = subject_split(rows, val_fraction=0.2, test_fraction=0.2, seed=seed)
     write_manifest(rows, manifest)
-    logger.info("manifest: %s (%d images)", manifest, len(read_manifest(manifest)))
+    logger.info("manifest: %s (%d images)", manifest, len(rows))
 
 
 def _explain_examples(ens_dir: Path, device: str) -> None:

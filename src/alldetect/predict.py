@@ -24,6 +24,7 @@ from .ensemble_model import EnsembleModel
 from .errors import DataError, ImageProblem
 from .evaluation import subject_level
 from .export import OnnxEnsemble
+from .predictions import prediction_records
 
 logger = logging.getLogger(__name__)
 
@@ -94,22 +95,18 @@ def predict_rows(model: EnsembleModel | OnnxEnsemble, inputs: Inputs, out_csv: s
     for name, use_tta in variants.items():
         ens, members = _batched(model, crops, use_tta, batch_size)
         results[name] = (ens, members)
-    member_cols = [f"prob_{m}" for m in model.names]
-    records = []
+    columns, records = [], []
     for name, (ens, members) in results.items():
-        by_row = {row_index: j for j, row_index in enumerate(kept)}
-        for i, row in enumerate(rows):
-            record = {"path": row.path, "label": row.label, "model": name, "subject": row.subject,
-                      "prob_all": "", "error": errors.get(row.path, "")}
-            if i in by_row:
-                j = by_row[i]
-                record["prob_all"] = f"{ens[j]:.8f}"
-                record.update({c: f"{members[k, j]:.8f}" for k, c in enumerate(member_cols)})
-            records.append(record)
-    write_csv_atomic(out_csv, ["path", "label", "prob_all", "model", "subject", *member_cols, "error"], records)
-    summary = {"scored": len(kept), "failed": len(rows) - len(kept), "csv": str(out_csv)}
+        columns, block = prediction_records(
+            [r.path for r in rows], [r.label for r in rows], {name: _scatter(ens, kept, len(rows))},
+            subjects=[r.subject for r in rows], errors=[errors.get(r.path, "") for r in rows],
+            extra={f"prob_{m}": _scatter(members[k], kept, len(rows)) for k, m in enumerate(model.names)})
+        records += block
+    write_csv_atomic(out_csv, columns, records)
     ens = results[model.method][0]
     scored_rows = [rows[i] for i in kept]
+    summary = {"scored": len(kept), "failed": len(rows) - len(kept), "csv": str(out_csv),
+               "flagged": [r.path for r, p in zip(scored_rows, ens) if p >= 0.5]}
     if scored_rows and all(r.subject for r in scored_rows):
         y = np.array([r.y if r.label else -1 for r in scored_rows])
         patients = subject_level(y, ens, [r.subject for r in scored_rows])
@@ -126,10 +123,17 @@ def predict_rows(model: EnsembleModel | OnnxEnsemble, inputs: Inputs, out_csv: s
     return summary
 
 
+def _scatter(values: np.ndarray, kept: list[int], n: int) -> np.ndarray:
+    """Values of the scored rows placed at their row indices; NaN for rows that could not be scored."""
+    out = np.full(n, np.nan)
+    out[kept] = values
+    return out
+
+
 def _batched(model: EnsembleModel | OnnxEnsemble, crops: np.ndarray, tta: bool,
              batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     if len(crops) == 0:
-        return np.zeros(0), np.zeros((len(model.members), 0))
+        return np.zeros(0), np.zeros((len(model.names), 0))
     ens_parts, member_parts = [], []
     for start in tqdm(range(0, len(crops), batch_size), desc="scoring" + (" (TTA)" if tta else ""), unit="batch",
                       leave=False, disable=None):

@@ -61,19 +61,20 @@ def index_folder(root: str | Path, *, check_images: bool = True, workers: int = 
     for csv_path in files:
         if csv_path.suffix.lower() == ".csv" and _is_prelim_csv(csv_path):
             rows.update(_index_prelim(csv_path, images, root, problems))
+    class_parents = {d.parent for p in images for d in p.parents if d.name.lower() in _CLASS_DIRS}
     for path in images:
         if path not in rows:
-            row = _index_by_folder_or_name(path, root, problems)
+            row = _index_by_folder_or_name(path, root, problems, class_parents)
             if row is not None:
                 rows[path] = row
     skipped = {Path(p.path) for p in problems if p.action == "skipped"}
     candidates = [rows[p] for p in images if p in rows and p not in skipped]
     if check_images:
-        candidates = _drop_unreadable(candidates, problems)
+        candidates = _drop_unreadable(candidates, problems, workers)
     if not candidates:
         raise DataError(f"{root}: none of the {len(images)} image file(s) could be used; see the problems report")
 
-    result = IndexResult(rows=candidates, problems=problems, synthetic=_synthetic_marker(root))
+    result = IndexResult(rows=candidates, problems=problems, synthetic=synthetic_marker(root))
     result.warnings = _consistency_warnings(candidates)
     return result
 
@@ -124,7 +125,10 @@ def _index_prelim(csv_path: Path, images: list[Path], root: Path, problems: list
     return rows
 
 
-def _index_by_folder_or_name(path: Path, root: Path, problems: list[Problem]) -> ManifestRow | None:
+def _index_by_folder_or_name(path: Path, root: Path, problems: list[Problem],
+                             class_parents: set[Path]) -> ManifestRow | None:
+    """Label from an ``all``/``hem`` folder, else from a C-NMC file name; ``class_parents`` are the folders
+    holding such class folders, so an image in a sibling folder has an unknown class."""
     parsed = parse_cell_name(path.name)
     class_dir = next((d for d in path.relative_to(root).parents if d.name.lower() in _CLASS_DIRS), None)
     if class_dir is not None:
@@ -140,7 +144,7 @@ def _index_by_folder_or_name(path: Path, root: Path, problems: list[Problem]) ->
             problems.append(Problem(str(path), f"unknown class {unknown['label']!r} in the file name "
                                     "(expected all or hem)", "skipped"))
             return None
-        if parsed is None and _beside_class_folders(path):
+        if parsed is None and path.parent != root and path.parent.parent in class_parents:
             problems.append(Problem(str(path), f"unknown class: folder {path.parent.name!r} is neither "
                                     "'all' nor 'hem'", "skipped"))
             return None
@@ -160,12 +164,7 @@ def _source_name(folder: Path, root: Path) -> str:
     return folder.as_posix() or "."
 
 
-def _beside_class_folders(path: Path) -> bool:
-    siblings = {d.name.lower() for d in path.parent.parent.iterdir() if d.is_dir()}
-    return bool(siblings & set(_CLASS_DIRS))
-
-
-def _drop_unreadable(rows: list[ManifestRow], problems: list[Problem]) -> list[ManifestRow]:
+def _drop_unreadable(rows: list[ManifestRow], problems: list[Problem], workers: int) -> list[ManifestRow]:
     def check(row: ManifestRow) -> Problem | None:
         try:
             _, note = read_rgb(row.path)
@@ -174,7 +173,7 @@ def _drop_unreadable(rows: list[ManifestRow], problems: list[Problem]) -> list[M
         return Problem(row.path, note, "converted") if note else None
 
     kept = []
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         outcomes = pool.map(check, rows)
         for row, outcome in tqdm(zip(rows, outcomes), total=len(rows), desc="checking images", unit="img",
                                  leave=False, disable=None):
@@ -185,8 +184,9 @@ def _drop_unreadable(rows: list[ManifestRow], problems: list[Problem]) -> list[M
     return kept
 
 
-def _synthetic_marker(root: Path) -> dict | None:
-    for folder in (root, *root.parents):
+def synthetic_marker(path: Path) -> dict | None:
+    """The generator's parameters when ``path`` lies in a folder made by `alldetect synth`, else None."""
+    for folder in (path, *path.parents):
         marker = folder / SYNTHETIC_MARKER
         if marker.is_file():
             return json.loads(marker.read_text())

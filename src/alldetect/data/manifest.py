@@ -49,24 +49,30 @@ def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     """Read and validate a manifest; errors name the file, the line and the problem."""
+    rows = []
+    for line, raw in read_csv_checked(path, REQUIRED_COLUMNS, kind="manifest"):
+        row = ManifestRow(**{c: (raw.get(c) or "").strip() for c in COLUMNS})
+        if row.label not in ("all", "hem", ""):
+            raise DataError(f"{path}:{line}: label {row.label!r} is not 'all', 'hem' or empty")
+        if row.split not in (*SPLITS, ""):
+            raise DataError(f"{path}:{line}: split {row.split!r} is not one of {SPLITS} or empty")
+        rows.append(row)
+    return rows
+
+
+def read_csv_checked(path: str | Path, required: tuple[str, ...], *, kind: str) -> list[tuple[int, dict]]:
+    """``(line number, row)`` pairs of a CSV that exists and has the ``required`` columns, else a
+    ``DataError`` naming the file and what a ``kind`` file needs."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: manifest not found")
+        raise DataError(f"{path}: {kind} file not found")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
-                            f"a manifest needs {','.join(REQUIRED_COLUMNS)}")
-        rows = []
-        for line, raw in enumerate(reader, start=2):
-            row = ManifestRow(**{c: (raw.get(c) or "").strip() for c in COLUMNS})
-            if row.label not in ("all", "hem", ""):
-                raise DataError(f"{path}:{line}: label {row.label!r} is not 'all', 'hem' or empty")
-            if row.split not in (*SPLITS, ""):
-                raise DataError(f"{path}:{line}: split {row.split!r} is not one of {SPLITS} or empty")
-            rows.append(row)
-    return rows
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a {kind} file needs "
+                            f"{','.join(required)}")
+        return list(enumerate(reader, start=2))
 
 
 def write_csv_atomic(path: str | Path, columns: tuple[str, ...] | list[str], records: list[dict]) -> None:

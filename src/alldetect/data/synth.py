@@ -12,6 +12,7 @@ cells and the paper's description of blasts:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from concurrent.futures import ProcessPoolExecutor
@@ -60,8 +61,8 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, workers: int 
         raise ValueError(f"size {cfg.size} is too small for a cell image; use at least 64")
     out = Path(out)
     subjects = _plan_subjects(cfg)
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Serial() as pool:
-        jobs = pool.map(_render_subject, subjects, [cfg] * len(subjects))
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
+        jobs = (pool.map if pool else map)(_render_subject, subjects, [cfg] * len(subjects))
         rendered = list(tqdm(jobs, total=len(subjects), desc="synthesising subjects", unit="subject", disable=None))
 
     counts: dict[str, int] = {}
@@ -81,18 +82,6 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, workers: int 
               "config": asdict(cfg), "counts": counts}
     (out / SYNTHETIC_MARKER).write_text(json.dumps(marker, indent=2))
     return counts
-
-
-class _Serial:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @staticmethod
-    def map(fn, *iterables):
-        return map(fn, *iterables)
 
 
 def _plan_subjects(cfg: SynthConfig) -> list[_Subject]:
@@ -137,7 +126,6 @@ def _draw_stain(rng: np.random.Generator) -> dict:
         "gain": rng.normal(1.0, 0.07, size=3).clip(0.8, 1.2),
         "brightness": float(rng.normal(1.0, 0.08)),
         "texture": float(rng.normal(1.0, 0.15)),
-        "blur": float(rng.uniform(0.6, 1.4)),
     }
 
 

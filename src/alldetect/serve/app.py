@@ -33,6 +33,7 @@ from ..errors import ImageProblem
 from ..evaluation import subject_level
 from ..export import ONNX_NAME, load_engine
 from ..predict import prepare_crop
+from ..predictions import prediction_records
 from .store import PredictionStore
 from .uploads import Limits, UploadedCell, UploadRejected, expand_uploads
 
@@ -182,16 +183,19 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         rows = store.request(request_id)
         if not rows:
             raise HTTPException(404, f"no request {request_id!r}")
-        names = engine.names
+        nan = float("nan")
+        members = [json.loads(r["member_probs"]) for r in rows]
+        columns, records = prediction_records(
+            [r["file_name"] for r in rows], [""] * len(rows),
+            {engine.method: np.array([nan if r["prob_all"] is None else r["prob_all"] for r in rows])},
+            subjects=[_subject(r["file_name"]) for r in rows], errors=[r["error"] for r in rows],
+            extra={f"prob_{n}": np.array([m.get(n, nan) for m in members]) for n in engine.names})
+        for record, r in zip(records, rows):
+            record["sha256"] = r["sha256"]
         buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "label", "prob_all", "model", "subject", *[f"prob_{n}" for n in names], "sha256",
-                         "error"])
-        for r in rows:
-            probs = json.loads(r["member_probs"])
-            writer.writerow([r["file_name"], "", "" if r["prob_all"] is None else f"{r['prob_all']:.8f}",
-                             engine.method, _subject(r["file_name"]),
-                             *[f"{probs[n]:.8f}" if n in probs else "" for n in names], r["sha256"], r["error"]])
+        writer = csv.DictWriter(buffer, fieldnames=[*columns, "sha256"])
+        writer.writeheader()
+        writer.writerows(records)
         return Response(buffer.getvalue(), media_type="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="alldetect-{request_id}.csv"'})
 

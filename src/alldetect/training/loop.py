@@ -45,7 +45,7 @@ from .schedule import triangular2_lr
 
 logger = logging.getLogger(__name__)
 HISTORY_COLUMNS = ("step", "epoch", "lr", "loss")
-EPOCH_COLUMNS = ("epoch", "step", "val_loss", *[m for m in METRIC_NAMES], "selected")
+EPOCH_COLUMNS = ("epoch", "step", "val_loss", *METRIC_NAMES, "selected")
 
 
 def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
