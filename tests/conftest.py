@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import alldetect._torchvision  # noqa: F401  (before any test imports timm or torchvision)
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 

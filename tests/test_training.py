@@ -172,7 +172,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process(split_manifest, tmp_path):
     one = _weights(tmp_path / "one" / "checkpoints" / "last.pt")
     two = _weights(tmp_path / "two" / "checkpoints" / "last.pt")
     # Gradients agree to float summation order; Adamax turns a near-zero gradient's noise into a step of up
-    # to the learning rate, so a handful of weights may differ by at most the largest lr used.
+    # to the learning rate, so some weights (0.6% with the CPU build of torch 2.13) may differ by at most the
+    # largest lr used. A DDP that does not average gradients moves nearly every weight.
     max_lr = max(float(r["lr"]) for r in _csv(tmp_path / "one" / "history.csv"))
     differing = total = 0
     for k in one:
@@ -180,7 +181,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(split_manifest, tmp_path):
         assert diff.max() <= 2 * max_lr + 1e-6, k
         differing += int((diff > 1e-5 + 1e-3 * one[k].double().abs()).sum())
         total += diff.numel()
-    assert differing / total < 1e-3, f"{differing} of {total} weights differ"  # a broken DDP moves ~all
+    assert differing / total < 0.02, f"{differing} of {total} weights differ"
     assert [r["step"] for r in _csv(tmp_path / "one" / "history.csv")] == \
         [r["step"] for r in _csv(tmp_path / "two" / "history.csv")]
 

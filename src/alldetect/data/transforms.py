@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
+
+from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
+from torchvision.transforms import v2  # noqa: E402
 
 from ..errors import ImageProblem
 

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
+
+from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
+import timm  # noqa: E402
 
 from ..data.transforms import normalize
 from ..errors import AlldetectError
