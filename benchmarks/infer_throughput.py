@@ -4,9 +4,11 @@ Per member and for the whole ensemble, cells per second at 300x300, batch 16, fo
   (a) naive: PyTorch eager, NCHW, fp32, float input normalised outside the model, member by member;
   (b) torch: channels_last, inference_mode, uint8 batch normalised inside the member;
   (c) onnxruntime: each member exported to ONNX (fp32);
-  (d) torch bf16: (b) under bf16 autocast (native on CPUs with AVX-512 BF16 or AMX, and on GPUs).
-Ratios are against (a) measured in the same run. Weights are random: speed does not depend on them.
-With --accuracy ENS_DIR, also the AUC change of bf16 against fp32 on that ensemble's test predictions.
+  (d) torch bf16: (b) under bf16 autocast (native on CPUs with AVX-512 BF16 or AMX, and on GPUs);
+  (e) onnxruntime int8: (c) quantised statically (int8 weights per channel, uint8 activations; VNNI).
+Ratios are against (a) measured in the same run. Weights are random, and (e)'s activation ranges come from
+random pixels: speed depends on neither. With --accuracy ENS_DIR, also the AUC change of bf16 and of int8
+(calibrated on that ensemble's validation cells, as `alldetect export` does) against fp32 on its test split.
 
     python benchmarks/infer_throughput.py [--size 300] [--batch 16] [--repeats 2] [--accuracy runs/demo/ensemble]
 """
@@ -26,6 +28,7 @@ import torch
 from alldetect.data.transforms import normalize
 from alldetect.models import create_member
 from alldetect.models.members import PAPER_MEMBERS
+from alldetect.quantize import quantize_graph
 from alldetect.tables import format_table
 
 warnings.filterwarnings("ignore")
@@ -97,6 +100,10 @@ def main() -> None:
                 feed = {"images": batch_u8.numpy()}
                 fp32 = session(onnx_path)
                 row["onnx"] = args.batch / timed(lambda: fp32.run(None, feed), args.repeats)
+                int8_path = quantize_graph(onnx_path, onnx_path.with_suffix(".int8.onnx"),
+                                           batch_u8[:8].numpy(), batch_size=4)
+                int8 = session(int8_path)
+                row["onnx_int8"] = args.batch / timed(lambda: int8.run(None, feed), args.repeats)
             row["torch_bf16"] = args.batch / timed(lambda: optimised(bf16=True), args.repeats)
             for k, v in row.items():
                 if k != "member":
@@ -111,27 +118,34 @@ def main() -> None:
           f"{os.cpu_count()} CPU threads\n")
     print(format_table(table, markdown=True))
     if args.accuracy:
-        print_bf16_accuracy(args.accuracy, args.device)
+        print_accuracy(args.accuracy, args.device)
 
 
-def print_bf16_accuracy(ens_dir: Path, device: str) -> None:
-    """AUC of the ensemble on its test split with fp32 members vs bf16 members, and the largest change of a
-    cell's P(ALL)."""
+def print_accuracy(ens_dir: Path, device: str) -> None:
+    """AUC of the ensemble on its test split with fp32 members vs bf16 members vs the int8 graph, and the
+    largest change of a cell's P(ALL)."""
     from alldetect.data.cache import load_crops
     from alldetect.ensemble_model import load_ensemble
-    from alldetect.metrics import classification_metrics
+    from alldetect.export import export_onnx, load_onnx_ensemble
+    from alldetect.metrics import roc_auc
     from alldetect.predictions import read_predictions
+    from alldetect.quantize import quantize_ensemble
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_model = load_ensemble(ens_dir, device=device, precision="fp32")
         preds = read_predictions(ens_dir / "predictions_test.csv")[fp32_model.method]
         crops = np.array(load_crops(preds.path, crop=fp32_model.crop, size=fp32_model.input_size,
                                     cache_dir=tmp).images)
-    fp32 = fp32_model.predict(crops)[0]
-    bf16 = load_ensemble(ens_dir, device=device, precision="bf16").predict(crops)[0]
-    auc32, auc16 = (classification_metrics(preds.y, p)["auc"] for p in (fp32, bf16))
-    print(f"\n{fp32_model.method} on the test split of {ens_dir} ({len(crops)} cells): AUC fp32 {auc32:.4f}, "
-          f"bf16 {auc16:.4f}, change {auc16 - auc32:+.4f}; largest |P(ALL) change| {np.abs(bf16 - fp32).max():.4f}")
+        fp32_graph = export_onnx(load_ensemble(ens_dir, device="cpu"), Path(tmp) / "ensemble.onnx")
+        int8_graph = quantize_ensemble(ens_dir, fp32_graph, fp32_model)["path"]
+        probs = {"fp32": fp32_model.predict(crops)[0],
+                 "bf16": load_ensemble(ens_dir, device=device, precision="bf16").predict(crops)[0],
+                 "int8": load_onnx_ensemble(ens_dir, path=int8_graph).predict(crops)[0]}
+    auc = {k: roc_auc(preds.y, p) for k, p in probs.items()}
+    print(f"\n{fp32_model.method} on the test split of {ens_dir} ({len(crops)} cells): AUC fp32 {auc['fp32']:.4f}")
+    for k in ("bf16", "int8"):
+        print(f"  {k}: AUC {auc[k]:.4f}, change {auc[k] - auc['fp32']:+.4f}; "
+              f"largest |P(ALL) change| {np.abs(probs[k] - probs['fp32']).max():.4f}")
 
 
 if __name__ == "__main__":

@@ -40,14 +40,71 @@ def test_onnx_matches_pytorch_within_1e_4(exported):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_auto_engine_picks_the_fastest_accurate_one(exported, ensemble_dir):
+def test_auto_engine_picks_the_fastest_accurate_one(exported, ensemble_dir, tmp_path):
+    from alldetect.ensemble_model import EnsembleModel
     from alldetect.inference import cpu_has_native_bf16
 
-    assert isinstance(load_engine(exported, device="cpu", precision="fp32"), OnnxEnsemble)
-    assert isinstance(load_engine(exported, device="cpu"), OnnxEnsemble) != cpu_has_native_bf16()
+    def engine(ens, **kw):
+        chosen = load_engine(ens, device="cpu", **kw)
+        return type(chosen).__name__, chosen.precision
+
+    assert engine(exported) == ("OnnxEnsemble", "int8")
+    assert engine(exported, engine="onnx") == ("OnnxEnsemble", "int8")
+    assert engine(exported, precision="fp32") == ("OnnxEnsemble", "fp32")
+    assert engine(exported, engine="onnx", precision="fp32") == ("OnnxEnsemble", "fp32")
+    assert engine(exported, precision="bf16") == ("EnsembleModel", "bf16")
+    fp32_only = tmp_path / "fp32-only"
+    shutil.copytree(exported, fp32_only, ignore=shutil.ignore_patterns("*.int8.onnx"))
+    assert isinstance(load_engine(fp32_only, device="cpu"), EnsembleModel) == cpu_has_native_bf16()
     assert not isinstance(load_engine(ensemble_dir, device="cpu"), OnnxEnsemble)
     with pytest.raises(AlldetectError, match="alldetect export"):
         load_engine(ensemble_dir, engine="onnx")
+    with pytest.raises(AlldetectError, match="alldetect export"):
+        load_engine(fp32_only, precision="int8")
+    with pytest.raises(AlldetectError, match="int8 runs on the onnx engine"):
+        load_engine(exported, engine="torch", precision="int8")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_int8_graph_is_quantised_calibrated_on_validation_and_close_to_fp32(exported, monkeypatch):
+    import onnx
+
+    from alldetect.data import cache
+    from alldetect.predictions import read_predictions
+    from alldetect.quantize import validation_crops
+
+    graph = onnx.load(str(exported / "ensemble.int8.onnx"))
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [init for init in graph.graph.initializer if init.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 50  # every conv of MobileNet and DenseNet-121
+    assert {p.key: p.value for p in graph.metadata_props}["alldetect.precision"] == "int8"
+
+    seen: list[str] = []
+    real_load = cache.load_crops
+    monkeypatch.setattr(cache, "load_crops", lambda paths, **kw: seen.extend(paths) or real_load(paths, **kw))
+    crops, labels = validation_crops(exported, crop=64, input_size=None, n=1000, cache_dir=exported / "c")
+    val = set(next(iter(read_predictions(exported / "predictions_val.csv").values())).path)
+    test = set(next(iter(read_predictions(exported / "predictions_test.csv").values())).path)
+    assert set(seen) == val and not set(seen) & test
+    fp32 = load_onnx_ensemble(exported, precision="fp32").predict(crops)[0]
+    int8 = load_onnx_ensemble(exported, precision="int8").predict(crops)[0]
+    assert np.abs(int8 - fp32).mean() < 0.02, np.abs(int8 - fp32).mean()
+
+
+def test_int8_export_needs_its_calibration_cells(exported, tmp_path):
+    from alldetect.quantize import validation_crops
+
+    moved = tmp_path / "moved"
+    shutil.copytree(exported, moved, ignore=shutil.ignore_patterns("*.onnx"))
+    csv = moved / "predictions_val.csv"
+    first_path = csv.read_text().splitlines()[1].split(",")[0]
+    csv.write_text(csv.read_text().replace(first_path, str(tmp_path / "gone.bmp")))
+    with pytest.raises(AlldetectError, match="gone.bmp: validation cell not found.*--calibration"):
+        validation_crops(moved, crop=64, input_size=None, n=1000, cache_dir=tmp_path / "c")
+    r = runner.invoke(app, ["export", str(moved), "--no-int8"])
+    assert r.exit_code == 0, r.output
+    assert (moved / "ensemble.onnx").is_file() and not (moved / "ensemble.int8.onnx").exists()
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -50,6 +50,12 @@ def test_run_end_to_end_then_reuses_every_stage(tiny_demo, tmp_path):
         before[tmp_path / "members" / "mobilenet" / "metrics.json"]
     assert (tmp_path / "ensemble" / "report.md").stat().st_mtime_ns != before[tmp_path / "ensemble" / "report.md"]
 
+    reported = (tmp_path / "ensemble" / "report.md").stat().st_mtime_ns
+    run_pipeline(replace(_cfg(tmp_path), bootstrap=60, export=True))  # one more stage, nothing redone
+    assert json.loads((tmp_path / "stages.json").read_text())["export"]["done"]
+    assert (tmp_path / "ensemble" / "ensemble.int8.onnx").is_file()
+    assert (tmp_path / "ensemble" / "report.md").stat().st_mtime_ns == reported
+
 
 def test_killed_run_resumes_without_losing_finished_work(tmp_path):
     """A real `alldetect run` process, SIGKILLed while training its second member, then rerun."""

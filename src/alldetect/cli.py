@@ -53,7 +53,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log deta
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    for noisy in ("PIL", "matplotlib", "timm", "urllib3", "httpx"):
+    for noisy in ("PIL", "matplotlib", "timm", "urllib3", "httpx", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -173,6 +173,7 @@ class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
+    int8 = "int8"
 
 
 @app.command()
@@ -341,10 +342,11 @@ def predict(
     cam: Annotated[Path | None, typer.Option(help="Write a Grad-CAM overlay of every cell flagged ALL here.")]
     = None,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
-    engine: Annotated[Engine, typer.Option(help="auto: torch in bf16 on a GPU or a CPU with native bf16, else "
-                                                "onnxruntime if exported, else torch.")] = Engine.auto,
-    precision: Annotated[Precision, typer.Option(help="auto: bf16 on GPUs and CPUs with native bf16, else fp32.")]
-    = Precision.auto,
+    engine: Annotated[Engine, typer.Option(help="auto: on a CPU the exported int8 graph, else torch in bf16 on a "
+                                                "CPU with native bf16, else the exported fp32 graph, else torch; "
+                                                "torch in bf16 on a GPU.")] = Engine.auto,
+    precision: Annotated[Precision, typer.Option(help="auto: as the engine's choice; bf16 runs on torch, int8 on "
+                                                      "the exported int8 graph.")] = Precision.auto,
     batch_size: Annotated[int, typer.Option(help="Cells per batch.")] = 32,
 ) -> None:
     """P(ALL) per cell from every member and the ensemble; a patient summary when subjects are known.
@@ -390,14 +392,20 @@ def export(
     method: Annotated[str | None, typer.Option(help="Ensemble method in the graph [default: the ensemble's].")]
     = None,
     input_dtype: Annotated[str, typer.Option(help="uint8 (0-255) or float32 (0-1) NHWC input.")] = "uint8",
+    int8: Annotated[bool, typer.Option(help="Also write a static int8 copy (.int8.onnx), calibrated on "
+                                            "validation cells: the fastest CPU engine.")] = True,
+    calibration: Annotated[list[Path] | None, typer.Option(
+        help="Cell images or folders to calibrate int8 on [default: the ensemble's validation cells].")] = None,
+    calibration_cells: Annotated[int, typer.Option(help="Most cells used for int8 calibration.")] = 128,
 ) -> None:
     """Export every member, its normalisation and the weighted average as one ONNX graph."""
-    from .ensemble_model import load_ensemble
-    from .export import ONNX_NAME, export_onnx
+    from .export import describe_int8, export_ensemble
 
-    model = load_ensemble(ens_dir, method=method, device="cpu")
-    path = export_onnx(model, out or ens_dir / ONNX_NAME, input_dtype=input_dtype)
-    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB)")
+    result = export_ensemble(ens_dir, out=out, method=method, input_dtype=input_dtype, int8=int8,
+                             calibration=calibration, calibration_cells=calibration_cells)
+    typer.echo(f"wrote {result['fp32']} ({result['fp32'].stat().st_size / 1e6:.0f} MB)")
+    if "int8" in result:
+        typer.echo(f"wrote {describe_int8(result['int8'])}")
 
 
 class Target(str, Enum):
@@ -485,6 +493,9 @@ def run(
     batch_size: Annotated[int | None, typer.Option(help="Override the profile's batch size.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the report's CIs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed for data, splits and training.")] = 0,
+    export: Annotated[bool | None, typer.Option(
+        "--export/--no-export", help="Also export the ensemble as ONNX, fp32 and calibrated int8, for fast CPU "
+                                     "prediction [paper profile: yes; demo: no, it adds minutes].")] = None,
     force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,
 ) -> None:
     """Run the whole method: data -> index -> subject split -> five members -> ensembles -> report.
@@ -501,7 +512,7 @@ def run(
     cfg = PipelineConfig(out=str(out), data=str(data) if data else None, profile=profile.value, members=chosen,
                          weights_dir=str(weights_dir) if weights_dir else None, pretrained=pretrained,
                          device=device.value, seed=seed, epochs=epochs, batch_size=batch_size, bootstrap=bootstrap,
-                         force=force)
+                         export=export, force=force)
     report_path = run_pipeline(cfg)
     typer.echo(f"report: {report_path}")
 

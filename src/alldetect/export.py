@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .errors import AlldetectError
 
 logger = logging.getLogger(__name__)
 ONNX_NAME = "ensemble.onnx"
+ONNX_INT8_NAME = "ensemble.int8.onnx"
 _EPS = 1e-7
 
 
@@ -68,18 +70,45 @@ def export_onnx(model: EnsembleModel, out: str | Path, *, input_dtype: str = "ui
     side = model.input_size or model.crop
     example = torch.zeros(2, side, side, 3, dtype=torch.uint8 if input_dtype == "uint8" else torch.float32)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.onnx.export(graph, (example,), dynamo=True, opset_version=opset, input_names=["images"],
-                                output_names=["prob_all", "member_prob_all"], dynamic_shapes=({0: batch},),
-                                verbose=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # inside torch.export
+        program = torch.onnx.export(graph, (example,), dynamo=True, opset_version=opset, input_names=["images"],
+                                    output_names=["prob_all", "member_prob_all"], dynamic_shapes=({0: batch},),
+                                    verbose=False)
     program.save(str(out))
     proto = onnx.load(str(out))
     meta = {"members": json.dumps(model.names), "method": model.method, "crop": str(model.crop),
-            "input_size": str(model.input_size or ""), "input_dtype": input_dtype}
+            "input_size": str(model.input_size or ""), "input_dtype": input_dtype, "precision": "fp32"}
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = f"alldetect.{key}", value
     onnx.save(proto, str(out))
     return out
+
+
+def export_ensemble(ens_dir: str | Path, *, out: str | Path | None = None, method: str | None = None,
+                    input_dtype: str = "uint8", int8: bool = True, calibration: list[Path] | None = None,
+                    calibration_cells: int = 128) -> dict:
+    """Write the fp32 graph (default ``ENS_DIR/ensemble.onnx``) and, with ``int8``, its static int8 copy
+    calibrated on validation cells; returns ``{"fp32": path, "int8": quantize_ensemble's summary}``."""
+    from .ensemble_model import load_ensemble
+    from .quantize import quantize_ensemble
+
+    model = load_ensemble(ens_dir, method=method, device="cpu")
+    path = export_onnx(model, out or Path(ens_dir) / ONNX_NAME, input_dtype=input_dtype)
+    result: dict = {"fp32": path}
+    if int8:
+        result["int8"] = quantize_ensemble(ens_dir, path, model, calibration=calibration, cells=calibration_cells,
+                                           input_dtype=input_dtype)
+    return result
+
+
+def describe_int8(summary: dict) -> str:
+    """One line on the int8 graph: where, calibrated on what, and how far it moves P(ALL) from fp32."""
+    auc = f"; AUC {summary['auc_fp32']:.4f} -> {summary['auc_int8']:.4f}" if summary["auc_fp32"] is not None else ""
+    return (f"{summary['path']} ({summary['path'].stat().st_size / 1e6:.0f} MB), calibrated on {summary['cells']} "
+            f"{summary['source']} cells; on those cells int8 moves P(ALL) by {summary['mean_change']:.4f} on "
+            f"average, {summary['max_change']:.4f} at most{auc}")
 
 
 @dataclass
@@ -92,6 +121,7 @@ class OnnxEnsemble:
     crop: int
     input_size: int | None
     input_dtype: str
+    precision: str = "fp32"  # of the graph: fp32 or int8
 
     def member_probs(self, crops: np.ndarray, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
         out = np.zeros((len(self.names), len(crops)))
@@ -112,12 +142,13 @@ class OnnxEnsemble:
 
 
 def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: str | Path | None = None,
-                       threads: int | None = None) -> OnnxEnsemble:
-    """Open ``ensemble.onnx`` of an ensemble directory; refuse a graph whose members differ from the spec."""
+                       threads: int | None = None, precision: str = "fp32") -> OnnxEnsemble:
+    """Open ``ensemble.onnx`` (or ``ensemble.int8.onnx``) of an ensemble directory; refuse a graph whose
+    members differ from the spec."""
     import onnxruntime as ort
 
     spec = load_ensemble_spec(ens_dir)
-    path = Path(path) if path else Path(ens_dir) / ONNX_NAME
+    path = Path(path) if path else Path(ens_dir) / (ONNX_INT8_NAME if precision == "int8" else ONNX_NAME)
     if not path.is_file():
         raise AlldetectError(f"{path}: not found; create it with `alldetect export {ens_dir}`")
     options = ort.SessionOptions()
@@ -132,22 +163,35 @@ def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: 
     method = method or spec["default_method"]
     input_size = int(meta["alldetect.input_size"]) if meta.get("alldetect.input_size") else None
     return OnnxEnsemble(session, names, method_fit(spec, method), method, int(meta["alldetect.crop"]), input_size,
-                        meta.get("alldetect.input_dtype", "uint8"))
+                        meta.get("alldetect.input_dtype", "uint8"), meta.get("alldetect.precision", "fp32"))
 
 
 def load_engine(ens_dir: str | Path, *, method: str | None = None, device: str = "auto", engine: str = "auto",
                 precision: str = "auto"):
-    """``torch``, ``onnx`` (onnxruntime, fp32), or ``auto``, the fastest accurate engine measured
-    (BENCHMARKS.md): torch with bf16 on a GPU or on a CPU with native bf16; else onnxruntime when the
-    ensemble has been exported; else torch in fp32."""
+    """``torch``, ``onnx`` (onnxruntime), or ``auto``, the fastest accurate engine measured (BENCHMARKS.md):
+    on a CPU the exported int8 graph, else torch in bf16 where the CPU has native bf16, else the exported
+    fp32 graph, else torch in fp32; on a GPU torch in bf16. ``precision`` narrows the choice (auto, fp32,
+    bf16 on torch, int8 on onnx)."""
     from .ensemble_model import load_ensemble
     from .inference import cpu_has_native_bf16, resolve_device
 
     if engine not in ("auto", "onnx", "torch"):
         raise AlldetectError(f"engine must be auto, onnx or torch, not {engine!r}")
+    if precision not in ("auto", "fp32", "bf16", "int8"):
+        raise AlldetectError(f"precision must be auto, fp32, bf16 or int8, not {precision!r}")
+    if (engine, precision) in (("torch", "int8"), ("onnx", "bf16")):
+        raise AlldetectError(f"precision {precision} runs on the {'onnx' if precision == 'int8' else 'torch'} "
+                             f"engine, not {engine}")
+    ens_dir = Path(ens_dir)
     on_cpu = resolve_device(device).type == "cpu"
-    exported = (Path(ens_dir) / ONNX_NAME).is_file()
-    bf16 = precision != "fp32" and (not on_cpu or cpu_has_native_bf16())
-    if engine == "onnx" or (engine == "auto" and on_cpu and exported and not bf16):
-        return load_onnx_ensemble(ens_dir, method=method)
+    has_int8, has_fp32 = (ens_dir / ONNX_INT8_NAME).is_file(), (ens_dir / ONNX_NAME).is_file()
+    if engine == "onnx" or precision == "int8":
+        int8 = precision == "int8" or (precision == "auto" and has_int8)
+        return load_onnx_ensemble(ens_dir, method=method, precision="int8" if int8 else "fp32")
+    if engine == "auto" and on_cpu:
+        if has_int8 and precision == "auto":
+            return load_onnx_ensemble(ens_dir, method=method, precision="int8")
+        bf16 = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
+        if has_fp32 and not bf16:
+            return load_onnx_ensemble(ens_dir, method=method)
     return load_ensemble(ens_dir, method=method, device=device, precision=precision)

@@ -1,6 +1,7 @@
 """``alldetect run``: the whole method in one command, as cached, resumable stages.
 
     (synthetic data) -> index -> subject split -> train each member -> ensemble -> Grad-CAM grid -> report
+    -> (ONNX export, fp32 and int8: the paper profile, or asked for)
 
 Each stage records the key of its inputs and config in ``<out>/stages.json``; a rerun skips stages whose key
 and outputs are unchanged, resumes a member whose training was interrupted, and redoes a stage (and what
@@ -26,6 +27,7 @@ from .data.problems import write_problems
 from .data.split import paper_split, subject_split
 from .data.synth import SynthConfig, generate
 from .ensemble_dir import build_ensemble_dir
+from .export import ONNX_INT8_NAME, ONNX_NAME, describe_int8, export_ensemble
 from .models.members import PAPER_MEMBERS
 from .predictions import read_predictions
 from .report import make_report
@@ -53,6 +55,7 @@ class PipelineConfig:
     epochs: int | None = None
     batch_size: int | None = None
     bootstrap: int = 1000
+    export: bool | None = None               # None: the paper profile exports, the demo does not
     force: bool = False
 
 
@@ -101,6 +104,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                   lambda status: _explain_examples(ens_dir, cfg.device)))
     steps.append(("report", {"bootstrap": cfg.bootstrap, "seed": cfg.seed}, [ens_dir / "report.md"],
                   lambda status: make_report(ens_dir, n_boot=cfg.bootstrap, seed=cfg.seed)))
+    if cfg.export if cfg.export is not None else cfg.profile == "paper":
+        steps.append(("export", {"int8": True}, [ens_dir / ONNX_NAME, ens_dir / ONNX_INT8_NAME],
+                      lambda status: _export(ens_dir)))
 
     upstream = ""
     with logging_redirect_tqdm(), tqdm(total=len(steps), desc="alldetect run", unit="stage", position=0,
@@ -157,6 +163,11 @@ def _index_and_split(data_dir: Path, manifest: Path, seed: int) -> None:
         rows = subject_split(rows, val_fraction=0.2, test_fraction=0.2, seed=seed)
     write_manifest(rows, manifest)
     logger.info("manifest: %s (%d images)", manifest, len(rows))
+
+
+def _export(ens_dir: Path) -> None:
+    result = export_ensemble(ens_dir)
+    logger.info("wrote %s and %s", result["fp32"], describe_int8(result["int8"]))
 
 
 def _explain_examples(ens_dir: Path, device: str) -> None:

@@ -1,0 +1,140 @@
+"""Static int8 quantisation of the exported ensemble graph, calibrated on validation cells.
+
+Weights become int8 per output channel, activations uint8 with ranges taken from the members' own
+activations on validation crops (never test cells: the test split stays untouched for evaluation).
+Each member's softmax and the combiner stay in float. On CPUs with AVX-512 VNNI, onnxruntime runs the
+int8 graph several times faster than fp32 (BENCHMARKS.md); ``alldetect export`` reports how far its
+probabilities move from the fp32 graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AlldetectError
+
+logger = logging.getLogger(__name__)
+
+
+def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarray, *,
+                   input_dtype: str = "uint8", batch_size: int = 4) -> Path:
+    """Write a static int8 (QDQ) copy of the ONNX graph at ``fp32_path``, calibrated on ``calibration``,
+    uint8 crops (N, S, S, 3) fed through the graph's ``images`` input."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(calibration) == 0:
+        raise AlldetectError("int8 calibration needs at least one cell")
+    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+    if input_dtype == "float32":
+        batches = [b.astype(np.float32) / 255 for b in batches]
+
+    class Cells(CalibrationDataReader):
+        """Batch by batch: with a stride of one batch, onnxruntime merges each batch's ranges and drops its
+        activations, so memory stays at one batch's worth whatever the number of cells."""
+
+        def __init__(self):
+            self.set_range(0, len(batches))
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._feeds = iter({"images": np.ascontiguousarray(b)} for b in batches[start_index:end_index])
+
+        def get_next(self) -> dict | None:
+            return next(self._feeds, None)
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out), Cells(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"CalibStridedMinMax": 1})
+    _copy_metadata(fp32_path, out, precision="int8")
+    return out
+
+
+def _copy_metadata(source: str | Path, target: Path, *, precision: str) -> None:
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    meta["alldetect.precision"] = precision
+    proto = onnx.load(str(target))
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(target))
+
+
+def calibration_sample(paths: list[str], labels: np.ndarray, n: int, *, seed: int = 0) -> list[str]:
+    """Up to ``n`` paths, both classes in their proportions, drawn with a fixed seed.
+
+    >>> calibration_sample(["a", "b", "c", "d"], np.array([1, 1, 0, 0]), 2)
+    ['b', 'd']
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    if len(paths) <= n:
+        return list(paths)
+    chosen: list[int] = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        take = max(1, round(n * len(members) / len(labels)))
+        chosen.extend(rng.choice(members, size=min(take, len(members)), replace=False).tolist())
+    return [paths[i] for i in sorted(chosen)[:n]]
+
+
+def validation_crops(ens_dir: str | Path, *, crop: int, input_size: int | None, n: int,
+                     cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Crops and labels of up to ``n`` of the ensemble's validation cells (``predictions_val.csv``)."""
+    from .data.cache import load_crops
+    from .predictions import read_predictions
+
+    csv = Path(ens_dir) / "predictions_val.csv"
+    if not csv.is_file():
+        raise AlldetectError(f"{csv}: not found; int8 calibration uses the ensemble's validation cells "
+                             "(pass --calibration with cell images, or --no-int8)")
+    val = next(iter(read_predictions(csv).values()))
+    paths = calibration_sample(val.path, val.y, n)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise AlldetectError(f"{missing[0]}: validation cell not found ({len(missing)} of {len(paths)} missing); "
+                             "pass --calibration with cell images, or --no-int8")
+    cache = load_crops(paths, crop=crop, size=input_size, cache_dir=cache_dir)
+    labels = np.asarray([val.y[val.path.index(p)] for p in paths])
+    usable = cache.usable
+    return np.asarray(cache.images)[usable], labels[usable]
+
+
+def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, *, calibration: list[Path] | None = None,
+                      cells: int = 128, input_dtype: str = "uint8") -> dict:
+    """Write ``<fp32 graph>.int8.onnx`` calibrated on ``calibration`` images (default: the ensemble's
+    validation cells) and measure how far int8 moves P(ALL) from fp32 on those cells."""
+    from .export import load_onnx_ensemble
+    from .metrics import roc_auc
+    from .predict import collect_inputs, load_crops_for
+
+    fp32_path = Path(fp32_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        if calibration:
+            crops, _ = load_crops_for(model, collect_inputs(calibration).rows[:cells], {})
+            labels, source = None, "given"
+        else:
+            crops, labels = validation_crops(ens_dir, crop=model.crop, input_size=model.input_size, n=cells,
+                                             cache_dir=tmp)
+            source = "validation"
+    out = quantize_graph(fp32_path, fp32_path.with_suffix(".int8.onnx"), crops, input_dtype=input_dtype)
+    fp32 = load_onnx_ensemble(ens_dir, method=model.method, path=fp32_path).predict(crops)[0]
+    int8 = load_onnx_ensemble(ens_dir, method=model.method, path=out).predict(crops)[0]
+    both_classes = labels is not None and len(set(labels.tolist())) == 2
+    return {"path": out, "cells": len(crops), "source": source, "mean_change": float(np.abs(int8 - fp32).mean()),
+            "max_change": float(np.abs(int8 - fp32).max()),
+            "auc_fp32": roc_auc(labels, fp32) if both_classes else None,
+            "auc_int8": roc_auc(labels, int8) if both_classes else None}
