@@ -6,6 +6,8 @@ Per member and for the whole ensemble, cells per second at 300x300, batch 16, fo
   (c) onnxruntime: each member exported to ONNX (fp32);
   (d) torch bf16: (b) under bf16 autocast (native on CPUs with AVX-512 BF16 or AMX, and on GPUs);
   (e) onnxruntime int8: (c) quantised statically (int8 weights per channel, uint8 activations; VNNI).
+Then the engines `alldetect predict` ships, each running the whole ensemble as it does on a batch of crops:
+torch with bf16 (EnsembleModel), the exported fp32 graph and its int8 copy (OnnxEnsemble).
 Ratios are against (a) measured in the same run. Weights are random, and (e)'s activation ranges come from
 random pixels: speed depends on neither. With --accuracy ENS_DIR, also the AUC change of bf16 and of int8
 (calibrated on that ensemble's validation cells, as `alldetect export` does) against fp32 on its test split.
@@ -117,8 +119,33 @@ def main() -> None:
     print(f"\n{args.size}x{args.size}, batch {args.batch}, device {device}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPU threads\n")
     print(format_table(table, markdown=True))
+    shipped = shipped_engines(args.members.split(","), args.size, args.batch, args.repeats)
+    naive = rows[-1]["naive"]
+    print(f"\nShipped engines, whole ensemble in one call (naive (a) above: {naive:.2f} cells/s)\n")
+    print(format_table([{"engine": k, "cells/s": f"{v:.2f}", "/ naive": f"{v / naive:.2f}x"}
+                        for k, v in shipped.items()], markdown=True))
     if args.accuracy:
         print_accuracy(args.accuracy, args.device)
+
+
+def shipped_engines(members: list[str], size: int, batch: int, repeats: int) -> dict[str, float]:
+    """Cells/s of EnsembleModel (torch, bf16) and OnnxEnsemble (fp32 and int8 graphs) on NHWC uint8 crops."""
+    from alldetect.ensemble import EnsembleFit
+    from alldetect.ensemble_model import EnsembleModel
+    from alldetect.export import OnnxEnsemble, export_onnx
+
+    crops = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    nets = [create_member(name).eval().to(memory_format=torch.channels_last) for name in members]
+    sap = EnsembleFit("sap", weights=[1.0] * len(nets))
+    model = EnsembleModel(nets, sap, "sap", size, None, {}, torch.device("cpu"), "bf16")
+    out = {"torch bf16": batch / timed(lambda: model.predict(crops), repeats)}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = export_onnx(model, Path(tmp) / "ensemble.onnx")
+        int8_path = quantize_graph(fp32_path, Path(tmp) / "ensemble.int8.onnx", crops[:8])
+        for name, path in (("onnx fp32", fp32_path), ("onnx int8", int8_path)):
+            engine = OnnxEnsemble(session(path), members, sap, "sap", size, None, "uint8")
+            out[name] = batch / timed(lambda: engine.predict(crops), repeats)
+    return out
 
 
 def print_accuracy(ens_dir: Path, device: str) -> None:

@@ -55,9 +55,31 @@ def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarr
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out), Cells(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        extra_options={"CalibStridedMinMax": 1})
+                        nodes_to_exclude=_softmax_and_after(prepared),
+                        extra_options={"CalibStridedMinMax": 1, "QDQOpTypePerChannelSupportToAxis": {
+                            "BatchNormalization": 0}})  # its scale is one value per channel
     _copy_metadata(fp32_path, out, precision="int8")
     return out
+
+
+def _softmax_and_after(path: Path) -> list[str]:
+    """Names of the members' softmax nodes and of every node fed by them: probabilities and the combiner
+    keep float precision (uint8 would round P(ALL) to steps of 1/255)."""
+    import onnx
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    frontier = [node for node in nodes if node.op_type == "Softmax"]
+    seen: set[str] = set()
+    while frontier:
+        node = frontier.pop()
+        if node.name not in seen:
+            seen.add(node.name)
+            frontier.extend(c for out in node.output for c in consumers.get(out, []))
+    return sorted(seen)
 
 
 def _copy_metadata(source: str | Path, target: Path, *, precision: str) -> None:
