@@ -136,3 +136,30 @@ def test_the_web_app_serves_the_onnx_graph_when_exported(exported, ensemble_dir,
 
     assert engine_of(exported) == "OnnxEnsemble"
     assert engine_of(ensemble_dir) == "EnsembleModel"
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_member_that_int8_moves_too_far_stays_fp32(exported, tmp_path):
+    import onnx
+
+    from alldetect.quantize import quantize_ensemble, validation_crops
+
+    ens = tmp_path / "ens"
+    shutil.copytree(exported, ens, ignore=shutil.ignore_patterns("*.int8.onnx"))
+    model = load_ensemble(ens, device="cpu", precision="fp32")
+    crops, _ = validation_crops(ens, crop=model.crop, input_size=model.input_size, n=128, cache_dir=tmp_path)
+    fp32 = load_onnx_ensemble(ens, precision="fp32").member_probs(crops)
+    drift = np.abs(load_onnx_ensemble(exported, precision="int8").member_probs(crops) - fp32).mean(axis=1)
+    worst = int(np.argmax(drift))
+    summary = quantize_ensemble(ens, ens / "ensemble.onnx", model, tolerance=float(drift.mean()))
+    assert summary["float_members"] == [model.names[worst]]
+    int8 = load_onnx_ensemble(ens, precision="int8").member_probs(crops)
+    np.testing.assert_allclose(int8[worst], fp32[worst], atol=1e-5)  # untouched
+    assert np.abs(int8[1 - worst] - fp32[1 - worst]).mean() > 0  # quantised
+    graph = onnx.load(str(ens / "ensemble.int8.onnx"))
+    quantised = {init.name.split(".")[1] for init in graph.graph.initializer
+                 if init.data_type == onnx.TensorProto.INT8 and init.name.startswith("members.")}
+    assert quantised == {str(1 - worst)}
+
+    assert quantize_ensemble(ens, ens / "ensemble.onnx", model, tolerance=0.0) is None
+    assert not (ens / "ensemble.int8.onnx").exists()

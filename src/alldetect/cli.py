@@ -397,15 +397,18 @@ def export(
     calibration: Annotated[list[Path] | None, typer.Option(
         help="Cell images or folders to calibrate int8 on [default: the ensemble's validation cells].")] = None,
     calibration_cells: Annotated[int, typer.Option(help="Most cells used for int8 calibration.")] = 128,
+    int8_tolerance: Annotated[float, typer.Option(help="A member whose P(ALL) int8 moves by more than this on "
+                                                       "average over the calibration cells stays fp32.")] = 0.05,
 ) -> None:
     """Export every member, its normalisation and the weighted average as one ONNX graph."""
     from .export import describe_int8, export_ensemble
 
     result = export_ensemble(ens_dir, out=out, method=method, input_dtype=input_dtype, int8=int8,
-                             calibration=calibration, calibration_cells=calibration_cells)
+                             calibration=calibration, calibration_cells=calibration_cells,
+                             int8_tolerance=int8_tolerance)
     typer.echo(f"wrote {result['fp32']} ({result['fp32'].stat().st_size / 1e6:.0f} MB)")
     if "int8" in result:
-        typer.echo(f"wrote {describe_int8(result['int8'])}")
+        typer.echo(f"wrote {describe_int8(result['int8'])}" if result["int8"] else describe_int8(None))
 
 
 class Target(str, Enum):
@@ -453,8 +456,8 @@ def serve(
     max_files: Annotated[int, typer.Option(help="Most cells per request (zip entries included).")] = 500,
     device: Annotated[Device, typer.Option(help="Where to run the models.")] = Device.auto,
     engine: Annotated[Engine | None, typer.Option(
-        help="Default: the exported ONNX graph (`alldetect export`) when there is one, else as auto. auto: torch "
-             "in bf16 on a GPU or a CPU with native bf16, else onnxruntime if exported, else torch.")] = None,
+        help="Default: the exported ONNX graph (`alldetect export`, int8 if written) when there is one, "
+             "else as auto. auto: as `predict --engine auto`.")] = None,
 ) -> None:
     """A web page and JSON API for the lab: upload cells, see calls, Grad-CAM and a patient summary."""
     import uvicorn

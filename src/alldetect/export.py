@@ -88,27 +88,31 @@ def export_onnx(model: EnsembleModel, out: str | Path, *, input_dtype: str = "ui
 
 def export_ensemble(ens_dir: str | Path, *, out: str | Path | None = None, method: str | None = None,
                     input_dtype: str = "uint8", int8: bool = True, calibration: list[Path] | None = None,
-                    calibration_cells: int = 128) -> dict:
+                    calibration_cells: int = 128, int8_tolerance: float | None = None) -> dict:
     """Write the fp32 graph (default ``ENS_DIR/ensemble.onnx``) and, with ``int8``, its static int8 copy
-    calibrated on validation cells; returns ``{"fp32": path, "int8": quantize_ensemble's summary}``."""
+    calibrated on validation cells; returns ``{"fp32": path, "int8": quantize_ensemble's summary or None}``."""
     from .ensemble_model import load_ensemble
-    from .quantize import quantize_ensemble
+    from .quantize import TOLERANCE, quantize_ensemble
 
     model = load_ensemble(ens_dir, method=method, device="cpu")
     path = export_onnx(model, out or Path(ens_dir) / ONNX_NAME, input_dtype=input_dtype)
     result: dict = {"fp32": path}
     if int8:
+        tolerance = TOLERANCE if int8_tolerance is None else int8_tolerance
         result["int8"] = quantize_ensemble(ens_dir, path, model, calibration=calibration, cells=calibration_cells,
-                                           input_dtype=input_dtype)
+                                           input_dtype=input_dtype, tolerance=tolerance)
     return result
 
 
-def describe_int8(summary: dict) -> str:
+def describe_int8(summary: dict | None) -> str:
     """One line on the int8 graph: where, calibrated on what, and how far it moves P(ALL) from fp32."""
+    if summary is None:
+        return "no int8 graph: int8 moved every member's P(ALL) beyond the tolerance"
     auc = f"; AUC {summary['auc_fp32']:.4f} -> {summary['auc_int8']:.4f}" if summary["auc_fp32"] is not None else ""
+    kept = f"; kept fp32: {', '.join(summary['float_members'])}" if summary["float_members"] else ""
     return (f"{summary['path']} ({summary['path'].stat().st_size / 1e6:.0f} MB), calibrated on {summary['cells']} "
-            f"{summary['source']} cells; on those cells int8 moves P(ALL) by {summary['mean_change']:.4f} on "
-            f"average, {summary['max_change']:.4f} at most{auc}")
+            f"{summary['source']} cells; on those cells int8 moves the ensemble's P(ALL) by "
+            f"{summary['mean_change']:.4f} on average, {summary['max_change']:.4f} at most{auc}{kept}")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .data.problems import write_problems
 from .data.split import paper_split, subject_split
 from .data.synth import SynthConfig, generate
 from .ensemble_dir import build_ensemble_dir
-from .export import ONNX_INT8_NAME, ONNX_NAME, describe_int8, export_ensemble
+from .export import ONNX_NAME, describe_int8, export_ensemble
 from .models.members import PAPER_MEMBERS
 from .predictions import read_predictions
 from .report import make_report
@@ -105,7 +105,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     steps.append(("report", {"bootstrap": cfg.bootstrap, "seed": cfg.seed}, [ens_dir / "report.md"],
                   lambda status: make_report(ens_dir, n_boot=cfg.bootstrap, seed=cfg.seed)))
     if cfg.export if cfg.export is not None else cfg.profile == "paper":
-        steps.append(("export", {"int8": True}, [ens_dir / ONNX_NAME, ens_dir / ONNX_INT8_NAME],
+        steps.append(("export", {"int8": True}, [ens_dir / ONNX_NAME],
                       lambda status: _export(ens_dir)))
 
     upstream = ""

@@ -2,13 +2,15 @@
 
 Weights become int8 per output channel, activations uint8 with ranges taken from the members' own
 activations on validation crops (never test cells: the test split stays untouched for evaluation).
-Each member's softmax and the combiner stay in float. On CPUs with AVX-512 VNNI, onnxruntime runs the
-int8 graph several times faster than fp32 (BENCHMARKS.md); ``alldetect export`` reports how far its
-probabilities move from the fp32 graph.
+Each member's softmax and the combiner stay in float, and so does a member whose probabilities int8 moves
+too far on those cells (some networks are far more sensitive than others). On CPUs with AVX-512 VNNI,
+onnxruntime runs the int8 graph several times faster than fp32 (BENCHMARKS.md); ``alldetect export``
+reports how far its probabilities move from the fp32 graph.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -18,12 +20,14 @@ import numpy as np
 from .errors import AlldetectError
 
 logger = logging.getLogger(__name__)
+TOLERANCE = 0.05  # largest mean change of a member's P(ALL), int8 against fp32, on the calibration cells
 
 
 def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarray, *,
-                   input_dtype: str = "uint8", batch_size: int = 4) -> Path:
+                   input_dtype: str = "uint8", batch_size: int = 4, float_members: list[int] = ()) -> Path:
     """Write a static int8 (QDQ) copy of the ONNX graph at ``fp32_path``, calibrated on ``calibration``,
-    uint8 crops (N, S, S, 3) fed through the graph's ``images`` input."""
+    uint8 crops (N, S, S, 3) fed through the graph's ``images`` input. Members (by position) listed in
+    ``float_members`` stay fp32."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -55,38 +59,55 @@ def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarr
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out), Cells(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=_softmax_and_after(prepared),
+                        nodes_to_exclude=_float_nodes(prepared, float_members),
                         extra_options={"CalibStridedMinMax": 1, "QDQOpTypePerChannelSupportToAxis": {
                             "BatchNormalization": 0}})  # its scale is one value per channel
-    _copy_metadata(fp32_path, out, precision="int8")
+    _copy_metadata(fp32_path, out, precision="int8", float_members=list(float_members))
     return out
 
 
-def _softmax_and_after(path: Path) -> list[str]:
-    """Names of the members' softmax nodes and of every node fed by them: probabilities and the combiner
-    keep float precision (uint8 would round P(ALL) to steps of 1/255)."""
+def _float_nodes(path: Path, float_members: list[int]) -> list[str]:
+    """Names of the nodes that stay float: each member's softmax and every node it feeds (probabilities and
+    the combiner: uint8 would round P(ALL) to steps of 1/255), and every node of the ``float_members``."""
     import onnx
 
     nodes = onnx.load(str(path), load_external_data=False).graph.node
     consumers: dict[str, list] = {}
+    producer = {out: node for node in nodes for out in node.output}
     for node in nodes:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    frontier = [node for node in nodes if node.op_type == "Softmax"]
-    seen: set[str] = set()
+    softmaxes = [_softmax_behind(producer, name) for name in producer["member_prob_all"].input]  # member order
+    keep = _reachable(softmaxes, lambda node: (c for out in node.output for c in consumers.get(out, [])))
+    keep |= _reachable([softmaxes[k] for k in float_members],
+                       lambda node: (producer[i] for i in node.input if i in producer))
+    return sorted(keep)
+
+
+def _softmax_behind(producer: dict, tensor: str):
+    """The softmax node a member's column of ``member_prob_all`` comes from (through Gather, Unsqueeze)."""
+    node = producer[tensor]
+    while node.op_type != "Softmax":
+        node = producer[next(i for i in node.input if i in producer)]
+    return node
+
+
+def _reachable(start: list, neighbours) -> set[str]:
+    frontier, seen = list(start), set()
     while frontier:
         node = frontier.pop()
         if node.name not in seen:
             seen.add(node.name)
-            frontier.extend(c for out in node.output for c in consumers.get(out, []))
-    return sorted(seen)
+            frontier.extend(neighbours(node))
+    return seen
 
 
-def _copy_metadata(source: str | Path, target: Path, *, precision: str) -> None:
+def _copy_metadata(source: str | Path, target: Path, *, precision: str, float_members: list[int]) -> None:
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
     meta["alldetect.precision"] = precision
+    meta["alldetect.float_members"] = json.dumps(float_members)
     proto = onnx.load(str(target))
     del proto.metadata_props[:]
     for key, value in meta.items():
@@ -136,9 +157,11 @@ def validation_crops(ens_dir: str | Path, *, crop: int, input_size: int | None, 
 
 
 def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, *, calibration: list[Path] | None = None,
-                      cells: int = 128, input_dtype: str = "uint8") -> dict:
+                      cells: int = 128, input_dtype: str = "uint8", tolerance: float = TOLERANCE) -> dict | None:
     """Write ``<fp32 graph>.int8.onnx`` calibrated on ``calibration`` images (default: the ensemble's
-    validation cells) and measure how far int8 moves P(ALL) from fp32 on those cells."""
+    validation cells). A member whose P(ALL) int8 moves by more than ``tolerance`` on average over those
+    cells stays fp32 in that graph; when that is every member, no int8 graph is written (returns None).
+    Returns where it went and how far int8 moves the ensemble's P(ALL) on those cells."""
     from .export import load_onnx_ensemble
     from .metrics import roc_auc
     from .predict import collect_inputs, load_crops_for
@@ -152,11 +175,27 @@ def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, *, cali
             crops, labels = validation_crops(ens_dir, crop=model.crop, input_size=model.input_size, n=cells,
                                              cache_dir=tmp)
             source = "validation"
-    out = quantize_graph(fp32_path, fp32_path.with_suffix(".int8.onnx"), crops, input_dtype=input_dtype)
-    fp32 = load_onnx_ensemble(ens_dir, method=model.method, path=fp32_path).predict(crops)[0]
-    int8 = load_onnx_ensemble(ens_dir, method=model.method, path=out).predict(crops)[0]
+    out = fp32_path.with_suffix(".int8.onnx")
+    fp32 = load_onnx_ensemble(ens_dir, method=model.method, path=fp32_path).member_probs(crops)
+    float_members: list[int] = []
+    while True:
+        quantize_graph(fp32_path, out, crops, input_dtype=input_dtype, float_members=float_members)
+        int8 = load_onnx_ensemble(ens_dir, method=model.method, path=out).member_probs(crops)
+        drift = np.abs(int8 - fp32).mean(axis=1)
+        too_far = [k for k in np.flatnonzero(drift > tolerance).tolist() if k not in float_members]
+        if not too_far:
+            break
+        for k in too_far:
+            logger.warning("%s: int8 moves its P(ALL) by %.3f on average over %d %s cells (tolerance %.3f); "
+                           "it stays fp32", model.names[k], drift[k], len(crops), source, tolerance)
+        float_members += too_far
+        if len(float_members) == len(model.names):
+            out.unlink()
+            return None
+    ens32, ens8 = model.combiner.apply(fp32), model.combiner.apply(int8)
     both_classes = labels is not None and len(set(labels.tolist())) == 2
-    return {"path": out, "cells": len(crops), "source": source, "mean_change": float(np.abs(int8 - fp32).mean()),
-            "max_change": float(np.abs(int8 - fp32).max()),
-            "auc_fp32": roc_auc(labels, fp32) if both_classes else None,
-            "auc_int8": roc_auc(labels, int8) if both_classes else None}
+    return {"path": out, "cells": len(crops), "source": source,
+            "float_members": [model.names[k] for k in float_members],
+            "mean_change": float(np.abs(ens8 - ens32).mean()), "max_change": float(np.abs(ens8 - ens32).max()),
+            "auc_fp32": roc_auc(labels, ens32) if both_classes else None,
+            "auc_int8": roc_auc(labels, ens8) if both_classes else None}
