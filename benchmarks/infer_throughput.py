@@ -156,7 +156,7 @@ def print_accuracy(ens_dir: Path, device: str) -> None:
     from alldetect.export import export_onnx, load_onnx_ensemble
     from alldetect.metrics import roc_auc
     from alldetect.predictions import read_predictions
-    from alldetect.quantize import quantize_ensemble
+    from alldetect.quantize import calibration_crops, quantize_ensemble
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_model = load_ensemble(ens_dir, device=device, precision="fp32")
@@ -164,7 +164,8 @@ def print_accuracy(ens_dir: Path, device: str) -> None:
         crops = np.array(load_crops(preds.path, crop=fp32_model.crop, size=fp32_model.input_size,
                                     cache_dir=tmp).images)
         fp32_graph = export_onnx(load_ensemble(ens_dir, device="cpu"), Path(tmp) / "ensemble.onnx")
-        int8_graph = quantize_ensemble(ens_dir, fp32_graph, fp32_model)["path"]
+        crops_val, labels_val, _ = calibration_crops(ens_dir, fp32_model)
+        int8_graph = quantize_ensemble(ens_dir, fp32_graph, fp32_model, crops_val, labels_val)["path"]
         probs = {"fp32": fp32_model.predict(crops)[0],
                  "bf16": load_ensemble(ens_dir, device=device, precision="bf16").predict(crops)[0],
                  "int8": load_onnx_ensemble(ens_dir, path=int8_graph).predict(crops)[0]}

@@ -102,6 +102,9 @@ def test_int8_export_needs_its_calibration_cells(exported, tmp_path):
     csv.write_text(csv.read_text().replace(first_path, str(tmp_path / "gone.bmp")))
     with pytest.raises(AlldetectError, match="gone.bmp: validation cell not found.*--calibration"):
         validation_crops(moved, crop=64, input_size=None, n=1000, cache_dir=tmp_path / "c")
+    r = runner.invoke(app, ["export", str(moved)])
+    assert r.exit_code != 0 and "gone.bmp: validation cell not found" in r.output
+    assert not (moved / "ensemble.onnx").exists()  # checked before the export
     r = runner.invoke(app, ["export", str(moved), "--no-int8"])
     assert r.exit_code == 0, r.output
     assert (moved / "ensemble.onnx").is_file() and not (moved / "ensemble.int8.onnx").exists()
@@ -147,11 +150,11 @@ def test_a_member_that_int8_moves_too_far_stays_fp32(exported, tmp_path):
     ens = tmp_path / "ens"
     shutil.copytree(exported, ens, ignore=shutil.ignore_patterns("*.int8.onnx"))
     model = load_ensemble(ens, device="cpu", precision="fp32")
-    crops, _ = validation_crops(ens, crop=model.crop, input_size=model.input_size, n=128, cache_dir=tmp_path)
+    crops, labels = validation_crops(ens, crop=model.crop, input_size=model.input_size, n=128, cache_dir=tmp_path)
     fp32 = load_onnx_ensemble(ens, precision="fp32").member_probs(crops)
     drift = np.abs(load_onnx_ensemble(exported, precision="int8").member_probs(crops) - fp32).mean(axis=1)
     worst = int(np.argmax(drift))
-    summary = quantize_ensemble(ens, ens / "ensemble.onnx", model, tolerance=float(drift.mean()))
+    summary = quantize_ensemble(ens, ens / "ensemble.onnx", model, crops, labels, tolerance=float(drift.mean()))
     assert summary["float_members"] == [model.names[worst]]
     int8 = load_onnx_ensemble(ens, precision="int8").member_probs(crops)
     np.testing.assert_allclose(int8[worst], fp32[worst], atol=1e-5)  # untouched
@@ -161,5 +164,5 @@ def test_a_member_that_int8_moves_too_far_stays_fp32(exported, tmp_path):
                  if init.data_type == onnx.TensorProto.INT8 and init.name.startswith("members.")}
     assert quantised == {str(1 - worst)}
 
-    assert quantize_ensemble(ens, ens / "ensemble.onnx", model, tolerance=0.0) is None
+    assert quantize_ensemble(ens, ens / "ensemble.onnx", model, crops, tolerance=0.0) is None
     assert not (ens / "ensemble.int8.onnx").exists()

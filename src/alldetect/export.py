@@ -92,14 +92,16 @@ def export_ensemble(ens_dir: str | Path, *, out: str | Path | None = None, metho
     """Write the fp32 graph (default ``ENS_DIR/ensemble.onnx``) and, with ``int8``, its static int8 copy
     calibrated on validation cells; returns ``{"fp32": path, "int8": quantize_ensemble's summary or None}``."""
     from .ensemble_model import load_ensemble
-    from .quantize import TOLERANCE, quantize_ensemble
+    from .quantize import TOLERANCE, calibration_crops, quantize_ensemble
 
     model = load_ensemble(ens_dir, method=method, device="cpu")
+    if int8:  # before the export, so that missing calibration cells fail at once
+        crops, labels, source = calibration_crops(ens_dir, model, calibration=calibration, cells=calibration_cells)
     path = export_onnx(model, out or Path(ens_dir) / ONNX_NAME, input_dtype=input_dtype)
     result: dict = {"fp32": path}
     if int8:
         tolerance = TOLERANCE if int8_tolerance is None else int8_tolerance
-        result["int8"] = quantize_ensemble(ens_dir, path, model, calibration=calibration, cells=calibration_cells,
+        result["int8"] = quantize_ensemble(ens_dir, path, model, crops, labels, source=source,
                                            input_dtype=input_dtype, tolerance=tolerance)
     return result
 

@@ -156,25 +156,32 @@ def validation_crops(ens_dir: str | Path, *, crop: int, input_size: int | None, 
     return np.asarray(cache.images)[usable], labels[usable]
 
 
-def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, *, calibration: list[Path] | None = None,
-                      cells: int = 128, input_dtype: str = "uint8", tolerance: float = TOLERANCE) -> dict | None:
-    """Write ``<fp32 graph>.int8.onnx`` calibrated on ``calibration`` images (default: the ensemble's
-    validation cells). A member whose P(ALL) int8 moves by more than ``tolerance`` on average over those
-    cells stays fp32 in that graph; when that is every member, no int8 graph is written (returns None).
-    Returns where it went and how far int8 moves the ensemble's P(ALL) on those cells."""
-    from .export import load_onnx_ensemble
-    from .metrics import roc_auc
+def calibration_crops(ens_dir: str | Path, model, *, calibration: list[Path] | None = None,
+                      cells: int = 128) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Crops to calibrate int8 on, their labels (None for given images) and where they came from: up to
+    ``cells`` of ``calibration`` images, or by default of the ensemble's validation cells."""
     from .predict import collect_inputs, load_crops_for
 
-    fp32_path = Path(fp32_path)
+    if calibration:
+        crops, _ = load_crops_for(model, collect_inputs(calibration).rows[:cells], {})
+        return crops, None, "given"
     with tempfile.TemporaryDirectory() as tmp:
-        if calibration:
-            crops, _ = load_crops_for(model, collect_inputs(calibration).rows[:cells], {})
-            labels, source = None, "given"
-        else:
-            crops, labels = validation_crops(ens_dir, crop=model.crop, input_size=model.input_size, n=cells,
-                                             cache_dir=tmp)
-            source = "validation"
+        crops, labels = validation_crops(ens_dir, crop=model.crop, input_size=model.input_size, n=cells,
+                                         cache_dir=tmp)
+    return crops, labels, "validation"
+
+
+def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, crops: np.ndarray,
+                      labels: np.ndarray | None = None, *, source: str = "validation", input_dtype: str = "uint8",
+                      tolerance: float = TOLERANCE) -> dict | None:
+    """Write ``<fp32 graph>.int8.onnx`` calibrated on ``crops`` (see ``calibration_crops``). A member whose
+    P(ALL) int8 moves by more than ``tolerance`` on average over those cells stays fp32 in that graph; when
+    that is every member, no int8 graph is written (returns None). Returns where it went and how far int8
+    moves the ensemble's P(ALL) on those cells."""
+    from .export import load_onnx_ensemble
+    from .metrics import roc_auc
+
+    fp32_path = Path(fp32_path)
     out = fp32_path.with_suffix(".int8.onnx")
     fp32 = load_onnx_ensemble(ens_dir, method=model.method, path=fp32_path).member_probs(crops)
     float_members: list[int] = []
