@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from alldetect.data.transforms import normalize
+from alldetect.export import onnx_session
 from alldetect.models import create_member
 from alldetect.models.members import PAPER_MEMBERS
 from alldetect.quantize import quantize_graph
@@ -50,14 +51,6 @@ def export_member(member, side: int, path: Path) -> Path:
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), verbose=False)
     program.save(str(path))
     return path
-
-
-def session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -100,11 +93,11 @@ def main() -> None:
                 onnx_path = export_member(member.cpu().to(memory_format=torch.contiguous_format), args.size,
                                           Path(tmp) / f"{name}.onnx")
                 feed = {"images": batch_u8.numpy()}
-                fp32 = session(onnx_path)
+                fp32 = onnx_session(onnx_path, threads=os.cpu_count())
                 row["onnx"] = args.batch / timed(lambda: fp32.run(None, feed), args.repeats)
                 int8_path = quantize_graph(onnx_path, onnx_path.with_suffix(".int8.onnx"),
                                            batch_u8[:8].numpy(), batch_size=4)
-                int8 = session(int8_path)
+                int8 = onnx_session(int8_path, threads=os.cpu_count())
                 row["onnx_int8"] = args.batch / timed(lambda: int8.run(None, feed), args.repeats)
             row["torch_bf16"] = args.batch / timed(lambda: optimised(bf16=True), args.repeats)
             for k, v in row.items():
@@ -143,7 +136,8 @@ def shipped_engines(members: list[str], size: int, batch: int, repeats: int) -> 
         fp32_path = export_onnx(model, Path(tmp) / "ensemble.onnx")
         int8_path = quantize_graph(fp32_path, Path(tmp) / "ensemble.int8.onnx", crops[:8])
         for name, path in (("onnx fp32", fp32_path), ("onnx int8", int8_path)):
-            engine = OnnxEnsemble(session(path), members, sap, "sap", size, None, "uint8")
+            engine = OnnxEnsemble(onnx_session(path, threads=os.cpu_count()), members, sap, "sap", size, None,
+                                  "uint8")
             out[name] = batch / timed(lambda: engine.predict(crops), repeats)
     return out
 
@@ -153,19 +147,16 @@ def print_accuracy(ens_dir: Path, device: str) -> None:
     largest change of a cell's P(ALL)."""
     from alldetect.data.cache import load_crops
     from alldetect.ensemble_model import load_ensemble
-    from alldetect.export import export_onnx, load_onnx_ensemble
+    from alldetect.export import export_ensemble, load_onnx_ensemble
     from alldetect.metrics import roc_auc
     from alldetect.predictions import read_predictions
-    from alldetect.quantize import calibration_crops, quantize_ensemble
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_model = load_ensemble(ens_dir, device=device, precision="fp32")
         preds = read_predictions(ens_dir / "predictions_test.csv")[fp32_model.method]
         crops = np.array(load_crops(preds.path, crop=fp32_model.crop, size=fp32_model.input_size,
                                     cache_dir=tmp).images)
-        fp32_graph = export_onnx(load_ensemble(ens_dir, device="cpu"), Path(tmp) / "ensemble.onnx")
-        crops_val, labels_val, _ = calibration_crops(ens_dir, fp32_model)
-        int8_graph = quantize_ensemble(ens_dir, fp32_graph, fp32_model, crops_val, labels_val)["path"]
+        int8_graph = export_ensemble(ens_dir, out=Path(tmp) / "ensemble.onnx")["int8"]["path"]
         probs = {"fp32": fp32_model.predict(crops)[0],
                  "bf16": load_ensemble(ens_dir, device=device, precision="bf16").predict(crops)[0],
                  "int8": load_onnx_ensemble(ens_dir, path=int8_graph).predict(crops)[0]}

@@ -13,6 +13,7 @@ import numpy as np
 import typer
 
 from .errors import AlldetectError
+from .quantize import TOLERANCE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Acute lymphoblastic leukemia detection in white-blood-cell images with a weighted "
@@ -398,7 +399,8 @@ def export(
         help="Cell images or folders to calibrate int8 on [default: the ensemble's validation cells].")] = None,
     calibration_cells: Annotated[int, typer.Option(help="Most cells used for int8 calibration.")] = 128,
     int8_tolerance: Annotated[float, typer.Option(help="A member whose P(ALL) int8 moves by more than this on "
-                                                       "average over the calibration cells stays fp32.")] = 0.05,
+                                                       "average over the calibration cells stays fp32.")]
+    = TOLERANCE,
 ) -> None:
     """Export every member, its normalisation and the weighted average as one ONNX graph."""
     from .export import describe_int8, export_ensemble
@@ -407,8 +409,8 @@ def export(
                              calibration=calibration, calibration_cells=calibration_cells,
                              int8_tolerance=int8_tolerance)
     typer.echo(f"wrote {result['fp32']} ({result['fp32'].stat().st_size / 1e6:.0f} MB)")
-    if "int8" in result:
-        typer.echo(f"wrote {describe_int8(result['int8'])}" if result["int8"] else describe_int8(None))
+    if int8:
+        typer.echo(describe_int8(result["int8"]))
 
 
 class Target(str, Enum):

@@ -21,6 +21,7 @@ from .ensemble import EnsembleFit
 from .ensemble_dir import load_ensemble_spec, method_fit
 from .ensemble_model import EnsembleModel, dihedral_views
 from .errors import AlldetectError
+from .quantize import TOLERANCE
 
 logger = logging.getLogger(__name__)
 ONNX_NAME = "ensemble.onnx"
@@ -88,11 +89,11 @@ def export_onnx(model: EnsembleModel, out: str | Path, *, input_dtype: str = "ui
 
 def export_ensemble(ens_dir: str | Path, *, out: str | Path | None = None, method: str | None = None,
                     input_dtype: str = "uint8", int8: bool = True, calibration: list[Path] | None = None,
-                    calibration_cells: int = 128, int8_tolerance: float | None = None) -> dict:
+                    calibration_cells: int = 128, int8_tolerance: float = TOLERANCE) -> dict:
     """Write the fp32 graph (default ``ENS_DIR/ensemble.onnx``) and, with ``int8``, its static int8 copy
     calibrated on validation cells; returns ``{"fp32": path, "int8": quantize_ensemble's summary or None}``."""
     from .ensemble_model import load_ensemble
-    from .quantize import TOLERANCE, calibration_crops, quantize_ensemble
+    from .quantize import calibration_crops, quantize_ensemble
 
     model = load_ensemble(ens_dir, method=method, device="cpu")
     if int8:  # before the export, so that missing calibration cells fail at once
@@ -100,19 +101,19 @@ def export_ensemble(ens_dir: str | Path, *, out: str | Path | None = None, metho
     path = export_onnx(model, out or Path(ens_dir) / ONNX_NAME, input_dtype=input_dtype)
     result: dict = {"fp32": path}
     if int8:
-        tolerance = TOLERANCE if int8_tolerance is None else int8_tolerance
         result["int8"] = quantize_ensemble(ens_dir, path, model, crops, labels, source=source,
-                                           input_dtype=input_dtype, tolerance=tolerance)
+                                           input_dtype=input_dtype, tolerance=int8_tolerance)
     return result
 
 
 def describe_int8(summary: dict | None) -> str:
     """One line on the int8 graph: where, calibrated on what, and how far it moves P(ALL) from fp32."""
     if summary is None:
-        return "no int8 graph: int8 moved every member's P(ALL) beyond the tolerance"
+        return "no int8 graph written: int8 moved every member's P(ALL) beyond the tolerance"
     auc = f"; AUC {summary['auc_fp32']:.4f} -> {summary['auc_int8']:.4f}" if summary["auc_fp32"] is not None else ""
     kept = f"; kept fp32: {', '.join(summary['float_members'])}" if summary["float_members"] else ""
-    return (f"{summary['path']} ({summary['path'].stat().st_size / 1e6:.0f} MB), calibrated on {summary['cells']} "
+    size_mb = summary["path"].stat().st_size / 1e6
+    return (f"wrote {summary['path']} ({size_mb:.0f} MB), calibrated on {summary['cells']} "
             f"{summary['source']} cells; on those cells int8 moves the ensemble's P(ALL) by "
             f"{summary['mean_change']:.4f} on average, {summary['max_change']:.4f} at most{auc}{kept}")
 
@@ -147,20 +148,25 @@ class OnnxEnsemble:
         return x if self.input_dtype == "uint8" else (x.astype(np.float32) / 255)
 
 
+def onnx_session(path: str | Path, *, threads: int | None = None):
+    """An onnxruntime CPU session for the graph at ``path`` (``threads``: intra-op threads, default all)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: str | Path | None = None,
                        threads: int | None = None, precision: str = "fp32") -> OnnxEnsemble:
     """Open ``ensemble.onnx`` (or ``ensemble.int8.onnx``) of an ensemble directory; refuse a graph whose
     members differ from the spec."""
-    import onnxruntime as ort
-
     spec = load_ensemble_spec(ens_dir)
     path = Path(path) if path else Path(ens_dir) / (ONNX_INT8_NAME if precision == "int8" else ONNX_NAME)
     if not path.is_file():
         raise AlldetectError(f"{path}: not found; create it with `alldetect export {ens_dir}`")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, threads=threads)
     meta = session.get_modelmeta().custom_metadata_map
     names = json.loads(meta.get("alldetect.members", "[]"))
     expected = [m["name"] for m in spec["members"]]

@@ -167,7 +167,7 @@ def _index_and_split(data_dir: Path, manifest: Path, seed: int) -> None:
 
 def _export(ens_dir: Path) -> None:
     result = export_ensemble(ens_dir)
-    logger.info("wrote %s and %s", result["fp32"], describe_int8(result["int8"]))
+    logger.info("wrote %s; %s", result["fp32"], describe_int8(result["int8"]))
 
 
 def _explain_examples(ens_dir: Path, device: str) -> None:

@@ -151,7 +151,8 @@ def validation_crops(ens_dir: str | Path, *, crop: int, input_size: int | None, 
         raise AlldetectError(f"{missing[0]}: validation cell not found ({len(missing)} of {len(paths)} missing); "
                              "pass --calibration with cell images, or --no-int8")
     cache = load_crops(paths, crop=crop, size=input_size, cache_dir=cache_dir)
-    labels = np.asarray([val.y[val.path.index(p)] for p in paths])
+    label_of = dict(zip(val.path, val.y))
+    labels = np.asarray([label_of[p] for p in paths])
     usable = cache.usable
     return np.asarray(cache.images)[usable], labels[usable]
 
