@@ -166,3 +166,21 @@ def test_a_member_that_int8_moves_too_far_stays_fp32(exported, tmp_path):
 
     assert quantize_ensemble(ens, ens / "ensemble.onnx", model, crops, tolerance=0.0) is None
     assert not (ens / "ensemble.int8.onnx").exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_single_network_graph_quantises_too(tmp_path):
+    """The benchmark quantises each member's own graph (logits out, no ensemble outputs)."""
+    import onnx
+    import torch
+
+    from alldetect.models import create_member
+    from alldetect.quantize import quantize_graph
+
+    member = create_member("mobilenet").eval()
+    path = tmp_path / "mobilenet.onnx"
+    torch.onnx.export(member, (torch.zeros(2, 3, 64, 64, dtype=torch.uint8),), dynamo=True,
+                      input_names=["images"], output_names=["logits"], verbose=False).save(str(path))
+    crops = np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)  # two batches of two
+    int8 = quantize_graph(path, tmp_path / "mobilenet.int8.onnx", crops, batch_size=2)
+    assert "QuantizeLinear" in {node.op_type for node in onnx.load(str(int8)).graph.node}

@@ -77,11 +77,20 @@ def _float_nodes(path: Path, float_members: list[int]) -> list[str]:
     for node in nodes:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    softmaxes = [_softmax_behind(producer, name) for name in producer["member_prob_all"].input]  # member order
+    softmaxes = [_softmax_behind(producer, name) for name in _member_columns(producer)]
     keep = _reachable(softmaxes, lambda node: (c for out in node.output for c in consumers.get(out, [])))
     keep |= _reachable([softmaxes[k] for k in float_members],
                        lambda node: (producer[i] for i in node.input if i in producer))
     return sorted(keep)
+
+
+def _member_columns(producer: dict) -> list[str]:
+    """The tensors holding each member's P(ALL), in member order: the inputs of the Concat that makes
+    ``member_prob_all`` (the output itself for a one-member ensemble; none for a single network's graph)."""
+    output = producer.get("member_prob_all")
+    if output is None:
+        return []
+    return list(output.input) if output.op_type == "Concat" else ["member_prob_all"]
 
 
 def _softmax_behind(producer: dict, tensor: str):
