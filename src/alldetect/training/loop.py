@@ -1,9 +1,10 @@
-"""``fit(cfg)``: the paper's protocol, readable top to bottom.
+"""``fit(cfg)``: the training protocol, readable top to bottom.
 
-Adamax + triangular2 cyclic lr, cross-entropy, oversampled and augmented 300 px center crops; the best
-epoch on the validation split (``cfg.select_metric``) is kept and scores val and test. Every step can be
-resumed exactly: model, optimizer, step and RNG live in the checkpoint, and batches and augmentation are
-functions of (seed, epoch, step).
+The paper's: Adamax + triangular2 cyclic lr, cross-entropy, oversampled and augmented 300 px center crops;
+the best epoch on the validation split (``cfg.select_metric``) is kept and scores val and test. The ``plus``
+profile swaps in AdamW + warm-up/cosine, label smoothing, dihedral augmentation and keeps the last epoch.
+Every step can be resumed exactly: model, optimizer, step and RNG live in the checkpoint, and batches and
+augmentation are functions of (seed, epoch, step).
 """
 
 from __future__ import annotations
@@ -30,22 +31,22 @@ from ..data.dataset import CellDataset, oversample_indices
 from ..data.manifest import read_manifest, write_csv_atomic
 from ..data.problems import write_problems
 from ..data.split import check_subject_disjoint
-from ..data.transforms import train_augmentation
+from ..data.transforms import augmentation, batch_augmentation
 from ..errors import AlldetectError
 from ..inference import autocast, predict_probs, resolve_device
 from ..metrics import METRIC_NAMES, classification_metrics
 from ..models import create_member
 from ..predictions import write_predictions
 from .checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
-from .config import TrainConfig
+from .config import SELECTION, TrainConfig
 from .data import SplitImages, load_split
 from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .sampler import EpochBatches
-from .schedule import triangular2_lr
+from .schedule import learning_rate_schedule
 
 logger = logging.getLogger(__name__)
 HISTORY_COLUMNS = ("step", "epoch", "lr", "loss")
-EPOCH_COLUMNS = ("epoch", "step", "val_loss", *METRIC_NAMES, "selected")
+EPOCH_COLUMNS = ("epoch", "step", "val_loss", *METRIC_NAMES, "selected", "train_img_s")
 
 
 def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
@@ -78,12 +79,12 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.clr_low, betas=cfg.betas, eps=cfg.eps)
+    optimizer = _optimizer(cfg, model)
     indices = oversample_indices(train.labels, seed=cfg.seed) if cfg.oversample else np.arange(len(train.rows))
     batches = EpochBatches(indices, batch_size=cfg.batch_size, seed=cfg.seed,
                            world_size=dist_info.world_size, rank=dist_info.rank)
     steps_per_epoch, total_steps = batches.steps_per_epoch, batches.steps_per_epoch * cfg.epochs
-    half_cycle = cfg.clr_step_epochs * steps_per_epoch
+    lr_at = learning_rate_schedule(cfg, steps_per_epoch)
 
     step, best = 0, {"epoch": -1, "score": -math.inf}
     if state is not None:
@@ -98,9 +99,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
     net: nn.Module = torch.compile(model) if cfg.compile else model
     if dist_info.world_size > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    dataset = CellDataset(train.images, train.labels, train_augmentation() if cfg.augment else None,
+    on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda")
+    dataset = CellDataset(train.images, train.labels, None if on_device else augmentation(cfg.augment),
                           positions=train.positions)
-    loss_fn = nn.CrossEntropyLoss()
+    augment_batch = batch_augmentation(cfg.augment) if on_device else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     workers = _workers(cfg, device)
     pending: list[tuple[int, int, float, torch.Tensor]] = []  # history rows not yet written (loss on device)
 
@@ -113,11 +116,16 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             generator=torch.Generator().manual_seed(cfg.seed))
         net.train()
+        epoch_started, epoch_images = time.perf_counter(), 0
         for images, labels in loader:
-            lr = triangular2_lr(step, low=cfg.clr_low, high=cfg.clr_high, half_cycle=half_cycle)
+            lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(device, non_blocking=True)
+            if augment_batch is not None:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(_step_seed(cfg.seed, step, dist_info.rank))
+                    images = augment_batch(images)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(device, non_blocking=True)
@@ -129,26 +137,32 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
             pending.append((step, epoch, lr, loss.detach()))
             step += 1
             seen += len(labels) * dist_info.world_size
+            epoch_images += len(labels) * dist_info.world_size
             progress.update(1)
             progress.set_postfix(img_s=f"{seen / (time.perf_counter() - started):.1f}", lr=f"{lr:.2e}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 _checkpoint(run, model, optimizer, cfg, step, best, pending, dist_info)
 
         # end of epoch: validate, keep the best, checkpoint
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_img_s = epoch_images / max(time.perf_counter() - epoch_started, 1e-9)
         val_prob = predict_probs(model, val.images, val.positions, batch_size=cfg.batch_size * 2, device=device,
                                  precision=cfg.precision, channels_last=cfg.channels_last)
         scores = _scores(val.labels, val_prob)
-        selected = scores[cfg.select_metric] > best["score"]
+        score = _selection_score(cfg.select_metric, scores, epoch)
+        selected = score > best["score"]
         if selected:
-            best = {"epoch": epoch, "score": scores[cfg.select_metric]}
+            best = {"epoch": epoch, "score": score}
             if dist_info.is_main:
                 save_checkpoint({"member": cfg.member, "model": model.state_dict(), "config": asdict(cfg),
                                  "epoch": epoch, "step": step}, run / "checkpoints" / "best.pt")
         if dist_info.is_main:
             _append_csv(run / "epochs.csv", EPOCH_COLUMNS, [{"epoch": epoch, "step": step, **scores,
-                                                             "selected": int(selected)}])
-        logger.info("epoch %d: val %s %.4f (best %.4f at epoch %d)", epoch, cfg.select_metric,
-                    scores[cfg.select_metric], best["score"], best["epoch"])
+                                                             "selected": int(selected),
+                                                             "train_img_s": f"{train_img_s:.2f}"}])
+        logger.info("epoch %d: val loss %.4f, ba %.4f, auc %.4f; kept epoch %d (%s)", epoch, scores["val_loss"],
+                    scores["ba"], scores["auc"], best["epoch"], cfg.select_metric)
         _checkpoint(run, model, optimizer, cfg, step, best, pending, dist_info)
     progress.close()
 
@@ -164,6 +178,33 @@ def _scores(labels: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     p = np.clip(prob, eps, 1 - eps)
     val_loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
     return {"val_loss": val_loss, **classification_metrics(labels, prob)}
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's batched augmentation: a function of (seed, step, rank) alone, so a resumed run
+    draws exactly what the uninterrupted one drew."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def _selection_score(metric: str, scores: dict[str, float], epoch: int) -> float:
+    """Higher is better: the metric itself, its negative for losses, the epoch for "last"."""
+    direction = SELECTION[metric]
+    if direction == "last":
+        return float(epoch)
+    score = scores[metric]
+    if math.isnan(score):
+        return -math.inf
+    return score if direction == "max" else -score
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adamax as in the paper; AdamW with decoupled weight decay, none on biases and normalisation layers."""
+    if cfg.optimizer == "adamax":
+        return torch.optim.Adamax(model.parameters(), lr=cfg.clr_low, betas=cfg.betas, eps=cfg.eps)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def _checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int,
@@ -224,6 +265,8 @@ def _resumed_config(cfg: TrainConfig, state: dict) -> TrainConfig:
     """The checkpoint's config wins for everything that shapes the result; only machinery may change."""
     saved = state["config"]
     saved["betas"] = tuple(saved["betas"])
+    if isinstance(saved.get("augment"), bool):  # runs from before augmentation had names
+        saved["augment"] = "paper" if saved["augment"] else "none"
     machinery = {"device", "workers", "compile", "checkpoint_every", "cache_dir", "out", "manifest"}
     return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in machinery})
 
