@@ -24,14 +24,16 @@ def subject_key(row: ManifestRow) -> str:
 
 
 def subject_split(rows: list[ManifestRow], *, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                  seed: int = 0) -> list[ManifestRow]:
+                  seed: int = 0, every_class: bool = False) -> list[ManifestRow]:
     """Assign ``train``/``val``/``test`` by subject, stratified by class, reproducibly for ``seed``.
 
     Each class's subjects are shuffled and cut by the fractions (a non-zero fraction gets at least one
-    subject when the class has three or more). Returns new rows in the input order.
+    subject when the class has three or more, or two or more with ``every_class``; one subject of each
+    class always stays in train). Returns new rows in the input order.
     """
     _check_fractions(val_fraction, test_fraction)
-    assignment = _assign_subjects(_labelled(rows), {"test": test_fraction, "val": val_fraction}, seed)
+    assignment = _assign_subjects(_labelled(rows), {"test": test_fraction, "val": val_fraction}, seed,
+                                  at_least_one_from=2 if every_class else 3)
     return _apply(rows, assignment)
 
 
@@ -53,6 +55,26 @@ def paper_split(rows: list[ManifestRow], *, val_fraction: float = PAPER_VAL_FRAC
     assignment = _assign_subjects(development, {"val": val_fraction}, seed)
     assignment.update({s: "test" for s in test_subjects})
     return _apply(rows, assignment)
+
+
+def subject_folds(rows: list[ManifestRow], n_folds: int, *, seed: int = 0) -> dict[str, int]:
+    """Map every labelled subject to one of ``n_folds`` folds, stratified by class: each class's subjects are
+    shuffled and dealt round-robin, so every fold holds out subjects of both classes when each class has at
+    least ``n_folds`` subjects, and every subject is held out exactly once."""
+    labelled = _labelled(rows)
+    per_class = Counter(_subject_classes(labelled).values())
+    if n_folds < 2 or min(per_class.values()) < n_folds:
+        raise DataError(f"{n_folds} subject folds need at least {n_folds} subjects of each class; "
+                        f"the data has {dict(sorted(per_class.items()))}")
+    rng = np.random.default_rng(seed)
+    folds, dealt = {}, 0
+    for label, subjects in sorted(_subjects_by_class(labelled).items()):
+        subjects = sorted(subjects)
+        rng.shuffle(subjects)
+        for i, subject in enumerate(subjects):
+            folds[subject] = (dealt + i) % n_folds
+        dealt += len(subjects)  # the next class starts where this one stopped: folds stay even in size
+    return folds
 
 
 def check_subject_disjoint(rows: list[ManifestRow]) -> None:
@@ -83,19 +105,12 @@ def _check_fractions(*fractions: float) -> None:
         raise DataError(f"split fractions {fractions} must each be in [0, 1) and sum to less than 1")
 
 
-def _assign_subjects(rows: list[ManifestRow], fractions: dict[str, float], seed: int) -> dict[str, str]:
+def _assign_subjects(rows: list[ManifestRow], fractions: dict[str, float], seed: int, *,
+                     at_least_one_from: int = 3) -> dict[str, str]:
     """Map subject -> split. ``fractions`` are taken in order from each class's shuffled subjects; the
-    rest is ``train``."""
-    votes: dict[str, Counter] = defaultdict(Counter)
-    for r in rows:
-        votes[subject_key(r)][r.label] += 1
-    by_class: dict[str, list[str]] = defaultdict(list)
-    for subject, counts in votes.items():
-        if len(counts) > 1:
-            logger.warning("subject %s has cells of both classes %s; stratified as %s",
-                           subject, dict(counts), counts.most_common(1)[0][0])
-        by_class[counts.most_common(1)[0][0]].append(subject)
-
+    rest is ``train``. A non-zero fraction takes at least one subject of a class with ``at_least_one_from``
+    subjects or more."""
+    by_class = _subjects_by_class(rows)
     rng = np.random.default_rng(seed)
     assignment = {}
     for label in sorted(by_class):
@@ -105,13 +120,34 @@ def _assign_subjects(rows: list[ManifestRow], fractions: dict[str, float], seed:
         for split, fraction in fractions.items():
             left = len(subjects) - start
             take = round(len(subjects) * fraction)
-            if fraction > 0 and take == 0 and len(subjects) >= 3:
+            if fraction > 0 and take == 0 and len(subjects) >= at_least_one_from:
                 take = 1
             take = min(take, left - 1)  # keep at least one training subject per class
             assignment.update({s: split for s in subjects[start:start + take]})
             start += max(take, 0)
         assignment.update({s: "train" for s in subjects[start:]})
     return assignment
+
+
+def _subject_classes(rows: list[ManifestRow]) -> dict[str, str]:
+    """Each subject's class (the majority of its cells' labels; a mixed subject is warned about)."""
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        votes[subject_key(r)][r.label] += 1
+    classes = {}
+    for subject, counts in votes.items():
+        if len(counts) > 1:
+            logger.warning("subject %s has cells of both classes %s; stratified as %s",
+                           subject, dict(counts), counts.most_common(1)[0][0])
+        classes[subject] = counts.most_common(1)[0][0]
+    return classes
+
+
+def _subjects_by_class(rows: list[ManifestRow]) -> dict[str, list[str]]:
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for subject, label in _subject_classes(rows).items():
+        by_class[label].append(subject)
+    return by_class
 
 
 def _apply(rows: list[ManifestRow], assignment: dict[str, str]) -> list[ManifestRow]:
