@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +83,29 @@ def member_runs(split_manifest, tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def ensemble_dir(member_runs, tmp_path_factory) -> Path:
-    from alldetect.ensemble_dir import build_ensemble_dir
+    from alldetect.ensemble_model import build_ensemble
 
     out = tmp_path_factory.mktemp("ensemble")
-    build_ensemble_dir(member_runs, out)
+    build_ensemble(member_runs, out)
     return out
+
+
+@contextlib.contextmanager
+def running_server(app, host: str = "127.0.0.1"):
+    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields its base URL and the server."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

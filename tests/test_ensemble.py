@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from alldetect.cli import app
 from alldetect.ensemble import EnsembleFit, fit_combiner, sap, weighted_average, wen_weights
-from alldetect.ensemble_dir import build_ensemble_dir
+from alldetect.ensemble_model import build_ensemble
 from alldetect.errors import DataError
 from alldetect.evaluation import bootstrap_ci, paired_bootstrap, subject_level
 from alldetect.metrics import classification_metrics
@@ -118,11 +118,11 @@ def test_members_covering_different_images_are_refused(member_runs, tmp_path):
     write_predictions(other / "predictions_val.csv", preds.path[1:], ["all" if y else "hem" for y in preds.y[1:]],
                       preds.prob_all[1:], model="densenet121")
     with pytest.raises(DataError, match="cover different images: 1 only in"):
-        build_ensemble_dir([member_runs[0], other], tmp_path / "ens")
+        build_ensemble([member_runs[0], other], tmp_path / "ens")
     labels = ["hem" if y else "all" for y in preds.y]  # every label flipped
     write_predictions(other / "predictions_val.csv", preds.path, labels, preds.prob_all, model="densenet121")
     with pytest.raises(DataError, match="disagree on the label"):
-        build_ensemble_dir([member_runs[0], other], tmp_path / "ens")
+        build_ensemble([member_runs[0], other], tmp_path / "ens")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -168,3 +168,23 @@ def test_report_without_subjects_says_so(ensemble_dir, tmp_path):
             writer.writerows(rows)
     text = make_report(ens, n_boot=50).read_text()
     assert "No subjects could be parsed" in text and not (ens / "subjects.csv").exists()
+
+
+def test_bf16_check_keeps_a_member_that_bf16_moves_in_fp32(ensemble_dir, tmp_path):
+    from alldetect.ensemble_dir import read_calibration
+    from alldetect.ensemble_model import check_bf16, load_ensemble
+
+    ens = tmp_path / "ens"
+    shutil.copytree(ensemble_dir, ens)
+    verdict = check_bf16(ens, tolerance=1.0)
+    assert verdict["fp32_members"] == [] and set(verdict["mean_change"]) == {"mobilenet", "densenet121"}
+    assert all(0 < d < 1.0 for d in verdict["mean_change"].values())
+    verdict = check_bf16(ens, tolerance=0.0)
+    assert verdict["fp32_members"] == ["mobilenet", "densenet121"]
+    model = load_ensemble(ens, device="cpu", precision="bf16")
+    assert model.fp32_members == {"mobilenet", "densenet121"}
+    crops = read_calibration(ens)[0][:8]
+    fp32 = load_ensemble(ens, device="cpu", precision="fp32").member_probs(crops)
+    np.testing.assert_array_equal(model.member_probs(crops), fp32)  # bf16 asked, fp32 run
+    model.fp32_members = frozenset()
+    assert not np.array_equal(model.member_probs(crops), fp32)  # without the verdict: bf16

@@ -66,12 +66,11 @@ def test_auto_engine_picks_the_fastest_accurate_one(exported, ensemble_dir, tmp_
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_int8_graph_is_quantised_calibrated_on_validation_and_close_to_fp32(exported, monkeypatch):
+def test_int8_graph_is_quantised_calibrated_on_validation_and_close_to_fp32(exported):
     import onnx
 
-    from alldetect.data import cache
+    from alldetect.ensemble_dir import read_calibration
     from alldetect.predictions import read_predictions
-    from alldetect.quantize import validation_crops
 
     graph = onnx.load(str(exported / "ensemble.int8.onnx"))
     ops = {node.op_type for node in graph.graph.node}
@@ -80,30 +79,19 @@ def test_int8_graph_is_quantised_calibrated_on_validation_and_close_to_fp32(expo
     assert len(int8_weights) >= 50  # every conv of MobileNet and DenseNet-121
     assert {p.key: p.value for p in graph.metadata_props}["alldetect.precision"] == "int8"
 
-    seen: list[str] = []
-    real_load = cache.load_crops
-    monkeypatch.setattr(cache, "load_crops", lambda paths, **kw: seen.extend(paths) or real_load(paths, **kw))
-    crops, labels = validation_crops(exported, crop=64, input_size=None, n=1000, cache_dir=exported / "c")
-    val = set(next(iter(read_predictions(exported / "predictions_val.csv").values())).path)
-    test = set(next(iter(read_predictions(exported / "predictions_test.csv").values())).path)
-    assert set(seen) == val and not set(seen) & test
+    crops, labels = read_calibration(exported)
+    val = next(iter(read_predictions(exported / "predictions_val.csv").values()))
+    assert len(crops) == len(val.path) and sorted(labels.tolist()) == sorted(val.y.tolist())
     fp32 = load_onnx_ensemble(exported, precision="fp32").predict(crops)[0]
     int8 = load_onnx_ensemble(exported, precision="int8").predict(crops)[0]
     assert np.abs(int8 - fp32).mean() < 0.02, np.abs(int8 - fp32).mean()
 
 
 def test_int8_export_needs_its_calibration_cells(exported, tmp_path):
-    from alldetect.quantize import validation_crops
-
     moved = tmp_path / "moved"
-    shutil.copytree(exported, moved, ignore=shutil.ignore_patterns("*.onnx"))
-    csv = moved / "predictions_val.csv"
-    first_path = csv.read_text().splitlines()[1].split(",")[0]
-    csv.write_text(csv.read_text().replace(first_path, str(tmp_path / "gone.bmp")))
-    with pytest.raises(AlldetectError, match="gone.bmp: validation cell not found.*--calibration"):
-        validation_crops(moved, crop=64, input_size=None, n=1000, cache_dir=tmp_path / "c")
+    shutil.copytree(exported, moved, ignore=shutil.ignore_patterns("*.onnx", "calibration.npz"))
     r = runner.invoke(app, ["export", str(moved)])
-    assert r.exit_code != 0 and "gone.bmp: validation cell not found" in r.output
+    assert r.exit_code != 0 and "calibration.npz: not found" in r.output and "--calibration" in r.output
     assert not (moved / "ensemble.onnx").exists()  # checked before the export
     r = runner.invoke(app, ["export", str(moved), "--no-int8"])
     assert r.exit_code == 0, r.output
@@ -145,12 +133,13 @@ def test_the_web_app_serves_the_onnx_graph_when_exported(exported, ensemble_dir,
 def test_a_member_that_int8_moves_too_far_stays_fp32(exported, tmp_path):
     import onnx
 
-    from alldetect.quantize import quantize_ensemble, validation_crops
+    from alldetect.ensemble_dir import read_calibration
+    from alldetect.quantize import quantize_ensemble
 
     ens = tmp_path / "ens"
     shutil.copytree(exported, ens, ignore=shutil.ignore_patterns("*.int8.onnx"))
     model = load_ensemble(ens, device="cpu", precision="fp32")
-    crops, labels = validation_crops(ens, crop=model.crop, input_size=model.input_size, n=128, cache_dir=tmp_path)
+    crops, labels = read_calibration(ens)
     fp32 = load_onnx_ensemble(ens, precision="fp32").member_probs(crops)
     drift = np.abs(load_onnx_ensemble(exported, precision="int8").member_probs(crops) - fp32).mean(axis=1)
     worst = int(np.argmax(drift))

@@ -88,3 +88,18 @@ def test_killed_run_resumes_without_losing_finished_work(tmp_path):
     steps = [int(line.split(",")[0]) for line in history[1:]]
     assert steps == list(range(len(steps)))  # resumed: no step lost, none repeated
     assert (tmp_path / "ensemble" / "report.md").is_file()
+
+
+def test_real_data_on_a_cpu_gets_the_plus_profile_with_the_lite_members_and_says_so(tmp_path, caplog):
+    from alldetect.models.members import LITE_MEMBERS
+    from alldetect.pipeline import choose_recipe
+    from alldetect.training.config import Profile
+
+    with caplog.at_level("INFO"):
+        chosen = choose_recipe(PipelineConfig(out=str(tmp_path), data=str(tmp_path), device="cpu"))
+    assert (chosen.profile, chosen.members, chosen.input_size) == (Profile.plus, LITE_MEMBERS, 128)
+    assert "without a GPU" in caplog.text and "--profile paper" in caplog.text
+    asked = choose_recipe(PipelineConfig(out=str(tmp_path), data=str(tmp_path), device="cpu", profile=Profile.paper))
+    assert (asked.profile, asked.members, asked.input_size) == (Profile.paper, pipeline.PAPER_MEMBERS, None)
+    synthetic = choose_recipe(PipelineConfig(out=str(tmp_path), device="cpu"))
+    assert synthetic.profile is Profile.demo and synthetic.members == pipeline.PAPER_MEMBERS

@@ -53,13 +53,24 @@ def overlay(crop: np.ndarray, cam: np.ndarray) -> np.ndarray:
     return show_cam_on_image(crop.astype(np.float32) / 255, cam, use_rgb=True, image_weight=0.6)
 
 
+def _unique_stems(names: list[str]) -> list[str]:
+    """File stems for the overlays; cells that share a file name (from different folders) get their row number
+    so that no overlay overwrites another.
+
+    >>> _unique_stems(["a/x.png", "b/x.png", "c/y.png"])
+    ['x_row1', 'x_row2', 'y']
+    """
+    stems = [Path(n).stem for n in names]
+    return [f"{s}_row{i + 1}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]
+
+
 def explain(model: EnsembleModel, crops: np.ndarray, names: list[str], out: str | Path, *,
             target: str = "predicted") -> Path:
     """Write one overlay PNG per cell and member, and ``gradcam_grid.png`` (rows: cells; columns: the
     members and the ensemble, titled with predicted class and probability). Returns the grid path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ens_prob, member_prob = model.predict(crops)
+    ens_prob, member_prob = model.predict(crops, tta=model.default_tta)
     if target == "predicted":
         classes = [int(p >= 0.5) for p in ens_prob]
     else:
@@ -71,12 +82,13 @@ def explain(model: EnsembleModel, crops: np.ndarray, names: list[str], out: str 
     all_maps = np.concatenate([cams, combined[None]])
     fig, axes = plt.subplots(len(crops), len(columns) + 1, figsize=(2.0 * (len(columns) + 1), 2.1 * len(crops)),
                              squeeze=False)
+    stems = _unique_stems(names)
     for i, name in enumerate(names):
         axes[i, 0].imshow(crops[i])
         axes[i, 0].set_title(f"{Path(name).name[:22]}\ntarget: {'ALL' if classes[i] else 'HEM'}", fontsize=7)
         for k, column in enumerate(columns):
             picture = overlay(crops[i], all_maps[k, i])
-            Image.fromarray(picture).save(out / f"{Path(name).stem}_{column.replace(' ', '_')}.png")
+            Image.fromarray(picture).save(out / f"{stems[i]}_{column.replace(' ', '_')}.png")
             call = "ALL" if probs[k, i] >= 0.5 else "HEM"
             axes[i, k + 1].imshow(picture)
             axes[i, k + 1].set_title(f"{column}\n{call} {probs[k, i]:.2f}", fontsize=7)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .ensemble import EnsembleFit
-from .ensemble_dir import load_ensemble_spec, method_fit
+from .ensemble_dir import load_ensemble_spec
 from .ensemble_model import EnsembleModel, dihedral_views
 from .errors import AlldetectError
 from .quantize import TOLERANCE
@@ -129,6 +129,7 @@ class OnnxEnsemble:
     input_size: int | None
     input_dtype: str
     precision: str = "fp32"  # of the graph: fp32 or int8
+    default_tta: bool = False  # the combiners were fitted on test-time-augmented probabilities
 
     def member_probs(self, crops: np.ndarray, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
         out = np.zeros((len(self.names), len(crops)))
@@ -169,13 +170,14 @@ def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: 
     session = onnx_session(path, threads=threads)
     meta = session.get_modelmeta().custom_metadata_map
     names = json.loads(meta.get("alldetect.members", "[]"))
-    expected = [m["name"] for m in spec["members"]]
+    expected = spec.names
     if names != expected:
         raise AlldetectError(f"{path}: holds members {names}, the ensemble has {expected}; export it again")
-    method = method or spec["default_method"]
+    method = method or spec.default_method
     input_size = int(meta["alldetect.input_size"]) if meta.get("alldetect.input_size") else None
-    return OnnxEnsemble(session, names, method_fit(spec, method), method, int(meta["alldetect.crop"]), input_size,
-                        meta.get("alldetect.input_dtype", "uint8"), meta.get("alldetect.precision", "fp32"))
+    return OnnxEnsemble(session, names, spec.fit(method), method, int(meta["alldetect.crop"]), input_size,
+                        meta.get("alldetect.input_dtype", "uint8"), meta.get("alldetect.precision", "fp32"),
+                        spec.tta)
 
 
 def load_engine(ens_dir: str | Path, *, method: str | None = None, device: str = "auto", engine: str = "auto",

@@ -84,26 +84,22 @@ def load_crops_for(model: EnsembleModel | OnnxEnsemble, rows: list[ManifestRow],
     return (np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)), kept
 
 
-def predict_rows(model: EnsembleModel | OnnxEnsemble, inputs: Inputs, out_csv: str | Path, *, tta: bool = False,
-                 batch_size: int = 32) -> dict:
-    """Write the predictions CSV (+ patients and submission files); returns a summary."""
+def predict_rows(model: EnsembleModel | OnnxEnsemble, inputs: Inputs, out_csv: str | Path, *,
+                 tta: bool | None = None, batch_size: int = 32) -> dict:
+    """Write the predictions CSV (+ patients and submission files); returns a summary. ``tta`` None: as the
+    ensemble was fitted (``model.default_tta``); the ``model`` column says ``<method>+tta`` when TTA is used."""
     out_csv = Path(out_csv)
+    tta = model.default_tta if tta is None else tta
     rows, errors = inputs.rows, dict(inputs.errors)
     crops, kept = load_crops_for(model, rows, errors)
-    variants = {model.method: False, f"{model.method}+tta": True} if tta else {model.method: False}
-    results = {}
-    for name, use_tta in variants.items():
-        ens, members = _batched(model, crops, use_tta, batch_size)
-        results[name] = (ens, members)
-    columns, records = [], []
-    for name, (ens, members) in results.items():
-        columns, block = prediction_records(
-            [r.path for r in rows], [r.label for r in rows], {name: _scatter(ens, kept, len(rows))},
-            subjects=[r.subject for r in rows], errors=[errors.get(r.path, "") for r in rows],
-            extra={f"prob_{m}": _scatter(members[k], kept, len(rows)) for k, m in enumerate(model.names)})
-        records += block
+    ens, members = _batched(model, crops, tta, batch_size)
+    name = f"{model.method}+tta" if tta else model.method
+    columns, records = prediction_records(
+        [r.path for r in rows], [r.label for r in rows], {name: _scatter(ens, kept, len(rows))},
+        subjects=[r.subject for r in rows], errors=[errors.get(r.path, "") for r in rows],
+        extra={f"prob_{m}": _scatter(members[k], kept, len(rows)) for k, m in enumerate(model.names)},
+        spreadsheet_safe=True)
     write_csv_atomic(out_csv, columns, records)
-    ens = results[model.method][0]
     scored_rows = [rows[i] for i in kept]
     summary = {"scored": len(kept), "failed": len(rows) - len(kept), "csv": str(out_csv),
                "flagged": [r.path for r, p in zip(scored_rows, ens) if p >= 0.5]}

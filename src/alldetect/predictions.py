@@ -47,9 +47,14 @@ def write_prediction_blocks(path: str | Path, paths: list[str], labels: list[str
 
 def prediction_records(paths: list[str], labels: list[str], blocks: dict[str, np.ndarray], *,
                        subjects: list[str] | None = None, extra: dict[str, np.ndarray] | None = None,
-                       errors: list[str] | None = None) -> tuple[list[str], list[dict]]:
+                       errors: list[str] | None = None,
+                       spreadsheet_safe: bool = False) -> tuple[list[str], list[dict]]:
     """Contract columns and rows; a NaN probability (an image that could not be scored) is left empty and
-    ``errors`` adds an ``error`` column saying why."""
+    ``errors`` adds an ``error`` column saying why. ``spreadsheet_safe`` neutralises names a spreadsheet would
+    run as a formula (for files made from names users supplied)."""
+    if spreadsheet_safe:
+        paths, subjects = [formula_safe(p) for p in paths], [formula_safe(s) for s in subjects or [""] * len(paths)]
+        errors = None if errors is None else [formula_safe(e) for e in errors]
     subjects = subjects or [""] * len(paths)
     extra = extra or {}
     records = []
@@ -62,6 +67,16 @@ def prediction_records(paths: list[str], labels: list[str], blocks: dict[str, np
             records.append(record)
     columns = ["path", "label", "prob_all", "model", "subject", *extra, *(["error"] if errors is not None else [])]
     return columns, records
+
+
+def formula_safe(text: str) -> str:
+    """OWASP's rule against CSV injection: a cell starting with = + - @ (or tab, carriage return) gets a
+    leading single quote, so a spreadsheet shows it instead of evaluating it.
+
+    >>> formula_safe("=HYPERLINK(1)"), formula_safe("UID_1_2_3_all.bmp")
+    ("'=HYPERLINK(1)", 'UID_1_2_3_all.bmp')
+    """
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _number(value: float) -> str:

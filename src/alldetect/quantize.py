@@ -125,60 +125,18 @@ def _copy_metadata(source: str | Path, target: Path, *, precision: str, float_me
     onnx.save(proto, str(target))
 
 
-def calibration_sample(paths: list[str], labels: np.ndarray, n: int, *, seed: int = 0) -> list[str]:
-    """Up to ``n`` paths, both classes in their proportions, drawn with a fixed seed.
-
-    >>> calibration_sample(["a", "b", "c", "d"], np.array([1, 1, 0, 0]), 2)
-    ['b', 'd']
-    """
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    if len(paths) <= n:
-        return list(paths)
-    chosen: list[int] = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        take = max(1, round(n * len(members) / len(labels)))
-        chosen.extend(rng.choice(members, size=min(take, len(members)), replace=False).tolist())
-    return [paths[i] for i in sorted(chosen)[:n]]
-
-
-def validation_crops(ens_dir: str | Path, *, crop: int, input_size: int | None, n: int,
-                     cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Crops and labels of up to ``n`` of the ensemble's validation cells (``predictions_val.csv``)."""
-    from .data.cache import load_crops
-    from .predictions import read_predictions
-
-    csv = Path(ens_dir) / "predictions_val.csv"
-    if not csv.is_file():
-        raise AlldetectError(f"{csv}: not found; int8 calibration uses the ensemble's validation cells "
-                             "(pass --calibration with cell images, or --no-int8)")
-    val = next(iter(read_predictions(csv).values()))
-    paths = calibration_sample(val.path, val.y, n)
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise AlldetectError(f"{missing[0]}: validation cell not found ({len(missing)} of {len(paths)} missing); "
-                             "pass --calibration with cell images, or --no-int8")
-    cache = load_crops(paths, crop=crop, size=input_size, cache_dir=cache_dir)
-    label_of = dict(zip(val.path, val.y))
-    labels = np.asarray([label_of[p] for p in paths])
-    usable = cache.usable
-    return np.asarray(cache.images)[usable], labels[usable]
-
-
 def calibration_crops(ens_dir: str | Path, model, *, calibration: list[Path] | None = None,
                       cells: int = 128) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Crops to calibrate int8 on, their labels (None for given images) and where they came from: up to
-    ``cells`` of ``calibration`` images, or by default of the ensemble's validation cells."""
+    ``cells`` of ``calibration`` images, or by default the validation crops kept in the ensemble folder."""
+    from .ensemble_dir import read_calibration
     from .predict import collect_inputs, load_crops_for
 
     if calibration:
         crops, _ = load_crops_for(model, collect_inputs(calibration).rows[:cells], {})
         return crops, None, "given"
-    with tempfile.TemporaryDirectory() as tmp:
-        crops, labels = validation_crops(ens_dir, crop=model.crop, input_size=model.input_size, n=cells,
-                                         cache_dir=tmp)
-    return crops, labels, "validation"
+    crops, labels = read_calibration(ens_dir)
+    return crops[:cells], labels[:cells], "validation"
 
 
 def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, crops: np.ndarray,

@@ -4,6 +4,7 @@ results, and whether the best ensemble's gain over the best member is real."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import warnings
@@ -22,6 +23,7 @@ from .ensemble import METHODS  # noqa: E402
 from .ensemble_dir import load_ensemble_spec  # noqa: E402
 from .evaluation import bootstrap_ci, paired_bootstrap, subject_level  # noqa: E402
 from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity  # noqa: E402
+from .model_card import write_model_card  # noqa: E402
 from .predictions import Predictions, read_predictions  # noqa: E402
 from .tables import format_table  # noqa: E402
 
@@ -39,7 +41,7 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
     split = "test" if test_file.is_file() else "val"
     preds = read_predictions(ens_dir / f"predictions_{split}.csv")
     val = read_predictions(ens_dir / "predictions_val.csv")
-    members = [m["name"] for m in spec["members"]]
+    members = spec.names
     order = members + [m for m in METHODS if m in preds]
     first = next(iter(preds.values()))
     y, groups = first.y, np.array([s or p for s, p in zip(first.subject, first.path)])
@@ -59,24 +61,26 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
     write_csv_atomic(ens_dir / "table4.csv", list(table4[0]), table4)
     gain = {metric: paired_bootstrap(y, preds[best_ensemble].prob_all, preds[best_member].prob_all, groups,
                                      metric=metric, n_boot=n_boot, seed=seed) for metric in ("ba", "auc", "wfs")}
-    operating = _operating_point(val[spec["default_method"]], preds[spec["default_method"]], target_sensitivity)
+    operating = _operating_point(val[spec.default_method], preds[spec.default_method], target_sensitivity)
     known = np.array([bool(s) for s in first.subject])  # images without a parsed subject have no patient
     subjects = {m: subject_level(y[known], preds[m].prob_all[known], [s for s in first.subject if s])
-                for m in (best_member, spec["default_method"])} if known.any() else {}
+                for m in (best_member, spec.default_method)} if known.any() else {}
     if subjects:
         write_csv_atomic(ens_dir / "subjects.csv", ["model", *subjects[best_member][0]],
                          [{"model": _label(m), **row} for m, rows in subjects.items() for row in rows])
     (ens_dir / "table4.json").write_text(json.dumps(
-        {"split": split, "data": spec["data"], "metrics": point, "ci95": cis, "val_metrics": val_point,
+        {"split": split, "data": spec.data, "tta": spec.tta, "metrics": point, "ci95": cis, "val_metrics": val_point,
          "best_member": best_member, "best_ensemble": best_ensemble, "gain": gain, "operating_point": operating},
         indent=2, default=float))
 
     _roc_figure(ens_dir / "roc.png", y, preds, order, members)
     _confusion_figure(ens_dir / "confusion.png", {m: point[m] for m in (best_member, best_ensemble)})
-    _calibration_figure(ens_dir / "calibration.png", y, preds, members + [spec["default_method"], best_ensemble])
+    _calibration_figure(ens_dir / "calibration.png", y, preds, members + [spec.default_method, best_ensemble])
+    has_curves = training_curves_figure(ens_dir / "training.png", ens_dir, spec)
     report = _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects,
-                       has_gradcam=(ens_dir / "gradcam" / "gradcam_grid.png").is_file())
+                       has_gradcam=(ens_dir / "gradcam" / "gradcam_grid.png").is_file(), has_curves=has_curves)
     (ens_dir / "report.md").write_text(report)
+    write_model_card(ens_dir)
     return ens_dir / "report.md"
 
 
@@ -95,8 +99,8 @@ def _operating_point(val: Predictions, test: Predictions, sensitivity: float) ->
 
 
 def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects,
-              has_gradcam: bool) -> str:
-    data = spec["data"]
+              has_gradcam: bool, has_curves: bool) -> str:
+    data = spec.data
     lines = [f"**Data: {data['dataset']}; split: {data['protocol']}; scored on the {split} split.**", "",
              "# alldetect report", ""]
     if data.get("synthetic"):
@@ -124,13 +128,16 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
         lines += [f"**{_label(m)}**", "", "| actual \\ predicted | HEM | ALL |", "|---|---|---|",
                   f"| HEM | {c['tn']} ({_pct(c['tn'], hem)}) | {c['fp']} ({_pct(c['fp'], hem)}) |",
                   f"| ALL | {c['fn']} ({_pct(c['fn'], all_)}) | {c['tp']} ({_pct(c['tp'], all_)}) |", ""]
-    lines += ["## ROC curves (Fig. 5)", "", "![ROC curves](roc.png)", "",
+    lines += [*(["## Training curves", "", "Each member's training loss and learning rate per step, and its "
+                 "validation metrics per epoch; the dotted line marks the epoch kept.", "",
+                 "![training curves](training.png)", ""] if has_curves else []),
+              "## ROC curves (Fig. 5)", "", "![ROC curves](roc.png)", "",
               "## Calibration", "", "![reliability diagram](calibration.png)", "",
               *(["## Grad-CAM (Figs. 6-8)", "", "Rows are cells; columns the members and the ensemble, whose map "
                  "is the weighted mean of the members' maps.", "", "![Grad-CAM grid](gradcam/gradcam_grid.png)", ""]
                 if has_gradcam else []),
               "## Operating point for few false negatives", "",
-              f"For {_label(spec['default_method'])}, the threshold that reaches sensitivity "
+              f"For {_label(spec.default_method)}, the threshold that reaches sensitivity "
               f"{operating['target_sensitivity']:.2f} on validation is {operating['threshold']:.3f}; on {split} it "
               f"gives sensitivity {operating['sensitivity']:.3f} and specificity {operating['specificity']:.3f} "
               f"({operating['fn']} false negatives, {operating['fp']} false positives).", "",
@@ -148,6 +155,46 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
 
 def _pct(n: int, total: int) -> str:
     return f"{100 * n / total:.2f}%" if total else "-"
+
+
+def training_curves_figure(path: Path, ens_dir: Path, spec) -> bool:
+    """One row per member: loss and learning rate per step; validation loss, AUC and BA per epoch; the kept
+    epoch marked. Returns False (and draws nothing) when no member has its training record."""
+    records = [(m, _read_csv(ens_dir / m.record_dir / "history.csv"), _read_csv(ens_dir / m.record_dir / "epochs.csv"))
+               for m in spec.members]
+    records = [(m, h, e) for m, h, e in records if h and e]
+    if not records:
+        return False
+    fig, axes = plt.subplots(len(records), 2, figsize=(11, 2.8 * len(records)), squeeze=False)
+    for (member, history, epochs), (left, right) in zip(records, axes):
+        steps = [int(r["step"]) for r in history]
+        per_epoch = max(int(epochs[0]["step"]), 1)
+        left.plot(steps, [float(r["loss"]) for r in history], lw=0.6, color="tab:blue", label="training loss")
+        left.set(xlabel="optimizer step", ylabel="loss", title=f"{member.name}: training")
+        lr_axis = left.twinx()
+        lr_axis.plot(steps, [float(r["lr"]) for r in history], lw=1.0, color="tab:orange", label="learning rate")
+        lr_axis.set_ylabel("learning rate", color="tab:orange")
+        x = [int(r["epoch"]) for r in epochs]
+        for key, colour in (("val_loss", "tab:blue"), ("auc", "tab:green"), ("ba", "tab:red")):
+            right.plot(x, [float(r[key]) if r[key] not in ("", "nan") else np.nan for r in epochs], marker="o", ms=3,
+                       color=colour, label={"val_loss": "val loss", "auc": "val AUC", "ba": "val BA"}[key])
+        right.axhline(0.5, color="grey", lw=0.6, ls=":")
+        if member.best_epoch is not None:
+            right.axvline(member.best_epoch, color="black", lw=1.0, ls=":", label=f"kept: epoch {member.best_epoch}")
+            left.axvline((member.best_epoch + 1) * per_epoch, color="black", lw=1.0, ls=":")
+        right.set(xlabel="epoch", title=f"{member.name}: validation")
+        right.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _roc_figure(path: Path, y: np.ndarray, preds: dict[str, Predictions], order: list[str], members: list[str]) -> None:

@@ -1,0 +1,139 @@
+"""``MODEL_CARD.md`` of an ensemble folder, in the sections people know from model hubs. Written when the
+ensemble is built and again by the report, whose validation and test figures (with subject-bootstrap CIs) it
+then quotes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .ensemble_dir import EnsembleSpec, load_ensemble_spec, model_id
+from .tables import format_table
+
+CARD_NAME = "MODEL_CARD.md"
+CARD_METRICS = ("auc", "ba", "wfs", "sensitivity", "specificity")
+SECTIONS = ("What it does and for whom", "Not a medical device", "Training data", "Preprocessing",
+            "Members and ensemble", "Results", "Limitations", "How to use it", "Versions")
+CNMC_CITATION = ("Gupta A., Gupta R. (2019). ALL Challenge dataset of ISBI 2019 [Data set]. The Cancer Imaging "
+                 "Archive. https://doi.org/10.7937/tcia.2019.dc64i46r (licence: CC BY 3.0)")
+
+
+def write_model_card(ens_dir: str | Path) -> Path:
+    ens_dir = Path(ens_dir)
+    spec = load_ensemble_spec(ens_dir)
+    table4 = ens_dir / "table4.json"
+    results = json.loads(table4.read_text()) if table4.is_file() else None
+    sections = {
+        "What it does and for whom": _purpose(spec),
+        "Not a medical device": [
+            "Research software. It has not been cleared or approved by any regulator and must not be used to "
+            "diagnose, treat or triage anyone. A flagged cell is a prompt for an expert to look, nothing more."],
+        "Training data": _data(spec),
+        "Preprocessing": _preprocessing(spec),
+        "Members and ensemble": _members(spec),
+        "Results": _results(spec, results),
+        "Limitations": [
+            "- Stain and scanner shift: cells from another lab, stain batch or microscope than the training donors "
+            "can score differently; the cross-subject benchmark (BENCHMARKS.md) measures how much on C-NMC.",
+            "- One segmented cell per image, centred on a black background, as in C-NMC-2019: whole smears or "
+            "other segmentations are outside what it was trained on.",
+            "- Class balance: C-NMC holds about two ALL cells per normal one and few healthy donors; the 0.5 "
+            "threshold and the patient rule (mean P(ALL) >= 0.5) are not tuned for screening prevalence.",
+            "- Cells of one subject are not independent: judge results by subjects, not by cell counts."],
+        "How to use it": [
+            "Copy this folder: it holds everything needed (member weights as safetensors, preprocessing, fitted "
+            "combiners, ONNX graphs when exported). Then:", "",
+            "```bash",
+            f"alldetect predict {ens_dir.name} CELLS_OR_FOLDERS -o predictions.csv   # CSV + patient summary",
+            f"alldetect explain {ens_dir.name} CELL.png -o gradcam                   # Grad-CAM of each member",
+            f"alldetect export {ens_dir.name}                                        # fast CPU engine (ONNX, int8)",
+            f"alldetect serve {ens_dir.name}                                         # web page for the lab",
+            "```"],
+        "Versions": [f"- {k}: {v}" for k, v in spec.versions.items()] + [f"- model id: {model_id(ens_dir)}"],
+    }
+    lines = [f"# Model card: alldetect ensemble {model_id(ens_dir)}", ""]
+    if spec.data.get("synthetic"):
+        lines += ["> **Trained on SYNTHETIC cells.** This model shows that the software works; it detects nothing "
+                  "in real blood.", ""]
+    for title in SECTIONS:
+        lines += [f"## {title}", "", *sections[title], ""]
+    path = ens_dir / CARD_NAME
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _purpose(spec: EnsembleSpec) -> list[str]:
+    return [f"Estimates the probability that a single white-blood-cell image shows an acute lymphoblastic "
+            f"leukemia blast (ALL) rather than a normal cell (HEM), with a weighted ensemble of {len(spec.members)} "
+            f"convolutional networks ({', '.join(spec.names)}); a patient is called ALL when the mean P(ALL) of "
+            "their cells is at least 0.5. For hematology and imaging researchers who want to study or benchmark "
+            "such models, and for labs that want suspicious cells pointed out for review."]
+
+
+def _data(spec: EnsembleSpec) -> list[str]:
+    data = spec.data
+    lines = [f"- Dataset: {data.get('dataset', 'unknown')}" + (" (SYNTHETIC)" if data.get("synthetic") else ""),
+             f"- Split: {data.get('protocol', 'unknown')}; no subject is in two splits."]
+    if not data.get("synthetic"):
+        lines.append(f"- C-NMC-2019: {CNMC_CITATION}")
+    counts = data.get("counts")
+    if counts:
+        rows = [{"split": split, "ALL images": c["all"]["images"], "ALL subjects": c["all"]["subjects"],
+                 "HEM images": c["hem"]["images"], "HEM subjects": c["hem"]["subjects"]}
+                for split, c in counts.items()]
+        lines += ["", format_table(rows, markdown=True)]
+    return lines
+
+
+def _preprocessing(spec: EnsembleSpec) -> list[str]:
+    size = f", resized to {spec.input_size}x{spec.input_size} (bilinear)" if spec.input_size else ""
+    return [f"- Pixel-exact {spec.crop}x{spec.crop} center crop of the frame{size}; uint8 RGB in.",
+            "- Each member normalises inside the network with the mean/std its ImageNet weights expect: "
+            + "; ".join(f"{m.name} {_triple(m.mean)}/{_triple(m.std)}" for m in spec.members) + ".",
+            "- Test-time augmentation: " + ("on: each member's P(ALL) is the mean over the eight flips and "
+                                            "90-degree rotations (the combiners were fitted that way)."
+                                            if spec.tta else "off (the paper's protocol).")]
+
+
+def _triple(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+def _members(spec: EnsembleSpec) -> list[str]:
+    fit = spec.fit(spec.default_method)
+    weights = fit.weights or [None] * len(spec.members)
+    rows = []
+    for member, weight in zip(spec.members, weights):
+        config = member.provenance.get("config", {})
+        val = spec.val_metrics.get(member.name, {})
+        rows.append({"member": member.name, "weight": "-" if weight is None else f"{weight:.3f}",
+                     "kept epoch": "-" if member.best_epoch is None else member.best_epoch,
+                     "selected by": config.get("select_metric", "-"),
+                     "training": f"{config.get('optimizer', '?')}, {config.get('schedule', '?')}, "
+                                 f"{config.get('epochs', '?')} epochs, "
+                                 f"{'ImageNet' if config.get('pretrained') else 'random'} start",
+                     "val AUC": val.get("auc", float("nan")), "val BA": val.get("ba", float("nan"))})
+    fp32 = (spec.bf16 or {}).get("fp32_members") or []
+    return [f"Default method: **{spec.default_method}** (weights fitted on the validation split only); the "
+            f"folder also holds {', '.join(m for m in spec.methods if m != spec.default_method)}.", "",
+            format_table(rows, markdown=True), "",
+            f"Reduced precision: members that bf16 moves too far on validation cells run in fp32: "
+            f"{', '.join(fp32) if fp32 else 'none'}."]
+
+
+def _results(spec: EnsembleSpec, results: dict | None) -> list[str]:
+    if results is None:
+        return ["No report yet: `alldetect report` adds validation and test results here."]
+    method = spec.default_method
+    rows = []
+    for name, metrics, cis in (("validation", results["val_metrics"].get(method), None),
+                               (f"{results['split']} (95% CI)", results["metrics"].get(method),
+                                results["ci95"].get(method))):
+        if metrics is None:
+            continue
+        rows.append({"split": name, **{k: f"{metrics[k]:.3f}" + (f" ({cis[k][0]:.3f}-{cis[k][1]:.3f})" if cis
+                                                                   else "") for k in CARD_METRICS}})
+    scope = "the synthetic" if spec.data.get("synthetic") else "the"
+    return [f"{method}, cell level, threshold 0.5, on {scope} splits above; 95% CIs from a bootstrap over "
+            "subjects (test split). See report.md for every member and method.", "",
+            format_table(rows, markdown=True)]

@@ -1,0 +1,118 @@
+"""The ensemble folder is the whole model: it works moved, with its training runs gone; damaged or hand-edited
+folders are one-line errors naming the file and the field."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from alldetect.cli import app
+from alldetect.ensemble_dir import SpecError, load_ensemble_spec
+from alldetect.ensemble_model import build_ensemble, load_ensemble
+from alldetect.errors import AlldetectError
+from alldetect.explain import ensemble_cam, member_cams
+from alldetect.export import export_ensemble, load_engine
+from alldetect.predict import collect_inputs, load_crops_for, predict_rows
+from alldetect.serve import ServeSettings, create_app
+
+from conftest import write_cell
+
+runner = CliRunner()
+
+
+def _answers(ens, cells, out):
+    """predict with the torch and the ONNX engine, Grad-CAM maps, and the web app's answer."""
+    csv = {}
+    for engine in ("torch", "onnx"):
+        model = load_engine(ens, device="cpu", engine=engine, precision="fp32")
+        predict_rows(model, collect_inputs([cells]), out / f"{engine}.csv")
+        csv[engine] = (out / f"{engine}.csv").read_text()
+    model = load_ensemble(ens, device="cpu", precision="fp32")
+    crops, _ = load_crops_for(model, collect_inputs([cells]).rows, {})
+    cams = ensemble_cam(member_cams(model, crops, [1] * len(crops)), model.cam_weights)
+    client = TestClient(create_app(ens, ServeSettings(db_path=str(out / "db.sqlite"), device="cpu")))
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in sorted(cells.iterdir())]
+    served = client.post("/api/predict", files=files).json()
+    return csv, cams, [(c["name"], c["prob_all"]) for c in served["cells"]]
+
+
+def test_a_moved_folder_without_its_runs_gives_identical_answers(member_runs, tmp_path):
+    runs = [shutil.copytree(r, tmp_path / "runs" / r.name) for r in member_runs]
+    ens = tmp_path / "lab" / "ensemble"
+    build_ensemble(runs, ens)
+    export_ensemble(ens, int8=False)
+    cells = tmp_path / "cells"
+    for i in range(3):
+        write_cell(cells / f"UID_5_1_{i + 1}_all.png", size=80, value=60 + 40 * i)
+    (tmp_path / "before").mkdir()
+    before = _answers(ens, cells, tmp_path / "before")
+
+    spec = json.loads((ens / "ensemble.json").read_text())
+    assert all(not m["weights"].startswith("/") and m["weights"].endswith(".safetensors") for m in spec["members"])
+    moved = tmp_path / "elsewhere" / "copied-ensemble"
+    shutil.move(ens, moved)
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "after").mkdir()
+    after = _answers(moved, cells, tmp_path / "after")
+    assert after[0] == before[0]  # predictions CSVs, torch and ONNX, byte for byte
+    np.testing.assert_array_equal(after[1], before[1])  # Grad-CAM
+    assert after[2] == before[2]  # the web app
+    assert (moved / "members" / "mobilenet" / "history.csv").is_file()  # the training record travels too
+
+
+@pytest.fixture
+def copied(ensemble_dir, tmp_path):
+    target = tmp_path / "ens"
+    shutil.copytree(ensemble_dir, target)
+    return target
+
+
+def _edit_spec(ens, change):
+    spec = json.loads((ens / "ensemble.json").read_text())
+    change(spec)
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+
+
+def test_damaged_or_replaced_weights_are_refused(copied):
+    weights = copied / "members" / "mobilenet" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SpecError, match="weights.safetensors: the weights do not match the hash"):
+        load_ensemble(copied, device="cpu")
+    weights.write_bytes(bytes(data[:1000]))
+    r = runner.invoke(app, ["predict", str(copied), str(copied), "-o", str(copied / "p.csv")])
+    assert r.exit_code == 1 and "do not match the hash" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["methods"]["wen_kappa"].update(weights=[float("nan"), 1.0]), "methods.wen_kappa.weights must be"),
+    (lambda s: s["methods"]["sap"].update(weights=[-1.0, 1.0]), "non-negative"),
+    (lambda s: s["methods"]["sap"].update(weights=["1", 1.0]), "methods.sap.weights must be 2 finite"),
+    (lambda s: s["methods"]["sap"].update(weights=[1.0]), "methods.sap.weights must be 2 finite"),
+    (lambda s: s["methods"]["stacking"].update(intercept=float("inf")), "methods.stacking.intercept"),
+    (lambda s: s["members"][0].update(crop=0), "members\\[0\\].crop/input_size"),
+    (lambda s: s["members"][1].update(name="resnet9"), "members\\[1\\].name: unknown member"),
+    (lambda s: s["members"][0].update(weights="/etc/passwd"), "must be a path inside the folder"),
+    (lambda s: s["members"][0].pop("sha256"), "missing field members\\[0\\].sha256"),
+    (lambda s: s.pop("methods"), "missing field methods"),
+    (lambda s: s.update(default_method="median"), "default_method 'median' is not one of its methods"),
+    (lambda s: s["methods"].update(magic={"method": "magic"}), "methods.magic: unknown method"),
+    (lambda s: s.update(version=1), "earlier alldetect.*rebuild it"),
+])
+def test_a_bad_spec_is_one_line_naming_the_field(copied, change, message):
+    _edit_spec(copied, change)
+    with pytest.raises(SpecError, match=message) as caught:
+        load_ensemble_spec(copied)
+    assert "\n" not in str(caught.value) and "ensemble.json" in str(caught.value)
+    r = runner.invoke(app, ["predict", str(copied), str(copied), "-o", str(copied / "p.csv")])
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.startswith("error: ")
+
+
+def test_invalid_json_is_one_line(copied):
+    (copied / "ensemble.json").write_text('{"format": "alldetect-ensemble", ')
+    with pytest.raises(AlldetectError, match="ensemble.json: not valid JSON"):
+        load_ensemble_spec(copied)

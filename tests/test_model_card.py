@@ -1,0 +1,39 @@
+"""MODEL_CARD.md: written with the ensemble, its numbers those of the report, linked from the web page."""
+
+import json
+import re
+import shutil
+
+from fastapi.testclient import TestClient
+
+from alldetect.model_card import CARD_NAME, SECTIONS
+from alldetect.report import make_report
+from alldetect.serve import ServeSettings, create_app
+
+
+def test_card_has_the_hub_sections_and_the_report_numbers(ensemble_dir, tmp_path):
+    ens = tmp_path / "ens"
+    shutil.copytree(ensemble_dir, ens)
+    card = (ens / CARD_NAME).read_text()  # written by build_ensemble
+    assert [line[3:] for line in card.splitlines() if line.startswith("## ")] == list(SECTIONS)
+    assert "SYNTHETIC" in card and "must not be used to diagnose" in card
+    assert "No report yet" in card
+
+    make_report(ens, n_boot=50)
+    card = (ens / CARD_NAME).read_text()
+    results = json.loads((ens / "table4.json").read_text())
+    method = json.loads((ens / "ensemble.json").read_text())["default_method"]
+    test, ci = results["metrics"][method], results["ci95"][method]
+    row = next(line for line in card.splitlines() if line.startswith(f"| {results['split']} (95% CI) |"))
+    assert f"{test['auc']:.3f} ({ci['auc'][0]:.3f}-{ci['auc'][1]:.3f})" in row
+    assert f"{test['ba']:.3f} ({ci['ba'][0]:.3f}-{ci['ba'][1]:.3f})" in row
+    val_row = next(line for line in card.splitlines() if line.startswith("| validation |"))
+    assert f"{results['val_metrics'][method]['auc']:.3f}" in val_row
+    counts = results["data"]["counts"]["train"]["all"]
+    assert re.search(rf"\| train \| {counts['images']} \| {counts['subjects']} \|", card)
+    assert (ens / "training.png").stat().st_size > 10_000
+    assert "![training curves](training.png)" in (ens / "report.md").read_text()
+
+    client = TestClient(create_app(ens, ServeSettings(db_path=str(tmp_path / "db.sqlite"), device="cpu")))
+    assert 'href="/model-card"' in client.get("/").text
+    assert client.get("/model-card").text == card
