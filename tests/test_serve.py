@@ -4,7 +4,6 @@ import concurrent.futures
 import io
 import os
 import shutil
-import socket
 import sqlite3
 import threading
 import time
@@ -18,6 +17,8 @@ from PIL import Image
 
 from alldetect.serve import ServeSettings, create_app
 from alldetect.serve.uploads import Limits
+
+from conftest import running_server
 
 
 def _png(value=90, size=80, mode="RGB") -> bytes:
@@ -195,12 +196,32 @@ def test_concurrent_requests_do_not_mix(served):
             assert name == f"{v}.png" and prob == pytest.approx(expected[v], abs=1e-9)
 
 
-def test_binds_loopback_by_default():
-    import inspect
+def test_serve_binds_loopback_by_default(ensemble_dir, tmp_path, monkeypatch):
+    """`alldetect serve` with no --host: the server really listens on 127.0.0.1 and nowhere else."""
+    import uvicorn
+    from typer.testing import CliRunner
 
-    from alldetect.cli import serve
+    from alldetect.cli import app
 
-    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    bound = {}
+
+    def start(app_, host, port, **_kw):
+        config = uvicorn.Config(app_, host=host, port=0, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        bound["addresses"] = [s.getsockname()[0] for srv in server.servers for s in srv.sockets]
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    monkeypatch.setattr(uvicorn, "run", start)
+    result = CliRunner().invoke(app, ["serve", str(ensemble_dir), "--db", str(tmp_path / "p.sqlite"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert bound["addresses"] == ["127.0.0.1"]
 
 
 # ---- the page in a real browser --------------------------------------------------------------------------
@@ -208,28 +229,11 @@ def test_binds_loopback_by_default():
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(ensemble_dir, tmp_path_factory):
-    import uvicorn
-
-    port = _free_port()
     settings = ServeSettings(db_path=str(tmp_path_factory.mktemp("live") / "p.sqlite"), device="cpu")
-    server = uvicorn.Server(uvicorn.Config(create_app(ensemble_dir, settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(ensemble_dir, settings)) as (url, _server):
+        yield url
 
 
 def test_page_in_headless_chromium(live_server, tmp_path):

@@ -3,13 +3,52 @@ subject are not independent), and a paired bootstrap to tell whether one model r
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
 
-from .metrics import UndefinedMetricWarning, classification_metrics
+from .errors import AlldetectError
+from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
+from .predictions import Predictions
 
+logger = logging.getLogger(__name__)
 CI_METRICS = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa", "sensitivity", "specificity")
+
+
+def evaluate_predictions(p: Predictions, *, threshold: float = 0.5, ci: int = 0, sensitivity: float | None = None,
+                         subjects: bool = False, source: str = "") -> tuple[dict, list[dict] | None]:
+    """``alldetect evaluate`` for one model's predictions: the metrics at ``threshold``, with ``ci`` subject
+    bootstrap resamples for 95% CIs, the operating point for ``sensitivity``, and the subject-level table.
+    Metrics a one-class set cannot define are NaN with a warning; impossible requests are ``AlldetectError``."""
+    labelled = p.y >= 0
+    if not labelled.any():
+        raise AlldetectError(f"{source}: model {p.model!r} has no labelled rows to score")
+    y, prob = p.y[labelled], p.prob_all[labelled]
+    names = [s or path for s, path, keep in zip(p.subject, p.path, labelled) if keep]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UndefinedMetricWarning)
+        result: dict = classification_metrics(y, prob, threshold=threshold)
+        if ci:
+            result["ci95"] = bootstrap_ci(y, prob, np.asarray(names), n_boot=ci, threshold=threshold)
+    for w in {str(w.message) for w in caught}:
+        logger.warning("%s: %s", p.model, w)
+    if sensitivity is not None:
+        if not (y == 1).any():
+            raise AlldetectError(f"{source}: model {p.model!r} has no ALL cells, so no threshold reaches a "
+                                 "sensitivity")
+        t = threshold_for_sensitivity(y, prob, sensitivity)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            at = classification_metrics(y, prob, threshold=t)
+        result["operating_point"] = {"threshold": t, "sensitivity": at["sensitivity"],
+                                     "specificity": at["specificity"]}
+    table = None
+    if subjects:
+        table = subject_level(y, prob, names, threshold=threshold)
+        result["subjects_right"] = sum(r["correct"] == "yes" for r in table)
+        result["subjects"] = len(table)
+    return result, table
 
 
 def subject_level(y: np.ndarray, prob: np.ndarray, subjects: list[str], *, threshold: float = 0.5) -> list[dict]:

@@ -14,6 +14,7 @@ from ..errors import ImageProblem
 # C-NMC cells are 450x450 (0.2 MP). Anything above this is not a single-cell image and may be a
 # decompression bomb; refuse it before decoding (Pillow's own limit is ~179 MP, far too lax here).
 MAX_PIXELS = 25_000_000
+EMPTY_FILE = "empty file (0 bytes)"
 
 
 def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
@@ -31,7 +32,7 @@ def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndar
     except OSError as e:
         raise ImageProblem(path, f"cannot read: {e.strerror or e}") from None
     if size == 0:
-        raise ImageProblem(path, "empty file (0 bytes)")
+        raise ImageProblem(path, EMPTY_FILE)
     return decode_rgb(path, name=str(path), max_pixels=max_pixels)
 
 
@@ -49,7 +50,7 @@ def decode_rgb(source: Path | BinaryIO, *, name: str, max_pixels: int = MAX_PIXE
                         name, f"{width}x{height} pixels exceeds the {max_pixels:,}-pixel limit "
                         "(not a single-cell image, or a decompression bomb)")
                 img.load()
-                return _to_rgb(img)
+                return _to_rgb(img, name)
     except ImageProblem:
         raise
     except UnidentifiedImageError:
@@ -61,7 +62,7 @@ def decode_rgb(source: Path | BinaryIO, *, name: str, max_pixels: int = MAX_PIXE
         raise ImageProblem(name, f"corrupt or truncated image ({e})") from None
 
 
-def _to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:
+def _to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, str | None]:
     mode = img.mode
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8), None
@@ -75,4 +76,16 @@ def _to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:
         top = max(arr.max(), 1.0)
         gray = np.round(arr * (255.0 / (65535.0 if top > 255 else 255.0))).clip(0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2), f"{mode} image scaled to 8 bits and converted to RGB"
+    if mode == "F":  # 32-bit float: Pillow's own conversion truncates 0-1 values to black
+        arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageProblem(name, "floating-point image holds NaN or infinite values")
+        low, high = float(arr.min()), float(arr.max())
+        if low < 0 or high > 255:
+            raise ImageProblem(name, f"floating-point image with values {low:g}..{high:g}, outside 0-1 and 0-255: "
+                                     "its intensity scale is unknown")
+        scale = 255.0 if high <= 1.0 else 1.0
+        gray = np.round(arr * scale).clip(0, 255).astype(np.uint8)
+        source = "0-1" if scale > 1 else "0-255"
+        return np.repeat(gray[..., None], 3, axis=2), f"floating-point image scaled from {source} to 8 bits, as RGB"
     return np.asarray(img.convert("RGB"), dtype=np.uint8), f"{mode} image converted to RGB"

@@ -51,12 +51,12 @@ def index_folder(root: str | Path, *, check_images: bool = True, workers: int = 
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    problems: list[Problem] = []
+    files = _files(root, problems)
     images = [p for p in files if is_image_file(p)]
     if not images:
         raise DataError(f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
 
-    problems: list[Problem] = []
     rows: dict[Path, ManifestRow] = {}
     for csv_path in files:
         if csv_path.suffix.lower() == ".csv" and _is_prelim_csv(csv_path):
@@ -77,6 +77,32 @@ def index_folder(root: str | Path, *, check_images: bool = True, workers: int = 
     result = IndexResult(rows=candidates, problems=problems, synthetic=synthetic_marker(root))
     result.warnings = _consistency_warnings(candidates)
     return result
+
+
+def _files(root: Path, problems: list[Problem]) -> list[Path]:
+    """Every regular file under ``root`` (hidden ones aside); anything else that is not a folder, and files
+    that are neither images nor known side files, are reported, never dropped without a word."""
+    files = []
+    for path in sorted(root.rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts) or path.is_dir():
+            continue
+        if path.is_symlink() and not path.exists():
+            problems.append(Problem(str(path), "broken symbolic link (its target does not exist)", "skipped"))
+        elif not path.is_file():
+            problems.append(Problem(str(path), "not a regular file (a pipe, socket or device)", "skipped"))
+        else:
+            files.append(path)
+            if not is_image_file(path) and not _side_file(path):
+                kind = path.suffix or "no suffix"
+                problems.append(Problem(str(path), f"not a cell image format this tool reads ({kind}; accepted: "
+                                        f"{', '.join(sorted(IMAGE_SUFFIXES))})", "skipped"))
+    return files
+
+
+def _side_file(path: Path) -> bool:
+    """Files that belong beside a data set: label CSVs, the synthetic marker, read-me and licence texts."""
+    return (path.suffix.lower() in (".csv", ".md", ".txt") or path.name == SYNTHETIC_MARKER
+            or path.stem.upper() in ("README", "LICENSE", "LICENCE"))
 
 
 def _is_prelim_csv(path: Path) -> bool:

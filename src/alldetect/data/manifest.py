@@ -61,18 +61,38 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
 
 
 def read_csv_checked(path: str | Path, required: tuple[str, ...], *, kind: str) -> list[tuple[int, dict]]:
-    """``(line number, row)`` pairs of a CSV that exists and has the ``required`` columns, else a
-    ``DataError`` naming the file and what a ``kind`` file needs."""
+    """``(line number, row)`` pairs of a UTF-8 CSV (a byte-order mark is allowed) that exists, has the
+    ``required`` columns, no column twice and no row longer or shorter than its header, else a ``DataError``
+    naming the file, the line and the problem (a decimal comma shows up as a row that is too long)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {kind} file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a {kind} file needs "
-                            f"{','.join(required)}")
-        return list(enumerate(reader, start=2))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            records = list(reader)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the {kind} file as UTF-8 "
+                        "CSV") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    doubled = sorted({c for c in header if header.count(c) > 1})
+    if doubled:
+        raise DataError(f"{path}:1: column(s) {', '.join(doubled)} appear more than once")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a {kind} file needs "
+                        f"{','.join(required)}")
+    rows = []
+    for line, values in enumerate(records, start=2):
+        if not values:
+            continue  # a blank line
+        if len(values) != len(header):
+            raise DataError(f"{path}:{line}: {len(values)} fields where the header has {len(header)} (a comma "
+                            "inside a value, e.g. a decimal comma, needs quotes)")
+        rows.append((line, dict(zip(header, values))))
+    return rows
 
 
 def write_csv_atomic(path: str | Path, columns: tuple[str, ...] | list[str], records: list[dict]) -> None:

@@ -6,39 +6,47 @@ patient rule); nothing is re-implemented here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
-import hashlib
+import ctypes
+import ctypes.util
 import html
 import io
 import json
 import logging
-import threading
+import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.resources import files as package_files
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from PIL import Image
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..data.names import parse_cell_name
 from ..ensemble_dir import load_ensemble_spec
+from ..model_card import CARD_NAME
+from ..ensemble_dir import model_id as fingerprint
 from ..errors import ImageProblem
 from ..evaluation import subject_level
 from ..export import ONNX_NAME, load_engine
 from ..predict import prepare_crop
 from ..predictions import prediction_records
 from .store import PredictionStore
-from .uploads import Limits, UploadedCell, UploadRejected, expand_uploads
+from .uploads import Limits, UploadedCell, UploadRejected, decode_cell, expand_uploads
 
 logger = logging.getLogger(__name__)
 THRESHOLD = 0.5
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,11 @@ class ServeSettings:
     device: str = "auto"
     engine: str = "prefer-onnx"  # the exported ONNX graph when there is one, else the `auto` choice
     max_cam_cells: int = 32      # Grad-CAM is the slow part: at most this many overlays per request
+    max_queued: int = 16         # requests read or waiting for the scoring thread; more get 503 with Retry-After
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any; `serve` sets them)
+
+
+MULTIPART_OVERHEAD = 256 * 1024  # part headers and boundaries on top of the uploaded files themselves
 
 
 def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -57,16 +70,33 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
     if choice == "prefer-onnx":
         choice = "onnx" if (ens_dir / ONNX_NAME).is_file() else "auto"
     engine = load_engine(ens_dir, device=settings.device, engine=choice)
-    model_id = hashlib.sha256((ens_dir / "ensemble.json").read_bytes()).hexdigest()[:12]
+    model_id = fingerprint(ens_dir)
     store = PredictionStore(settings.db_path)
-    inference_lock = threading.Lock()  # one batch at a time: bounded memory, no interleaving between requests
+    # The models run in one worker thread, never on the event loop: pages and health answer while it scores,
+    # and one batch at a time keeps memory bounded.
+    scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alldetect-score")
+    queued = [0]
     cam_model: dict = {}
     app = FastAPI(title="alldetect", version="1", description="ALL detection in single-cell images with a "
                   "weighted ensemble of CNNs. Research software, not a medical device.")
 
+    @app.middleware("http")
+    async def same_origin_only(request: Request, call_next):
+        """Refuse Host names the server was not bound to (DNS rebinding) and cross-site writes (CSRF)."""
+        host = request.headers.get("host", "")
+        if settings.allowed_hosts is not None and _hostname(host) not in settings.allowed_hosts:
+            return JSONResponse({"detail": f"host {host!r} is not served here; start `alldetect serve` with "
+                                           "--allow-host for the names clients use"}, status_code=421)
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None and \
+                urlsplit(origin).netloc.lower() != host.lower():
+            return JSONResponse({"detail": f"cross-origin request from {origin!r} refused"}, status_code=403)
+        return await call_next(request)
+
     @app.exception_handler(UploadRejected)
     async def rejected(_request: Request, exc: UploadRejected) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -77,83 +107,90 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
     def page() -> str:
         return package_files("alldetect.serve").joinpath("page.html").read_text()
 
+    @app.get("/model-card", response_class=PlainTextResponse, include_in_schema=False)
+    def card() -> str:
+        path = ens_dir / CARD_NAME
+        if not path.is_file():
+            raise HTTPException(404, "this ensemble folder has no MODEL_CARD.md; rebuild it with `alldetect ensemble`")
+        return path.read_text()
+
     @app.get("/api/health")
     def health() -> dict:
-        """Liveness: the model is loaded."""
-        return {"status": "ok", "model_id": model_id}
+        """Liveness: the model is loaded; the prediction record is writable (else predictions are answered but
+        not recorded); how many requests wait for scoring."""
+        problem = store.problem()
+        return {"status": "ok" if problem is None else "degraded", "model_id": model_id,
+                "store": "ok" if problem is None else problem, "queued": queued[0]}
 
     @app.get("/api/model")
     def model_info() -> dict:
         """Members, their weights in the ensemble, the method, and the data the ensemble was trained on."""
-        fit = spec["methods"][engine.method]
+        fit = spec.fit(engine.method)
         return {"model_id": model_id, "method": engine.method, "engine": type(engine).__name__,
-                "crop": engine.crop, "threshold": THRESHOLD,
-                "members": [{"name": m["name"], "weight": (fit["weights"] or [None] * len(spec["members"]))[i],
-                             "val_metrics": spec["val_metrics"].get(m["name"])}
-                            for i, m in enumerate(spec["members"])],
-                "data": spec["data"]}
+                "crop": engine.crop, "threshold": THRESHOLD, "tta": engine.default_tta,
+                "members": [{"name": m.name, "weight": (fit.weights or [None] * len(spec.members))[i],
+                             "val_metrics": spec.val_metrics.get(m.name)}
+                            for i, m in enumerate(spec.members)],
+                "data": spec.data}
 
     @app.post("/api/predict")
     async def predict(request: Request, cam: bool = False) -> dict:
         """Score uploaded cells. Multipart form, field ``files``: images (BMP, PNG, JPEG, TIFF) and/or zips
         of one patient's cells. ``cam=true`` adds a Grad-CAM overlay of each cell (PNG, base64)."""
-        limits = settings.limits
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > limits.max_request_bytes + 1024 * 1024:
-            raise UploadRejected(413, f"request of {declared:,} bytes exceeds the {limits.max_request_bytes:,}-byte "
-                                      "limit")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise UploadRejected(400, "send the images as multipart/form-data in the field 'files'")
+        if queued[0] >= settings.max_queued:
+            raise UploadRejected(503, f"busy: {queued[0]} requests are waiting to be scored; retry shortly",
+                                 retry_after=5)
+        queued[0] += 1  # counted from the first byte read: waiting uploads hold memory too
         try:
-            form = await request.form(max_files=limits.max_files, max_fields=16)
-        except Exception as e:  # starlette raises several types for malformed multipart bodies
-            if "Too many files" in str(e):
-                raise UploadRejected(413, f"more than {limits.max_files} files in one request") from None
-            raise UploadRejected(400, f"malformed multipart body ({e})") from None
-        uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-        if len(uploads) > limits.max_files:
-            raise UploadRejected(413, f"more than {limits.max_files} files in one request")
-        files = []
-        budget = limits.max_request_bytes
-        for upload in uploads:
-            data = await upload.read(budget + 1)
-            budget -= len(data)
-            if budget < 0:
-                raise UploadRejected(413, f"upload exceeds the {limits.max_request_bytes:,}-byte limit")
-            files.append((PurePosixPath(upload.filename or "upload").name, data))
-        cells = expand_uploads(files, limits)
-        request_id = uuid.uuid4().hex
-        result = _score(cells, cam)
-        store.record(request_id, model_id, result["cells"])
-        return {"request_id": request_id, "model_id": model_id, "method": engine.method, "threshold": THRESHOLD,
-                **result, "csv_url": f"/api/results/{request_id}.csv"}
+            files = await _read_files(request, settings.limits)
+            return await asyncio.get_running_loop().run_in_executor(scorer, _work, files, cam)
+        finally:
+            queued[0] -= 1
+
+    def _work(files: list[tuple[str, bytes]], cam: bool) -> dict:
+        try:
+            cells = expand_uploads(files, settings.limits)
+            files.clear()  # the cells hold what is still needed
+            request_id = uuid.uuid4().hex
+            result = _score(cells, cam)
+            recorded = store.record(request_id, model_id, result["cells"])
+            return {"request_id": request_id, "model_id": model_id, "method": engine.method,
+                    "threshold": THRESHOLD, "tta": engine.default_tta, **result, "recorded": recorded,
+                    "csv_url": f"/api/results/{request_id}.csv"}
+        finally:
+            release_memory()
 
     def _score(cells: list[UploadedCell], cam: bool) -> dict:
+        side = engine.input_size or engine.crop
         crops, kept = [], []
-        for i, cell in enumerate(cells):
-            if cell.error:
-                continue
-            try:
-                crops.append(prepare_crop(cell.pixels, engine.crop, engine.input_size, name=cell.name))
-                kept.append(i)
-            except ImageProblem as e:
-                cell.error = e.reason
-        batch = np.stack(crops) if crops else np.zeros((0, engine.crop, engine.crop, 3), np.uint8)
-        with inference_lock:
-            ens, members = engine.predict(batch) if len(batch) else (np.zeros(0), np.zeros((len(engine.names), 0)))
-            overlays = _cams(batch[: settings.max_cam_cells]) if cam and len(batch) else []
+        for i, cell in enumerate(cells):  # one frame decoded at a time; only its crop is kept
+            if not cell.error:
+                try:
+                    crops.append(prepare_crop(decode_cell(cell, settings.limits), engine.crop, engine.input_size,
+                                              name=cell.name))
+                    kept.append(i)
+                except ImageProblem as e:
+                    cell.error = e.reason
+            cell.data = None
+        batch = np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
+        del crops
+        ens, members = (engine.predict(batch, tta=engine.default_tta) if len(batch)
+                        else (np.zeros(0), np.zeros((len(engine.names), 0))))
+        overlays = _cams(batch[: settings.max_cam_cells]) if cam and len(batch) else []
         out = []
         position = {cell_index: j for j, cell_index in enumerate(kept)}
         for i, cell in enumerate(cells):
             j = position.get(i)
+            finite = j is not None and bool(np.isfinite(ens[j]))
             out.append({
-                "name": cell.name, "group": cell.group or _subject(cell.name),
-                "sha256": hashlib.sha256(cell.data).hexdigest(),
-                "prob_all": None if j is None else float(ens[j]),
-                "call": None if j is None else ("ALL" if ens[j] >= THRESHOLD else "HEM"),
+                "name": cell.name, "group": cell.group or _subject(cell.name), "sha256": cell.sha256,
+                "prob_all": float(ens[j]) if finite else None,
+                "call": ("ALL" if ens[j] >= THRESHOLD else "HEM") if finite else None,
                 "members": {} if j is None else {n: float(members[k, j]) for k, n in enumerate(engine.names)},
                 "cam_png": overlays[j] if j is not None and j < len(overlays) else None,
-                "error": cell.error})
+                "error": cell.error or ("" if finite or j is None else "no probability could be computed")})
         scored = [c for c in out if c["prob_all"] is not None]
         patients = subject_level(np.full(len(scored), -1), np.array([c["prob_all"] for c in scored]),
                                  [c["group"] for c in scored], threshold=THRESHOLD) if scored else []
@@ -188,8 +225,9 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         columns, records = prediction_records(
             [r["file_name"] for r in rows], [""] * len(rows),
             {engine.method: np.array([nan if r["prob_all"] is None else r["prob_all"] for r in rows])},
-            subjects=[_subject(r["file_name"]) for r in rows], errors=[r["error"] for r in rows],
-            extra={f"prob_{n}": np.array([m.get(n, nan) for m in members]) for n in engine.names})
+            subjects=[r["subject"] or _subject(r["file_name"]) for r in rows], errors=[r["error"] for r in rows],
+            extra={f"prob_{n}": np.array([m.get(n, nan) for m in members]) for n in engine.names},
+            spreadsheet_safe=True)
         for record, r in zip(records, rows):
             record["sha256"] = r["sha256"]
         buffer = io.StringIO()
@@ -214,6 +252,49 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
                 f"</body></html>")
 
     return app
+
+
+async def _read_files(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
+    """The uploaded files, kept in memory, the size limit enforced on the bytes as they arrive (a request
+    without Content-Length, or one that lies about it, is cut off at the limit, never spooled whole)."""
+    allowed = limits.max_request_bytes + MULTIPART_OVERHEAD
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > allowed:
+        raise UploadRejected(413, f"request of {int(declared):,} bytes exceeds the {limits.max_request_bytes:,}-byte "
+                                  "limit")
+
+    async def counted():
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > allowed:
+                raise UploadRejected(413, f"request exceeds the {limits.max_request_bytes:,}-byte limit")
+            yield chunk
+
+    parser = MultiPartParser(request.headers, counted(), max_files=limits.max_files, max_fields=16)
+    parser.spool_max_size = allowed + 1  # starlette spools parts above this size to disk; ours never reach it
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        if "Too many files" in str(e):
+            raise UploadRejected(413, f"more than {limits.max_files} files in one request") from None
+        raise UploadRejected(400, f"malformed multipart body ({e})") from None
+    uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+    files = [(PurePosixPath(u.filename or "upload").name, await u.read()) for u in uploads]
+    await form.close()
+    return files
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without the port ("[::1]:8000" -> "::1")."""
+    return urlsplit(f"//{host}").hostname or ""
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the system after a request (glibc keeps it otherwise, and a server's resident
+    memory would stay at its largest request)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _probability(value: float | None) -> str:

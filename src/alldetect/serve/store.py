@@ -1,13 +1,21 @@
-"""A record of every prediction in SQLite: time, file hash, probabilities, model id."""
+"""A record of every prediction in SQLite: time, file hash, probabilities, model id.
+
+The record must never cost an answer: if the database file is deleted it is recreated; if it cannot be
+written, the prediction is answered anyway, the failure is logged, and ``/api/health`` says so.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
 
+from ..errors import AlldetectError
+
+logger = logging.getLogger(__name__)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -18,7 +26,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     prob_all REAL,
     member_probs TEXT NOT NULL,
     model_id TEXT NOT NULL,
-    error TEXT NOT NULL DEFAULT ''
+    error TEXT NOT NULL DEFAULT '',
+    subject TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id);
 """
@@ -29,21 +38,53 @@ class PredictionStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db, db:
-            db.executescript(_SCHEMA)
+        if self.path.is_dir():
+            raise AlldetectError(f"{self.path}: is a folder; --db takes the SQLite file to write "
+                                 f"(e.g. {self.path / 'alldetect-predictions.sqlite'})")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._create()
+        except (OSError, sqlite3.Error) as e:
+            raise AlldetectError(f"{self.path}: cannot be used as the prediction record ({e})") from None
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
 
-    def record(self, request_id: str, model_id: str, cells: list[dict]) -> None:
-        now = time.time()
+    def _create(self) -> None:
         with closing(self._connect()) as db, db:
-            db.executemany(
-                "INSERT INTO predictions (time, request_id, file_name, sha256, prob_all, member_probs, model_id, error)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(now, request_id, c["name"], c["sha256"], c["prob_all"], json.dumps(c["members"]), model_id,
-                  c["error"]) for c in cells])
+            db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
+            if "subject" not in columns:  # a record from before subjects were kept
+                db.execute("ALTER TABLE predictions ADD COLUMN subject TEXT NOT NULL DEFAULT ''")
+
+    def record(self, request_id: str, model_id: str, cells: list[dict]) -> bool:
+        """Record a request's cells; False (and a logged error) when the record cannot be written."""
+        now = time.time()
+        rows = [(now, request_id, c["name"], c["sha256"], c["prob_all"], json.dumps(c["members"]), model_id,
+                 c["error"], c["group"]) for c in cells]
+        for attempt in range(2):
+            try:
+                if attempt:
+                    self._create()  # the file was deleted or emptied under us
+                with closing(self._connect()) as db, db:
+                    db.executemany("INSERT INTO predictions (time, request_id, file_name, sha256, prob_all, "
+                                   "member_probs, model_id, error, subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                return True
+            except (OSError, sqlite3.Error) as e:
+                failure = e
+        logger.error("%s: prediction %s answered but not recorded (%s)", self.path, request_id, failure)
+        return False
+
+    def problem(self) -> str | None:
+        """None when the record can be written, else why not."""
+        try:
+            self._create()  # recreates a deleted record
+            with closing(self._connect()) as db:
+                db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or folder
+                db.rollback()
+            return None
+        except (OSError, sqlite3.Error) as e:
+            return f"prediction record {self.path} not writable: {e}"
 
     def request(self, request_id: str) -> list[dict]:
         return self._select("WHERE request_id = ? ORDER BY id", (request_id,))
@@ -52,7 +93,11 @@ class PredictionStore:
         return self._select("ORDER BY id DESC LIMIT ?", (limit,))
 
     def _select(self, clause: str, params: tuple) -> list[dict]:
-        with closing(self._connect()) as db:
-            db.row_factory = sqlite3.Row
-            rows = db.execute(f"SELECT * FROM predictions {clause}", params).fetchall()
+        try:
+            with closing(self._connect()) as db:
+                db.row_factory = sqlite3.Row
+                rows = db.execute(f"SELECT * FROM predictions {clause}", params).fetchall()
+        except sqlite3.Error as e:
+            logger.error("%s: cannot read the prediction record (%s)", self.path, e)
+            return []
         return [dict(r) for r in rows]

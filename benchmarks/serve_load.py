@@ -1,0 +1,260 @@
+"""`alldetect serve` under ordinary and hostile load at once, on loopback.
+
+Starts the real command in its own process (temporary files sent to a watched folder), then: C clients each
+send R requests of real-size cells (1-4 cells of 450x450 BMP per request, retrying after a 503 as told by
+Retry-After); one client sends a stream of hostile requests (chunked uploads over the limit, zip bombs, bad
+zip entries, decompression bombs, too many megapixels, cross-origin posts, foreign Host headers, malformed
+bodies, empty files, float TIFFs); a poller asks /api/health every 50 ms. Prints a table: answers by status,
+unexpected 5xx, health latency percentiles, the server's RSS at the start, peak and end, and the largest
+temporary file ever written.
+
+    python benchmarks/serve_load.py ENS_DIR [--clients 8] [--requests 25] [--cells DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+DEFAULT_CELLS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-dev" / "bmp"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("ens_dir", type=Path)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=25, help="per client")
+    parser.add_argument("--cells", type=Path, default=DEFAULT_CELLS, help="folder of real-size cell images")
+    parser.add_argument("--max-upload-mb", type=int, default=8)
+    args = parser.parse_args()
+    cells = [p.read_bytes() for p in sorted(args.cells.rglob("*.bmp"))] or [_synthetic_bmp(i) for i in range(8)]
+    limit = args.max_upload_mb * 1024 * 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = Path(tmp) / "spool"
+        spool.mkdir()
+        port = _free_port()
+        env = {**os.environ, "TMPDIR": str(spool)}
+        server = subprocess.Popen([sys.executable, "-m", "alldetect.cli", "-q", "serve", str(args.ens_dir),
+                                   "--port", str(port), "--db", str(Path(tmp) / "db.sqlite"),
+                                   "--max-upload-mb", str(args.max_upload_mb), "--device", "cpu"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, server)
+            report = _load(url, server.pid, spool, cells, limit, args)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    _print(report, args, limit)
+
+
+def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args) -> dict:
+    httpx.post(f"{url}/api/predict", files=[("files", ("warm.bmp", cells[0]))], timeout=120)  # first-call setup
+    time.sleep(1)
+    report: dict = {"rss_start": _rss(pid), "rss_peak": 0, "largest_temp": 0, "statuses": collections.Counter(),
+                    "hostile": collections.Counter(), "unexpected": [], "health_ms": [], "retries": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            report["rss_peak"] = max(report["rss_peak"], _rss(pid))
+            for path in spool.rglob("*"):
+                try:
+                    report["largest_temp"] = max(report["largest_temp"], path.stat().st_size)
+                except OSError:
+                    pass
+            time.sleep(0.02)
+
+    def health() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set():
+                start = time.perf_counter()
+                r = client.get(f"{url}/api/health")
+                report["health_ms"].append((time.perf_counter() - start) * 1000)
+                if r.status_code != 200:
+                    report["unexpected"].append(f"health {r.status_code}")
+                time.sleep(0.05)
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(k)
+        with httpx.Client(timeout=300) as http:
+            for i in range(args.requests):
+                chosen = rng.choice(len(cells), size=int(rng.integers(1, 5)), replace=False)
+                files = [("files", (f"UID_{k}_{i}_{j}_all.bmp", cells[c])) for j, c in enumerate(chosen)]
+                while True:
+                    r = http.post(f"{url}/api/predict", files=files)
+                    if r.status_code != 503:
+                        break
+                    report["retries"] += 1
+                    time.sleep(float(r.headers.get("retry-after", "1")))
+                report["statuses"][r.status_code] += 1
+                if r.status_code != 200:
+                    report["unexpected"].append(f"cells {r.status_code}: {r.text[:120]}")
+
+    def hostile() -> None:
+        attacks = _attacks(limit)
+        with httpx.Client(timeout=300) as http:
+            i = 0
+            while not done.is_set() or i < len(attacks):
+                name, send, expected = attacks[i % len(attacks)]
+                try:
+                    status = send(http, url)
+                except httpx.HTTPError as e:  # the server may close a connection it refuses mid-stream
+                    status = f"closed ({type(e).__name__})"
+                report["hostile"][(name, status)] += 1
+                if isinstance(status, int) and status >= 500 and status != 503:
+                    report["unexpected"].append(f"{name} {status}")
+                elif status not in expected and not str(status).startswith("closed"):
+                    report["unexpected"].append(f"{name}: {status}, expected {expected}")
+                i += 1
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (watch, health, hostile)]
+    for t in threads:
+        t.start()
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+        list(pool.map(client, range(args.clients)))
+    report["wall_s"] = time.perf_counter() - started
+    done.set()
+    for t in threads:
+        t.join(timeout=600)
+    time.sleep(2)
+    report["rss_end"] = _rss(pid)
+    return report
+
+
+def _attacks(limit: int) -> list[tuple[str, object, tuple]]:
+    """(name, send(client, url) -> status, statuses that are the right answer)."""
+    def post(files=None, **kwargs):
+        return lambda http, url: http.post(f"{url}/api/predict", files=files, **kwargs).status_code
+
+    def chunked(http, url):
+        def body():
+            yield b'--b\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n\r\n'
+            for _ in range(limit // 65536 + 64):
+                yield b"\0" * 65536
+            yield b"\r\n--b--\r\n"
+        return http.post(f"{url}/api/predict", content=body(),
+                         headers={"content-type": "multipart/form-data; boundary=b"}).status_code
+
+    bomb = _zip({f"b{i}.bin": b"\0" * 60_000_000 for i in range(6)})
+    bad_entries = _zip({"ok.png": _png(80)}, corrupt={"bad.png": _png(80)})
+    big = _png(2000)
+    pixel_flood = [("files", (f"p{i}.png", big)) for i in range(70)]
+    decompression_bomb = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(decompression_bomb, format="PNG")
+    float_tiff = io.BytesIO()
+    Image.fromarray(np.full((450, 450), 0.5, np.float32), mode="F").save(float_tiff, format="TIFF")
+    cell = [("files", ("c.png", _png(450)))]
+    return [
+        ("chunked upload over the limit", chunked, (413,)),
+        ("zip bomb (6 x 60 MB of zeros)", post([("files", ("bomb.zip", bomb))]), (413,)),
+        ("zip with a corrupt entry", post([("files", ("p.zip", bad_entries))]), (200,)),
+        ("70 images of 4 MP", post(pixel_flood), (413,)),
+        ("decompression-bomb PNG", post([("files", ("b.png", decompression_bomb.getvalue()))]), (200,)),
+        ("float TIFF", post([("files", ("f.tif", float_tiff.getvalue()))]), (200,)),
+        ("empty file", post([("files", ("e.png", b""))]), (200,)),
+        ("cross-origin post", post(cell, headers={"origin": "http://evil.example"}), (403,)),
+        ("foreign Host header", lambda http, url: http.get(f"{url}/history",
+                                                           headers={"host": "evil.example"}).status_code, (421,)),
+        ("malformed multipart", post(content=b"--xx\r\nnonsense",
+                                     headers={"content-type": "multipart/form-data; boundary=xx"}), (400,)),
+        ("Content-Length far over the limit", post(content=b"x" * 1000, headers={
+            "content-type": "multipart/form-data; boundary=b", "content-length": str(10 * limit)}), (413,)),
+    ]
+
+
+def _zip(entries: dict[str, bytes], corrupt: dict[str, bytes] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in {**entries, **(corrupt or {})}.items():
+            z.writestr(name, data)
+        infos = {i.filename: i for i in z.infolist()}
+    data = bytearray(buffer.getvalue())
+    for name in corrupt or {}:
+        info = infos[name]
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        data[start + 8:start + 16] = b"\xff" * 8
+    return bytes(data)
+
+
+def _png(size: int) -> bytes:
+    yy, xx = np.mgrid[0:size, 0:size]
+    rgb = np.zeros((size, size, 3), np.uint8)
+    rgb[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2] = (65, 27, 76)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _synthetic_bmp(i: int) -> bytes:
+    from alldetect.data.synth import render_cell
+
+    stain = {"gain": np.ones(3), "brightness": 1.0, "texture": 1.0}
+    buffer = io.BytesIO()
+    Image.fromarray(render_cell(np.random.default_rng(i), "all" if i % 2 else "hem", stain, 450)).save(buffer, "BMP")
+    return buffer.getvalue()
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, server: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the server did not start in 5 minutes")
+
+
+def _print(report: dict, args, limit: int) -> None:
+    health = np.array(report["health_ms"])
+    total = sum(report["statuses"].values())
+    print("| what | value |\n|---|---|")
+    print(f"| ordinary requests ({args.clients} clients x {args.requests}) | {total} in {report['wall_s']:.0f} s, "
+          f"statuses {dict(report['statuses'])}, {report['retries']} retries after 503 |")
+    print(f"| hostile requests | {sum(report['hostile'].values())} |")
+    print(f"| unexpected answers (5xx other than 503, or a wrong status) | {len(report['unexpected'])} |")
+    print(f"| /api/health during load | {len(health)} polls, p50 {np.percentile(health, 50):.1f} ms, "
+          f"p95 {np.percentile(health, 95):.1f} ms, max {health.max():.1f} ms |")
+    print(f"| server RSS: start, peak, end | {report['rss_start'] / 1e6:.0f} MB, {report['rss_peak'] / 1e6:.0f} MB, "
+          f"{report['rss_end'] / 1e6:.0f} MB (end/start {report['rss_end'] / report['rss_start']:.2f}) |")
+    print(f"| largest temporary file | {report['largest_temp']:,} bytes (upload limit {limit:,}) |")
+    print("\nhostile answers:")
+    for (name, status), n in sorted(report["hostile"].items(), key=lambda kv: kv[0][0]):
+        print(f"  {name}: {status} x{n}")
+    for line in report["unexpected"][:20]:
+        print(f"  unexpected: {line}")
+
+
+if __name__ == "__main__":
+    main()
