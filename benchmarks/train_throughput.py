@@ -1,18 +1,24 @@
-"""Training throughput per member at 300x300 on synthetic cells of the real size (450x450 BMP), and the
-projected wall time of the paper's full protocol (5 members x 12 epochs x 11,644 oversampled images).
+"""Training throughput per member on synthetic cells of the real size (450x450 BMP), and what the shipped loop
+costs beyond the network.
 
-  (a) naive: decode and crop every BMP at every step, float NCHW, fp32, no DataLoader workers;
+  (a) naive: decode and crop every BMP at every step, float NCHW, fp32, default DataLoader, per-image
+      augmentation;
   (b) optimised: the decoded-crop cache, uint8 batches, channels_last, workers and pinned memory on CUDA,
-      bf16 autocast on CUDA;
-  (c) optimised + bf16 autocast on CPU (opt-in there: `--precision bf16` is not the CPU default).
-Ratios are against (a), measured in the same run.
+      bf16 autocast on CUDA (and with --bf16 on a CPU), augmentation where the shipped loop puts it;
+  (c) bare step: uint8 batches already on the device, the same model, optimizer and precision: forward,
+      backward, step, nothing else;
+  (d) shipped loop: `fit()` itself (sampler, augmentation, history, checkpoints), its training images/s over
+      the last of two epochs (validation excluded), as a share of (c).
+Ratios are measured in the same run. Peak GPU memory is given on CUDA.
 
-    python benchmarks/train_throughput.py [--batch 8] [--steps 3] [--device cpu|cuda]
+    python benchmarks/train_throughput.py [--size 300] [--batch 32] [--steps 5] [--device cpu|cuda] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import tempfile
 import time
 import warnings
@@ -26,12 +32,15 @@ from alldetect.data.cache import load_crops
 from alldetect.data.dataset import CellDataset
 from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
+from alldetect.data.manifest import write_manifest
+from alldetect.data.split import subject_split
 from alldetect.data.synth import SynthConfig, generate
-from alldetect.data.transforms import center_crop, normalize, train_augmentation
+from alldetect.data.transforms import augmentation, batch_augmentation, center_crop, normalize
 from alldetect.inference import autocast
 from alldetect.models import create_member
 from alldetect.models.members import PAPER_MEMBERS
 from alldetect.tables import format_table
+from alldetect.training import fit, profile_config
 
 warnings.filterwarnings("ignore")
 PAPER_IMAGES_PER_EPOCH, PAPER_EPOCHS = 11_644, 12
@@ -40,29 +49,32 @@ PAPER_IMAGES_PER_EPOCH, PAPER_EPOCHS = 11_644, 12
 class DecodeEveryTime(Dataset):
     """The naive loader: read, crop, augment and normalise each image on every access."""
 
-    def __init__(self, paths, labels, mean, std):
-        self.paths, self.labels, self.mean, self.std = paths, labels, mean, std
-        self.augment = train_augmentation()
+    def __init__(self, paths, labels, mean, std, crop, size):
+        self.paths, self.labels, self.mean, self.std, self.crop, self.size = paths, labels, mean, std, crop, size
+        self.augment = augmentation("paper")
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        x = torch.from_numpy(center_crop(read_rgb(self.paths[i])[0], 300).copy()).permute(2, 0, 1)
+        x = torch.from_numpy(center_crop(read_rgb(self.paths[i])[0], self.crop).copy()).permute(2, 0, 1)
+        if self.size != self.crop:
+            x = torch.nn.functional.interpolate(x[None].float(), size=self.size, mode="bilinear")[0].byte()
         return normalize(self.augment(x)[None], self.mean, self.std)[0], self.labels[i]
 
 
-def images_per_second(model, loader, device, steps, *, channels_last, precision) -> float:
+def images_per_second(model, loader, device, steps, *, channels_last, precision, augment_batch=None) -> float:
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
     seen, start = 0, None
     for step, (x, y) in enumerate(loader):
         if step == 1:  # the first step warms up kernels and workers
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             start, seen = time.perf_counter(), 0
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if augment_batch is not None:
+            x = augment_batch(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
@@ -73,56 +85,123 @@ def images_per_second(model, loader, device, steps, *, channels_last, precision)
         seen += len(y)
         if step == steps:
             break
+    _sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def bare_step_images_per_second(model, batch: torch.Tensor, labels: torch.Tensor, device, steps: int, *,
+                                precision: str) -> float:
+    """Forward, backward and optimizer step on a uint8 batch already on the device: the network's own cost."""
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    x = batch.to(device).contiguous(memory_format=torch.channels_last)
+    y = labels.to(device)
+    for step in range(steps + 1):
+        if step == 1:
+            _sync(device)
+            start = time.perf_counter()
+        with autocast(device, precision):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    return steps * len(batch) / (time.perf_counter() - start)
+
+
+def synthetic_manifest(root: Path, images: int, *, frame: int = 450, workers: int = 2) -> Path:
+    """A subject-split manifest of about ``images`` synthetic cells (``frame`` px BMP) under ``root``."""
+    per_subject = max(2, images // 8 + 1)
+    generate(root / "data", SynthConfig(size=frame, all_subjects=5, hem_subjects=3, test_all_subjects=0,
+                                        test_hem_subjects=0, final_subjects=0, cells_per_subject=per_subject),
+             workers=workers)
+    manifest = root / "manifest.csv"
+    write_manifest(subject_split(index_folder(root / "data").rows, val_fraction=0.25, test_fraction=0.0),
+                   manifest)
+    return manifest
+
+
+def shipped_loop_images_per_second(member: str, manifest: Path, out: Path, *, crop: int, size: int | None,
+                                   batch: int, device: str, precision: str) -> float:
+    """Training images/s of ``fit()`` over its second epoch (the first warms caches, kernels and workers)."""
+    cfg = profile_config("paper", member=member, manifest=str(manifest), out=str(out), crop=crop, input_size=size,
+                         epochs=2, batch_size=batch, pretrained=False, device=device, precision=precision)
+    fit(cfg)
+    with open(out / "epochs.csv", newline="") as f:
+        return float(list(csv.DictReader(f))[-1]["train_img_s"])
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--size", type=int, default=300, help="network input side (300: the paper's crop)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--members", default=",".join(PAPER_MEMBERS))
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on a CPU too (CUDA always uses it)")
+    parser.add_argument("--no-shipped", dest="shipped", action="store_false", help="skip the fit() row")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    rows = measure(args)
+    print(f"\n{args.size}x{args.size}, batch {args.batch}, {args.steps} timed steps, device {args.device}, "
+          f"torch {torch.__version__}\n")
+    print(format_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                       markdown=True))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
+    precision = "bf16" if args.bf16 or device.type == "cuda" else "fp32"
     workers = 8 if device.type == "cuda" else 0
+    crop = 300
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
         n = args.batch * (args.steps + 1)
-        generate(Path(tmp) / "data", SynthConfig(all_subjects=3, hem_subjects=2, test_all_subjects=0,
-                                                 test_hem_subjects=0, final_subjects=0,
-                                                 cells_per_subject=max(1, n // 5 + 1)), workers=2)
-        rows = index_folder(Path(tmp) / "data").rows[:n]
-        paths, labels = [r.path for r in rows], np.array([r.y for r in rows])
-        cache = load_crops(paths, crop=300, cache_dir=Path(tmp) / "cache")
-        table = []
+        manifest = synthetic_manifest(tmp / "set", max(n, 3 * args.batch), workers=workers or 2)
+        train = [r for r in index_folder(tmp / "set" / "data").rows][:n]
+        paths, labels = [r.path for r in train], np.array([r.y for r in train])
+        cache = load_crops(paths, crop=crop, size=args.size, cache_dir=tmp / "cache")
+        on_device = device.type == "cuda"
         for name in args.members.split(","):
             model = create_member(name).to(device)
-            naive_loader = DataLoader(DecodeEveryTime(paths, labels, model.mean.cpu(), model.std.cpu()),
-                                      batch_size=args.batch, shuffle=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            naive_loader = DataLoader(DecodeEveryTime(paths, labels, model.mean.cpu(), model.std.cpu(), crop,
+                                                      args.size), batch_size=args.batch, shuffle=True)
             naive = images_per_second(model.net, naive_loader, device, args.steps, channels_last=False,
                                       precision="fp32")
             fast_model = model.to(memory_format=torch.channels_last)
-            fast_loader = DataLoader(CellDataset(cache.images, labels, train_augmentation()), batch_size=args.batch,
-                                     shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
-                                     persistent_workers=workers > 0)
+            fast_loader = DataLoader(CellDataset(cache.images, labels, None if on_device else augmentation("paper")),
+                                     batch_size=args.batch, shuffle=True, num_workers=workers,
+                                     pin_memory=on_device, persistent_workers=workers > 0)
             fast = images_per_second(fast_model, fast_loader, device, args.steps, channels_last=True,
-                                     precision="auto")
-            row = {"member": name, "naive img/s": naive, "optimised img/s": fast, "optimised / naive": fast / naive}
-            if device.type == "cpu":
-                bf16 = images_per_second(fast_model, fast_loader, device, args.steps, channels_last=True,
-                                         precision="bf16")
-                row.update({"optimised+bf16 img/s": bf16, "bf16 / naive": bf16 / naive})
-            table.append(row)
+                                     precision=precision, augment_batch=batch_augmentation("paper") if on_device
+                                     else None)
+            batch = torch.from_numpy(np.ascontiguousarray(cache.images[:args.batch])).permute(0, 3, 1, 2)
+            bare = bare_step_images_per_second(fast_model, batch, torch.from_numpy(labels[:args.batch]), device,
+                                               args.steps, precision=precision)
+            row = {"member": name, "naive img/s": naive, "optimised img/s": fast, "optimised / naive": fast / naive,
+                   "bare step img/s": bare}
+            if args.shipped:
+                shipped = shipped_loop_images_per_second(name, manifest, tmp / "runs" / name, crop=crop,
+                                                         size=args.size if args.size != crop else None,
+                                                         batch=args.batch, device=args.device,
+                                                         precision=precision)
+                row.update({"shipped loop img/s": shipped, "shipped / bare": shipped / bare})
+            if device.type == "cuda":
+                row["peak GPU memory GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            rows.append(row)
             print(f"measured {name}", flush=True)
-    best = "optimised+bf16 img/s" if device.type == "cpu" else "optimised img/s"
-    hours = {k: sum(PAPER_IMAGES_PER_EPOCH * PAPER_EPOCHS / r[k] for r in table) / 3600
-             for k in ("naive img/s", best)}
-    print(f"\n300x300, batch {args.batch}, {args.steps} timed steps, device {device}, torch {torch.__version__}\n")
-    print(format_table([{k: (f"{v:.2f}x" if k.endswith("/ naive") else v) for k, v in r.items()} for r in table],
-                       markdown=True, floats="{:.2f}"))
-    print(f"\nprojected paper protocol ({len(table)} members x {PAPER_EPOCHS} epochs x {PAPER_IMAGES_PER_EPOCH:,} "
-          f"images): naive {hours['naive img/s']:.1f} h, {best.split(' ')[0]} {hours[best]:.1f} h")
+    return rows
 
 
 if __name__ == "__main__":

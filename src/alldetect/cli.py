@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable
 
-import numpy as np
 import typer
 
 from .errors import AlldetectError
 from .quantize import TOLERANCE
+from .training.config import Profile
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Acute lymphoblastic leukemia detection in white-blood-cell images with a weighted "
                        "ensemble of CNNs.")
 logger = logging.getLogger("alldetect")
@@ -33,6 +34,20 @@ def user_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def writable_file(path: Path) -> Path:
+    """An output file path checked before any work: not a folder, and its folder can be created and written."""
+    if path.is_dir():
+        raise AlldetectError(f"{path}: is a folder; give the file to write, e.g. {path / 'predictions.csv'}")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AlldetectError(f"{folder}: cannot create the output folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise AlldetectError(f"{folder}: not writable")
+    return path
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -107,6 +122,7 @@ def index(
     from .data.problems import log_problems, write_problems
     from .tables import format_table
 
+    writable_file(out)
     result = index_folder(data)
     write_manifest(result.rows, out)
     problems_file = out.with_suffix(".problems.csv")
@@ -185,43 +201,46 @@ def train(
                                              "densenet121, or an extra member (see `alldetect members`).")]
     = "densenet121",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/<member>].")] = None,
-    profile: Annotated[str, typer.Option(help="paper (the paper's protocol) or demo (small and quick).")] = "paper",
-    epochs: Annotated[int | None, typer.Option(help="Epochs [paper: 12 = one triangular2 cycle].")] = None,
+    profile: Annotated[Profile, typer.Option(
+        help="paper: the paper's protocol; plus: what generalised to unseen donors (AdamW + warm-up/cosine, "
+             "label smoothing, dihedral augmentation, last epoch); demo: small and quick.")] = Profile.paper,
+    epochs: Annotated[int | None, typer.Option(help="Epochs [paper: 12 = one triangular2 cycle; plus: 8].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per optimizer step [paper profile: 32].")] = None,
     crop: Annotated[int | None, typer.Option(help="Center-crop side in pixels [paper: 300].")] = None,
     input_size: Annotated[int | None, typer.Option(help="Resize crops to this side (default: no resize).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local ImageNet weights: a file, or a folder of them.")]
     = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained",
-                                             help="Start from ImageNet weights.")] = True,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
+                                                    help="Start from ImageNet weights [profile default: paper and "
+                                                         "plus yes, demo no].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from <out>/checkpoints/last.pt.")] = False,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
+    augment_on: Annotated[str | None, typer.Option(
+        help="Where augmentation runs: loader (per image, DataLoader workers) or device (the whole batch on the "
+             "training device) [default: device on a GPU, loader on a CPU].")] = None,
     precision: Annotated[Precision, typer.Option(
         help="auto: bf16 autocast on CUDA, fp32 on CPU; or force bf16 or fp32.")] = Precision.auto,
     checkpoint_every: Annotated[int | None, typer.Option(help="Also checkpoint every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
 ) -> None:
-    """Fine-tune one member with the paper's protocol and write a run directory.
+    """Fine-tune one member and write a run directory.
 
-    Adamax (lr 2e-4, betas 0.9/0.999), triangular2 cyclic lr 1e-7..2e-3 with a step of 6 epochs,
-    cross-entropy, oversampled and augmented 300x300 center crops; the epoch with the best validation
-    balanced accuracy is kept. Launch with torchrun for several GPUs or nodes.
+    paper profile: Adamax (lr 2e-4, betas 0.9/0.999), triangular2 cyclic lr 1e-7..2e-3 with a step of 6
+    epochs, cross-entropy, oversampled and augmented 300x300 center crops; the epoch with the best validation
+    balanced accuracy is kept. plus profile: AdamW (lr 3e-4, weight decay 0.05), one epoch of warm-up then
+    cosine, label smoothing 0.1, the eight flips/rotations, 8 epochs, the last epoch kept. Launch with
+    torchrun for several GPUs or nodes.
     """
-    from .models import member_spec
     from .training import fit, profile_config
 
-    member_spec(member)
-    try:
-        cfg = profile_config(profile, member=member, manifest=str(manifest), out=str(out or Path("runs") / member),
-                             epochs=epochs, batch_size=batch_size, crop=crop, input_size=input_size,
-                             weights=str(weights) if weights else None, pretrained=pretrained if weights is None
-                             else True, device=device.value, workers=workers, compile=compile or None,
-                             precision=precision.value,
-                             checkpoint_every=checkpoint_every, seed=seed)
-    except ValueError as e:
-        raise AlldetectError(str(e)) from None
+    cfg = profile_config(profile, member=member, manifest=str(manifest), out=str(out or Path("runs") / member),
+                         epochs=epochs, batch_size=batch_size, crop=crop, input_size=input_size,
+                         weights=str(weights) if weights else None, pretrained=True if weights else pretrained,
+                         device=device.value, workers=workers, compile=compile or None, precision=precision.value,
+                         augment_on=augment_on,
+                         checkpoint_every=checkpoint_every, seed=seed)
     run = fit(cfg, resume=resume)
     typer.echo(f"run directory: {run}")
 
@@ -241,50 +260,27 @@ def members() -> None:
 @user_errors
 def evaluate(
     predictions: Annotated[Path, typer.Argument(help="Predictions CSV (path,label,prob_all[,model,subject]).")],
-    threshold: Annotated[float, typer.Option(help="P(ALL) at or above which a cell is called ALL.")] = 0.5,
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="P(ALL) at or above which a cell is called "
+                                                                    "ALL.")] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keyed by model).")] = False,
-    ci: Annotated[int, typer.Option(help="Bootstrap resamples over subjects for 95% CIs (0: none).")] = 0,
+    ci: Annotated[int, typer.Option(min=0, help="Bootstrap resamples over subjects for 95% CIs (0: none).")] = 0,
     sensitivity: Annotated[float | None, typer.Option(
-        help="Also report the operating point that reaches this sensitivity.")] = None,
+        min=0.0, max=1.0, help="Also report the operating point that reaches this sensitivity.")] = None,
     subjects: Annotated[bool, typer.Option(help="Also print subject-level results.")] = False,
 ) -> None:
     """Metrics per model: WP, WR, WFS, ACC, BA, AUC, kappa, sensitivity, specificity and confusion counts."""
     import json
-    import warnings
 
-    from .evaluation import bootstrap_ci, subject_level
-    from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
+    from .evaluation import evaluate_predictions
     from .predictions import read_predictions
     from .tables import format_table
 
-    results: dict[str, dict] = {}
-    subject_tables = {}
+    results, subject_tables = {}, {}
     for model, p in read_predictions(predictions).items():
-        labelled = p.y >= 0
-        if not labelled.any():
-            raise AlldetectError(f"{predictions}: model {model!r} has no labelled rows to score")
-        y, prob = p.y[labelled], p.prob_all[labelled]
-        names = [s or path for s, path, keep in zip(p.subject, p.path, labelled) if keep]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UndefinedMetricWarning)
-            try:
-                result: dict = classification_metrics(y, prob, threshold=threshold)
-            except ValueError as e:
-                raise AlldetectError(f"{predictions}: {e}") from None
-        for w in caught:
-            logger.warning("%s: %s", model, w.message)
-        if ci:
-            result["ci95"] = bootstrap_ci(y, prob, np.asarray(names), n_boot=ci, threshold=threshold)
-        if sensitivity is not None:
-            t = threshold_for_sensitivity(y, prob, sensitivity)
-            at = classification_metrics(y, prob, threshold=t)
-            result["operating_point"] = {"threshold": t, "sensitivity": at["sensitivity"],
-                                         "specificity": at["specificity"]}
-        if subjects:
-            subject_tables[model] = subject_level(y, prob, names, threshold=threshold)
-            result["subjects_right"] = sum(r["correct"] == "yes" for r in subject_tables[model])
-            result["subjects"] = len(subject_tables[model])
-        results[model] = result
+        results[model], table = evaluate_predictions(p, threshold=threshold, ci=ci, sensitivity=sensitivity,
+                                                     subjects=subjects, source=str(predictions))
+        if table is not None:
+            subject_tables[model] = table
     if as_json:
         typer.echo(json.dumps(next(iter(results.values())) if len(results) == 1 else results, indent=2))
         return
@@ -308,13 +304,20 @@ def ensemble(
     runs: Annotated[list[Path], typer.Argument(help="Member run directories from `alldetect train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Ensemble directory to write.")] = Path("runs/ensemble"),
     method: Annotated[str, typer.Option(help="Default method for predict/export/serve.")] = "wen_kappa",
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Fit the combiners on test-time-augmented "
+                                                                  "probabilities and score with TTA [default: when "
+                                                                  "every member trained on the 8 flips/rotations, "
+                                                                  "as in the plus profile].")] = None,
 ) -> None:
-    """Combine member runs with SAP, WEN (acc, auc, f1, kappa) and better combiners, fitted on validation."""
-    from .ensemble_dir import build_ensemble_dir
+    """Combine member runs with SAP, WEN (acc, auc, f1, kappa) and better combiners, fitted on validation.
 
-    spec = build_ensemble_dir(runs, out, default_method=method)
-    typer.echo(f"wrote {out}: {len(spec['members'])} members, methods {', '.join(spec['methods'])}; "
-               f"default {spec['default_method']}")
+    The folder written is the whole model: member weights, combiners, preprocessing, a model card. Copy it.
+    """
+    from .ensemble_model import build_ensemble
+
+    spec = build_ensemble(runs, out, default_method=method, tta=tta)
+    typer.echo(f"wrote {out}: {len(spec.members)} members, methods {', '.join(spec.methods)}; "
+               f"default {spec.default_method}{' with TTA' if spec.tta else ''}")
 
 
 @app.command()
@@ -338,8 +341,10 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Image files, folders, or a C-NMC tree.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.")] = Path("predictions.csv"),
     method: Annotated[str | None, typer.Option(help="Ensemble method [default: the ensemble's].")] = None,
-    tta: Annotated[bool, typer.Option(help="Also score with test-time augmentation (8 flips/rotations), as "
-                                           "its own variant '<method>+tta'.")] = False,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation: each member's P(ALL) "
+                                                                  "averaged over the 8 flips/rotations of the cell "
+                                                                  "[default: as the ensemble was fitted; on for the "
+                                                                  "plus profile].")] = None,
     cam: Annotated[Path | None, typer.Option(help="Write a Grad-CAM overlay of every cell flagged ALL here.")]
     = None,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
@@ -358,6 +363,7 @@ def predict(
     from .predict import collect_inputs, load_crops_for, predict_rows
     from .tables import format_table
 
+    writable_file(out)
     model = load_engine(ens_dir, method=method, device=device.value, engine=engine.value, precision=precision.value)
     logger.info("engine: %s", type(model).__name__)
     collected = collect_inputs(inputs)
@@ -456,27 +462,38 @@ def serve(
     = Path("alldetect-predictions.sqlite"),
     max_upload_mb: Annotated[int, typer.Option(help="Largest request, in MiB.")] = 50,
     max_files: Annotated[int, typer.Option(help="Most cells per request (zip entries included).")] = 500,
+    max_queued: Annotated[int, typer.Option(help="Requests being received or waiting to be scored; more are "
+                                                 "answered 503 with Retry-After.")] = 16,
     device: Annotated[Device, typer.Option(help="Where to run the models.")] = Device.auto,
     engine: Annotated[Engine | None, typer.Option(
         help="Default: the exported ONNX graph (`alldetect export`, int8 if written) when there is one, "
              "else as auto. auto: as `predict --engine auto`.")] = None,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        help="Another host name clients may use to reach the server (repeatable); requests naming any other "
+             "Host are refused [default: the bound address and the loopback names].")] = None,
 ) -> None:
-    """A web page and JSON API for the lab: upload cells, see calls, Grad-CAM and a patient summary."""
+    """A web page and JSON API for the lab: upload cells, see calls, Grad-CAM and a patient summary.
+
+    Only same-origin browser requests are answered, and only for the Host names the server was bound to (or
+    named with --allow-host), so a web page elsewhere cannot use or read it.
+    """
     import uvicorn
 
     from .serve import ServeSettings, create_app
     from .serve.uploads import Limits
 
+    loopback = ("127.0.0.1", "localhost", "::1")
+    wildcard = host in ("0.0.0.0", "::", "")
+    hosts = tuple(dict.fromkeys([*loopback, *([] if wildcard else [host]), *(allow_host or [])]))
     settings = ServeSettings(db_path=str(db), device=device.value, engine=engine.value if engine else "prefer-onnx",
-                             limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files))
-    if host not in ("127.0.0.1", "localhost", "::1"):
+                             limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files),
+                             max_queued=max_queued, allowed_hosts=hosts)
+    if host not in loopback:
         logger.warning("serving on %s: anyone who can reach this address can upload images", host)
+    if wildcard and not allow_host:
+        logger.warning("bound to every address, but only requests naming %s are answered; add --allow-host for "
+                       "the names or addresses clients use", ", ".join(loopback))
     uvicorn.run(create_app(ens_dir, settings), host=host, port=port, log_level="info")
-
-
-class Profile(str, Enum):
-    demo = "demo"
-    paper = "paper"
 
 
 @app.command()
@@ -484,10 +501,15 @@ class Profile(str, Enum):
 def run(
     data: Annotated[Path | None, typer.Option(help="C-NMC-2019 tree or image folder [default: built-in synthetic "
                                                    "cells].")] = None,
-    profile: Annotated[Profile, typer.Option(help="demo: small and quick on a CPU; paper: the paper's protocol.")]
-    = Profile.demo,
+    profile: Annotated[Profile | None, typer.Option(
+        help="demo: small and quick; paper: the paper's protocol; plus: the paper's networks trained the way "
+             "that generalised to unseen donors [default: demo on the synthetic cells; with --data, plus: the "
+             "paper's five networks on a GPU, the three EfficientNet-Lite members at 128 px on a CPU].")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/demo"),
-    members: Annotated[str | None, typer.Option(help="Comma-separated members [default: the paper's five].")]
+    members: Annotated[str | None, typer.Option(help="Comma-separated members [default: the paper's five; "
+                                                     "efficientnet_lite0,1,2 on a CPU with --data].")] = None,
+    input_size: Annotated[int | None, typer.Option(help="Resize the 300 px crops to this side [default: none; "
+                                                        "128 on a CPU with --data; 80 for demo on --data].")]
     = None,
     weights_dir: Annotated[Path | None, typer.Option(help="Folder of local ImageNet weights, one per member.")]
     = None,
@@ -507,14 +529,14 @@ def run(
 
     Finished stages are skipped on a rerun; an interrupted member resumes where it stopped.
     """
-    from .models.members import PAPER_MEMBERS
     from .models import member_spec
     from .pipeline import PipelineConfig, run_pipeline
 
-    chosen = tuple(m.strip() for m in members.split(",")) if members else PAPER_MEMBERS
-    for m in chosen:
+    chosen = tuple(m.strip() for m in members.split(",")) if members else None
+    for m in chosen or ():
         member_spec(m)
-    cfg = PipelineConfig(out=str(out), data=str(data) if data else None, profile=profile.value, members=chosen,
+    cfg = PipelineConfig(out=str(out), data=str(data) if data else None, profile=profile, members=chosen,
+                         input_size=input_size,
                          weights_dir=str(weights_dir) if weights_dir else None, pretrained=pretrained,
                          device=device.value, seed=seed, epochs=epochs, batch_size=batch_size, bootstrap=bootstrap,
                          export=export, force=force)
