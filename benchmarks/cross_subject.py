@@ -21,9 +21,10 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -158,14 +159,24 @@ def _fold_manifest(rows: list[ManifestRow], folds: dict[str, int], fold: int, pa
 
 
 def _train(recipe: Recipe, member: str, manifest: Path, out: Path, args: argparse.Namespace) -> Path:
-    if (out / "metrics.json").is_file():
-        return out
     common = dict(member=member, manifest=str(manifest), out=str(out), crop=args.crop, input_size=args.input_size,
                   epochs=args.epochs, batch_size=args.batch_size, pretrained=args.pretrained, seed=args.seed,
                   device=args.device, cache_dir=str(args.out / ".cache"))
     cfg = profile_config(recipe.profile, **{**common, **recipe.overrides})
+    if (out / "config.json").is_file():
+        saved, wanted = json.loads((out / "config.json").read_text())["config"], json.loads(json.dumps(asdict(cfg)))
+        if any(saved[k] != wanted[k] for k in _shaping(saved) if k in wanted):  # fields added later: their defaults
+            logger.info("%s: trained with another config; training again", out)
+            shutil.rmtree(out)
+        elif (out / "metrics.json").is_file():
+            return out  # finished with this very config
     logger.info("training %s %s (%s)", recipe.name, member, out)
     return fit(cfg, resume=(out / "checkpoints" / "last.pt").is_file())
+
+
+def _shaping(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("device", "workers", "compile", "checkpoint_every",
+                                                         "cache_dir", "out", "manifest")}
 
 
 def _score_fold(runs: list[Path], manifest: Path, args: argparse.Namespace) -> dict:

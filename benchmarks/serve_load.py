@@ -114,7 +114,7 @@ def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args)
                 name, send, expected = attacks[i % len(attacks)]
                 try:
                     status = send(http, url)
-                except httpx.HTTPError as e:  # the server may close a connection it refuses mid-stream
+                except (httpx.HTTPError, OSError) as e:  # the server may close a connection it refuses mid-stream
                     status = f"closed ({type(e).__name__})"
                 report["hostile"][(name, status)] += 1
                 if isinstance(status, int) and status >= 500 and status != 503:
@@ -174,9 +174,17 @@ def _attacks(limit: int) -> list[tuple[str, object, tuple]]:
                                                            headers={"host": "evil.example"}).status_code, (421,)),
         ("malformed multipart", post(content=b"--xx\r\nnonsense",
                                      headers={"content-type": "multipart/form-data; boundary=xx"}), (400,)),
-        ("Content-Length far over the limit", post(content=b"x" * 1000, headers={
-            "content-type": "multipart/form-data; boundary=b", "content-length": str(10 * limit)}), (413,)),
+        ("Content-Length far over the limit", lambda http, url: _lying_length(url, 10 * limit), (413,)),
     ]
+
+
+def _lying_length(url: str, declared: int) -> int:
+    """A request whose Content-Length promises far more than it sends (no HTTP client will send one)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; "
+                  f"boundary=b\r\nContent-Length: {declared}\r\n\r\n".encode() + b"x" * 1000)
+        return int(s.recv(4096).split(b" ", 2)[1])
 
 
 def _zip(entries: dict[str, bytes], corrupt: dict[str, bytes] | None = None) -> bytes:

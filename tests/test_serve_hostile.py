@@ -208,3 +208,17 @@ def test_empty_uploads_get_the_message_the_command_line_gives(ensemble_dir, tmp_
     cell = TestClient(_app(ensemble_dir, tmp_path)).post(
         "/api/predict", files=[("files", ("empty.png", b""))]).json()["cells"][0]
     assert cell["error"] == cli_error.value.reason
+
+
+def test_the_unzip_budget_is_per_request_not_per_zip(ensemble_dir, tmp_path):
+    def zeros(n):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("zeros.bin", b"\0" * n)
+        return buffer.getvalue()
+
+    client = TestClient(_app(ensemble_dir, tmp_path, limits=Limits(max_unzipped_bytes=3_000_000)))
+    one = [("files", ("a.zip", zeros(2_000_000)))]
+    assert client.post("/api/predict", files=one).status_code == 200  # one zip under the budget
+    r = client.post("/api/predict", files=one + [("files", ("b.zip", zeros(2_000_000)))])
+    assert r.status_code == 413 and "inflates" in r.json()["detail"]

@@ -229,7 +229,7 @@ def train(
 
     paper profile: Adamax (lr 2e-4, betas 0.9/0.999), triangular2 cyclic lr 1e-7..2e-3 with a step of 6
     epochs, cross-entropy, oversampled and augmented 300x300 center crops; the epoch with the best validation
-    balanced accuracy is kept. plus profile: AdamW (lr 3e-4, weight decay 0.05), one epoch of warm-up then
+    balanced accuracy is kept. plus profile: AdamW (lr 1e-4, weight decay 0.05), one epoch of warm-up then
     cosine, label smoothing 0.1, the eight flips/rotations, 8 epochs, the last epoch kept. Launch with
     torchrun for several GPUs or nodes.
     """

@@ -141,6 +141,9 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_metho
     out = Path(out)
     runs = read_runs(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(out.glob("*.onnx")):  # graphs of the ensemble this folder held before
+        logger.info("%s: removed (made from the previous ensemble in this folder; export again)", stale)
+        stale.unlink()
     entries = []
     for run in runs:
         member_dir = out / "members" / run.name
@@ -167,7 +170,7 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_metho
         label_of = dict(zip(val.path, val.y))
         write_calibration(out, crops, np.array([label_of[p] for p, ok in zip(paths, usable) if ok]))
     write_ensemble(out, entries, splits, default_method=default_method, tta=tta,
-                          data=describe_data(runs[0].config["manifest"]), versions=versions())
+                   data=describe_data(runs[0].config["manifest"]), versions=versions())
     check_bf16(out)
     write_model_card(out)
     return load_ensemble_spec(out)

@@ -47,8 +47,8 @@ class PredictionStore:
         except (OSError, sqlite3.Error) as e:
             raise AlldetectError(f"{self.path}: cannot be used as the prediction record ({e})") from None
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
+    def _connect(self, timeout: float = 30) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=timeout)
 
     def _create(self) -> None:
         with closing(self._connect()) as db, db:
@@ -79,10 +79,14 @@ class PredictionStore:
         """None when the record can be written, else why not."""
         try:
             self._create()  # recreates a deleted record
-            with closing(self._connect()) as db:
+            with closing(self._connect(timeout=0.2)) as db:
                 db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or folder
                 db.rollback()
             return None
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e):
+                return None  # a prediction is being written right now: writable
+            return f"prediction record {self.path} not writable: {e}"
         except (OSError, sqlite3.Error) as e:
             return f"prediction record {self.path} not writable: {e}"
 

@@ -86,7 +86,7 @@ PROFILES: dict[Profile, dict] = {
     Profile.demo: {"crop": 80, "epochs": 4, "batch_size": 16, "clr_step_epochs": 1, "pretrained": False},
     # Measured on real cells of unseen donors (benchmarks/cross_subject.py, BENCHMARKS.md): a cyclic peak of
     # 2e-3 wipes out ImageNet features and BA at 0.5 on one healthy validation donor picks epochs by chance.
-    Profile.plus: {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.05, "schedule": "cosine",
+    Profile.plus: {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "schedule": "cosine",
                    "warmup_epochs": 1.0, "label_smoothing": 0.1, "augment": "dihedral", "epochs": 8,
                    "select_metric": "last"},
 }
