@@ -43,6 +43,7 @@ from alldetect.models.members import LITE_MEMBERS
 from alldetect.tables import format_table
 from alldetect.training import TrainConfig, fit, profile_config
 from alldetect.training.checkpoint import load_checkpoint
+from alldetect.training.config import LOCATION, MACHINERY
 from alldetect.training.data import load_split
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-dev" / "fold_1"
@@ -165,18 +166,14 @@ def _train(recipe: Recipe, member: str, manifest: Path, out: Path, args: argpars
     cfg = profile_config(recipe.profile, **{**common, **recipe.overrides})
     if (out / "config.json").is_file():
         saved, wanted = json.loads((out / "config.json").read_text())["config"], json.loads(json.dumps(asdict(cfg)))
-        if any(saved[k] != wanted[k] for k in _shaping(saved) if k in wanted):  # fields added later: their defaults
+        shaping = set(saved) - MACHINERY - LOCATION
+        if any(saved[k] != wanted[k] for k in shaping if k in wanted):  # fields added later keep their defaults
             logger.info("%s: trained with another config; training again", out)
             shutil.rmtree(out)
         elif (out / "metrics.json").is_file():
             return out  # finished with this very config
     logger.info("training %s %s (%s)", recipe.name, member, out)
     return fit(cfg, resume=(out / "checkpoints" / "last.pt").is_file())
-
-
-def _shaping(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("device", "workers", "compile", "checkpoint_every",
-                                                         "cache_dir", "out", "manifest")}
 
 
 def _score_fold(runs: list[Path], manifest: Path, args: argparse.Namespace) -> dict:
@@ -188,9 +185,10 @@ def _score_fold(runs: list[Path], manifest: Path, args: argparse.Namespace) -> d
                           "sap", args.crop, args.input_size, {}, resolve_device(args.device), precision="fp32")
     y_val, y_test = split["val"].labels, split["test"].labels
     subjects = [r.subject for r in split["test"].rows]
+    crops = {name: np.asarray(s.images[s.positions]) for name, s in split.items()}
     scored = {}
     for tta in (False, True):
-        probs = {name: model.member_probs(np.asarray(s.images[s.positions]), tta=tta) for name, s in split.items()}
+        probs = {name: model.member_probs(c, tta=tta) for name, c in crops.items()}
         for k, member in enumerate(model.names):
             scored[(member, tta)] = (y_test, probs["test"][k], subjects)
         if len(runs) > 1:

@@ -33,7 +33,7 @@ from .models.members import LITE_MEMBERS, PAPER_MEMBERS
 from .predictions import read_predictions
 from .report import make_report
 from .training import fit, profile_config
-from .training.config import Profile, TrainConfig
+from .training.config import MACHINERY, Profile, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,7 @@ def _train_config(cfg: PipelineConfig, member: str, manifest: Path):
 
 def _shaping(tc) -> dict:
     """The config fields that change a member's result (not where or how fast it runs)."""
-    machinery = {"device", "workers", "compile", "checkpoint_every", "cache_dir"}
-    return {k: v for k, v in asdict(tc).items() if k not in machinery}
+    return {k: v for k, v in asdict(tc).items() if k not in MACHINERY}
 
 
 def _train(tc, run_dir: Path, status: str) -> None:

@@ -20,6 +20,9 @@ SCHEDULES = ("triangular2", "cosine")
 AUGMENTATIONS = ("paper", "dihedral", "none")
 AUGMENT_PLACES = ("auto", "loader", "device")
 PRECISIONS = ("auto", "bf16", "fp32")
+# fields that change where or how fast a run goes, never what it learns
+MACHINERY = frozenset({"device", "workers", "compile", "checkpoint_every", "cache_dir"})
+LOCATION = frozenset({"out", "manifest"})  # where a run reads and writes: a moved run is still the same run
 # validation metric -> direction; "last" keeps the final epoch whatever validation says
 SELECTION = {"ba": "max", "auc": "max", "kappa": "max", "wfs": "max", "acc": "max", "val_loss": "min",
              "last": "last"}

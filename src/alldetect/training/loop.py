@@ -38,7 +38,7 @@ from ..metrics import METRIC_NAMES, classification_metrics
 from ..models import create_member
 from ..predictions import write_predictions
 from .checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
-from .config import SELECTION, TrainConfig
+from .config import LOCATION, MACHINERY, SELECTION, TrainConfig
 from .data import SplitImages, load_split
 from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .sampler import EpochBatches
@@ -267,8 +267,7 @@ def _resumed_config(cfg: TrainConfig, state: dict) -> TrainConfig:
     saved["betas"] = tuple(saved["betas"])
     if isinstance(saved.get("augment"), bool):  # runs from before augmentation had names
         saved["augment"] = "paper" if saved["augment"] else "none"
-    machinery = {"device", "workers", "compile", "checkpoint_every", "cache_dir", "out", "manifest"}
-    return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in machinery})
+    return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in MACHINERY | LOCATION})
 
 
 def _workers(cfg: TrainConfig, device: torch.device) -> int:
