@@ -106,7 +106,7 @@ def section_paper(args: argparse.Namespace) -> dict:
     import torch
 
     from alldetect.data.index import index_folder
-    from alldetect.data.manifest import write_manifest
+    from alldetect.formats.manifest import write_manifest
     from alldetect.data.split import subject_split
     from alldetect.data.synth import SynthConfig, generate
     from alldetect.training import fit, profile_config
@@ -163,8 +163,8 @@ def section_infer(args: argparse.Namespace) -> dict:
     import torch
 
     from alldetect.data.transforms import normalize
-    from alldetect.ensemble import EnsembleFit
-    from alldetect.ensemble_model import EnsembleModel
+    from alldetect.ensemble.combiners import EnsembleFit
+    from alldetect.inference.torch_engine import EnsembleModel
     from alldetect.models import create_member
     from alldetect.models.members import PAPER_MEMBERS
 
@@ -209,9 +209,9 @@ def _ort_cuda(members, size: int, smoke: bool) -> dict:
     import numpy as np
     import torch
 
-    from alldetect.ensemble import EnsembleFit
-    from alldetect.ensemble_model import EnsembleModel
-    from alldetect.export import export_onnx
+    from alldetect.ensemble.combiners import EnsembleFit
+    from alldetect.inference.torch_engine import EnsembleModel
+    from alldetect.export.graph import export_onnx
 
     model = EnsembleModel([m.cpu() for m in members], EnsembleFit("sap", [1.0] * len(members)), "sap", size, None,
                           None, torch.device("cpu"), "fp32")

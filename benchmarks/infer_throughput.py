@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from alldetect.data.transforms import normalize
-from alldetect.export import onnx_session
+from alldetect.inference.onnx_engine import onnx_session
 from alldetect.models import create_member
 from alldetect.models.members import PAPER_MEMBERS
-from alldetect.quantize import quantize_graph
-from alldetect.tables import format_table
+from alldetect.export.quantize import quantize_graph
+from alldetect.formats.tables import format_table
 
 warnings.filterwarnings("ignore")
 
@@ -123,9 +123,10 @@ def main() -> None:
 
 def shipped_engines(members: list[str], size: int, batch: int, repeats: int) -> dict[str, float]:
     """Cells/s of EnsembleModel (torch, bf16) and OnnxEnsemble (fp32 and int8 graphs) on NHWC uint8 crops."""
-    from alldetect.ensemble import EnsembleFit
-    from alldetect.ensemble_model import EnsembleModel
-    from alldetect.export import OnnxEnsemble, export_onnx
+    from alldetect.ensemble.combiners import EnsembleFit
+    from alldetect.inference.torch_engine import EnsembleModel
+    from alldetect.inference.onnx_engine import OnnxEnsemble
+    from alldetect.export.graph import export_onnx
 
     crops = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     nets = [create_member(name).eval().to(memory_format=torch.channels_last) for name in members]
@@ -146,10 +147,11 @@ def print_accuracy(ens_dir: Path, device: str) -> None:
     """AUC of the ensemble on its test split with fp32 members vs bf16 members vs the int8 graph, and the
     largest change of a cell's P(ALL)."""
     from alldetect.data.cache import load_crops
-    from alldetect.ensemble_model import load_ensemble
-    from alldetect.export import export_ensemble, load_onnx_ensemble
-    from alldetect.metrics import roc_auc
-    from alldetect.predictions import read_predictions
+    from alldetect.inference.torch_engine import load_ensemble
+    from alldetect.export.ensemble import export_ensemble
+    from alldetect.inference.onnx_engine import load_onnx_ensemble
+    from alldetect.evaluation.metrics import roc_auc
+    from alldetect.formats.predictions import read_predictions
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_model = load_ensemble(ens_dir, device=device, precision="fp32")

@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from alldetect.data.cache import load_crops
-from alldetect.ensemble_dir import load_ensemble_spec, read_calibration
-from alldetect.ensemble_model import load_ensemble
-from alldetect.export import export_onnx, load_onnx_ensemble
-from alldetect.metrics import roc_auc
-from alldetect.predictions import read_predictions
-from alldetect.quantize import quantize_graph
-from alldetect.tables import format_table
+from alldetect.ensemble.spec import load_ensemble_spec
+from alldetect.ensemble.folder import read_calibration
+from alldetect.inference.torch_engine import load_ensemble
+from alldetect.export.graph import export_onnx
+from alldetect.inference.onnx_engine import load_onnx_ensemble
+from alldetect.evaluation.metrics import roc_auc
+from alldetect.formats.predictions import read_predictions
+from alldetect.export.quantize import quantize_graph
+from alldetect.formats.tables import format_table
 
 warnings.filterwarnings("ignore")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from alldetect.baseline import evaluate_baseline
+from alldetect.evaluation.baseline import evaluate_baseline
 from alldetect.data.index import index_folder
 from alldetect.data.split import subject_split
 from alldetect.data.synth import SynthConfig, generate
-from alldetect.tables import format_table
+from alldetect.formats.tables import format_table
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def real_cells(tmp_path) -> Path:
 def split_manifest(tmp_path_factory) -> Path:
     """The paper split of a small synthetic set (80 px frames), for training tests."""
     from alldetect.data.index import index_folder
-    from alldetect.data.manifest import write_manifest
+    from alldetect.formats.manifest import write_manifest
     from alldetect.data.split import paper_split
     from alldetect.data.synth import SynthConfig, generate
 
@@ -83,7 +83,7 @@ def member_runs(split_manifest, tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def ensemble_dir(member_runs, tmp_path_factory) -> Path:
-    from alldetect.ensemble_model import build_ensemble
+    from alldetect.ensemble.build import build_ensemble
 
     out = tmp_path_factory.mktemp("ensemble")
     build_ensemble(member_runs, out)

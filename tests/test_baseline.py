@@ -1,7 +1,7 @@
 """The synthetic task must be learnable but not trivial: a hand-feature baseline on a subject-disjoint split
 lands well above chance and well below perfect."""
 
-from alldetect.baseline import evaluate_baseline
+from alldetect.evaluation.baseline import evaluate_baseline
 from alldetect.data.index import index_folder
 from alldetect.data.split import subject_split
 from alldetect.data.synth import SynthConfig, generate

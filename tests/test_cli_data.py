@@ -1,7 +1,7 @@
 from typer.testing import CliRunner
 
 from alldetect.cli import app
-from alldetect.data.manifest import read_manifest
+from alldetect.formats.manifest import read_manifest
 from alldetect.data.split import check_subject_disjoint
 
 runner = CliRunner()

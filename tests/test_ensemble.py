@@ -6,13 +6,13 @@ import pytest
 from typer.testing import CliRunner
 
 from alldetect.cli import app
-from alldetect.ensemble import EnsembleFit, fit_combiner, sap, weighted_average, wen_weights
-from alldetect.ensemble_model import build_ensemble
+from alldetect.ensemble.combiners import EnsembleFit, fit_combiner, sap, weighted_average, wen_weights
+from alldetect.ensemble.build import build_ensemble
 from alldetect.errors import DataError
-from alldetect.evaluation import bootstrap_ci, paired_bootstrap, subject_level
-from alldetect.metrics import classification_metrics
-from alldetect.predictions import read_predictions, write_predictions
-from alldetect.report import make_report
+from alldetect.evaluation.evaluate import bootstrap_ci, paired_bootstrap, subject_level
+from alldetect.evaluation.metrics import classification_metrics
+from alldetect.formats.predictions import read_predictions, write_predictions
+from alldetect.report.build import make_report
 
 runner = CliRunner()
 
@@ -171,8 +171,9 @@ def test_report_without_subjects_says_so(ensemble_dir, tmp_path):
 
 
 def test_bf16_check_keeps_a_member_that_bf16_moves_in_fp32(ensemble_dir, tmp_path):
-    from alldetect.ensemble_dir import read_calibration
-    from alldetect.ensemble_model import check_bf16, load_ensemble
+    from alldetect.ensemble.folder import read_calibration
+    from alldetect.ensemble.build import check_bf16
+    from alldetect.inference.torch_engine import load_ensemble
 
     ens = tmp_path / "ens"
     shutil.copytree(ensemble_dir, ens)

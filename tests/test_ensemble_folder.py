@@ -10,12 +10,14 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from alldetect.cli import app
-from alldetect.ensemble_dir import SpecError, load_ensemble_spec
-from alldetect.ensemble_model import build_ensemble, load_ensemble
+from alldetect.ensemble.spec import SpecError, load_ensemble_spec
+from alldetect.ensemble.build import build_ensemble
+from alldetect.inference.torch_engine import load_ensemble
 from alldetect.errors import AlldetectError
-from alldetect.explain import ensemble_cam, member_cams
-from alldetect.export import export_ensemble, load_engine
-from alldetect.predict import collect_inputs, load_crops_for, predict_rows
+from alldetect.inference.explain import ensemble_cam, member_cams
+from alldetect.export.ensemble import export_ensemble
+from alldetect.inference.engine import load_engine
+from alldetect.inference.predict import collect_inputs, load_crops_for, predict_rows
 from alldetect.serve import ServeSettings, create_app
 
 from conftest import write_cell

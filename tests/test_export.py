@@ -5,9 +5,10 @@ import pytest
 from typer.testing import CliRunner
 
 from alldetect.cli import app
-from alldetect.ensemble_model import load_ensemble
+from alldetect.inference.torch_engine import load_ensemble
 from alldetect.errors import AlldetectError
-from alldetect.export import OnnxEnsemble, load_engine, load_onnx_ensemble
+from alldetect.inference.onnx_engine import OnnxEnsemble, load_onnx_ensemble
+from alldetect.inference.engine import load_engine
 
 runner = CliRunner()
 
@@ -41,8 +42,8 @@ def test_onnx_matches_pytorch_within_1e_4(exported):
 
 @pytest.mark.filterwarnings("ignore")
 def test_auto_engine_picks_the_fastest_accurate_one(exported, ensemble_dir, tmp_path):
-    from alldetect.ensemble_model import EnsembleModel
-    from alldetect.inference import cpu_has_native_bf16
+    from alldetect.inference.torch_engine import EnsembleModel
+    from alldetect.models.runtime import cpu_has_native_bf16
 
     def engine(ens, **kw):
         chosen = load_engine(ens, device="cpu", **kw)
@@ -69,8 +70,8 @@ def test_auto_engine_picks_the_fastest_accurate_one(exported, ensemble_dir, tmp_
 def test_int8_graph_is_quantised_calibrated_on_validation_and_close_to_fp32(exported):
     import onnx
 
-    from alldetect.ensemble_dir import read_calibration
-    from alldetect.predictions import read_predictions
+    from alldetect.ensemble.folder import read_calibration
+    from alldetect.formats.predictions import read_predictions
 
     graph = onnx.load(str(exported / "ensemble.int8.onnx"))
     ops = {node.op_type for node in graph.graph.node}
@@ -108,7 +109,7 @@ def test_predict_with_both_engines_agrees(exported, tmp_path):
         r = runner.invoke(app, ["predict", str(exported), str(tmp_path / "cells"), "--engine", engine, "-o",
                                 str(tmp_path / f"{engine}.csv"), "--device", "cpu", "--precision", "fp32"])
         assert r.exit_code == 0, r.output
-    from alldetect.predictions import read_predictions
+    from alldetect.formats.predictions import read_predictions
 
     a = read_predictions(tmp_path / "onnx.csv")["wen_kappa"].prob_all
     b = read_predictions(tmp_path / "torch.csv")["wen_kappa"].prob_all
@@ -133,8 +134,8 @@ def test_the_web_app_serves_the_onnx_graph_when_exported(exported, ensemble_dir,
 def test_a_member_that_int8_moves_too_far_stays_fp32(exported, tmp_path):
     import onnx
 
-    from alldetect.ensemble_dir import read_calibration
-    from alldetect.quantize import quantize_ensemble
+    from alldetect.ensemble.folder import read_calibration
+    from alldetect.export.quantize import quantize_ensemble
 
     ens = tmp_path / "ens"
     shutil.copytree(exported, ens, ignore=shutil.ignore_patterns("*.int8.onnx"))
@@ -164,7 +165,7 @@ def test_a_single_network_graph_quantises_too(tmp_path):
     import torch
 
     from alldetect.models import create_member
-    from alldetect.quantize import quantize_graph
+    from alldetect.export.quantize import quantize_graph
 
     member = create_member("mobilenet").eval()
     path = tmp_path / "mobilenet.onnx"

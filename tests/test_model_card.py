@@ -6,8 +6,8 @@ import shutil
 
 from fastapi.testclient import TestClient
 
-from alldetect.model_card import CARD_NAME, SECTIONS
-from alldetect.report import make_report
+from alldetect.ensemble.card import CARD_NAME, SECTIONS
+from alldetect.report.build import make_report
 from alldetect.serve import ServeSettings, create_app
 
 

@@ -6,10 +6,11 @@ import torch
 from typer.testing import CliRunner
 
 from alldetect.cli import app
-from alldetect.ensemble_model import dihedral_views, load_ensemble
+from alldetect.data.transforms import dihedral_views
+from alldetect.inference.torch_engine import load_ensemble
 from alldetect.errors import AlldetectError
-from alldetect.explain import ensemble_cam, member_cams
-from alldetect.predict import collect_inputs, predict_rows
+from alldetect.inference.explain import ensemble_cam, member_cams
+from alldetect.inference.predict import collect_inputs, predict_rows
 from conftest import write_cell
 
 runner = CliRunner()

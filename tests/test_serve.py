@@ -82,9 +82,9 @@ def test_predict_cells_members_cam_patients_csv_and_record(served):
 
 
 def test_same_cells_as_the_predict_command(served, ensemble_dir, tmp_path):
-    from alldetect.export import load_engine
-    from alldetect.predict import collect_inputs, predict_rows
-    from alldetect.predictions import read_predictions
+    from alldetect.inference.engine import load_engine
+    from alldetect.inference.predict import collect_inputs, predict_rows
+    from alldetect.formats.predictions import read_predictions
 
     client, _ = served
     (tmp_path / "UID_9_1_1_all.png").write_bytes(_png(100))

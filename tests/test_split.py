@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alldetect.data.index import index_folder
-from alldetect.data.manifest import ManifestRow
+from alldetect.formats.manifest import ManifestRow
 from alldetect.data.split import check_subject_disjoint, paper_split, subject_split
 from alldetect.errors import DataError
 

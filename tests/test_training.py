@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from alldetect.data.manifest import read_manifest, write_manifest
+from alldetect.formats.manifest import read_manifest, write_manifest
 from alldetect.models import create_member
-from alldetect.predictions import read_predictions
+from alldetect.formats.predictions import read_predictions
 from alldetect.training import fit
 from alldetect.training.checkpoint import CheckpointError, load_checkpoint
 from alldetect.training.schedule import triangular2_lr
@@ -82,7 +82,7 @@ def test_predictions_follow_the_contract_and_restore_the_two_class_head(tiny_run
     model = create_member("mobilenet")
     model.load_state_dict(best["model"])  # strict: the 2-class head comes back too
     from alldetect.data.cache import load_crops
-    from alldetect.inference import predict_probs
+    from alldetect.models.runtime import predict_probs
 
     crops = load_crops(preds.path, crop=cfg.crop, cache_dir=split_manifest.parent / ".alldetect-cache")
     np.testing.assert_allclose(predict_probs(model, crops.images), preds.prob_all, atol=1e-6)

@@ -1,3 +1,19 @@
-"""alldetect: acute lymphoblastic leukemia detection with a weighted ensemble of CNNs."""
+"""alldetect: acute lymphoblastic leukemia detection with a weighted ensemble of CNNs.
+
+Packages, by stage (each imports only from those above it):
+
+- ``errors``: every user-facing error, printed as one line.
+- ``formats``: the file contracts (manifest, predictions, problems, labels and the 0.5 call, CSV, tables); no torch.
+- ``data``: C-NMC names and images, indexing, subject splits, synthetic cells, the crop cache, transforms.
+- ``models``: the member registry, and running members (device, precision, batched scoring).
+- ``evaluation``: metrics as the paper defines them, subject-level calls, bootstrap intervals, the baseline.
+- ``training``: validated config and profiles, ``fit``, the run folder, schedules, sampler, distributed.
+- ``ensemble``: combiners, the ensemble folder and its spec, building it from runs, the model card.
+- ``inference``: the engine interface (torch, ONNX), scoring files, Grad-CAM.
+- ``export``: the ONNX graph and its int8 copy.
+- ``report``: tables and figures of an ensemble's results.
+- ``serve``: the web page and JSON API.
+- ``pipeline``: ``alldetect run``, every stage cached; ``cli``: parse, call the library, print.
+"""
 
 __version__ = "0.1.0"

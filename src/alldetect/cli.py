@@ -13,7 +13,7 @@ from typing import Annotated, Callable
 import typer
 
 from .errors import AlldetectError
-from .quantize import TOLERANCE
+from .export.quantize import TOLERANCE
 from .training.config import Profile
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -118,9 +118,9 @@ def index(
     Unusable files are listed in <out>.problems.csv and skipped.
     """
     from .data.index import index_folder
-    from .data.manifest import summarize, write_manifest
-    from .data.problems import log_problems, write_problems
-    from .tables import format_table
+    from .formats.manifest import summarize, write_manifest
+    from .formats.problems import log_problems, write_problems
+    from .formats.tables import format_table
 
     writable_file(out)
     result = index_folder(data)
@@ -158,9 +158,9 @@ def split(
     seed: Annotated[int, typer.Option(help="Random seed for the subject shuffle.")] = 0,
 ) -> None:
     """Assign train/val/test by subject, stratified by class; no subject is ever in two splits."""
-    from .data.manifest import read_manifest, summarize, write_manifest
+    from .formats.manifest import read_manifest, summarize, write_manifest
     from .data.split import PAPER_VAL_FRACTION, paper_split, subject_split
-    from .tables import format_table
+    from .formats.tables import format_table
 
     rows = read_manifest(manifest)
     if protocol is Protocol.paper:
@@ -271,9 +271,9 @@ def evaluate(
     """Metrics per model: WP, WR, WFS, ACC, BA, AUC, kappa, sensitivity, specificity and confusion counts."""
     import json
 
-    from .evaluation import evaluate_predictions
-    from .predictions import read_predictions
-    from .tables import format_table
+    from .evaluation.evaluate import evaluate_predictions
+    from .formats.predictions import read_predictions
+    from .formats.tables import format_table
 
     results, subject_tables = {}, {}
     for model, p in read_predictions(predictions).items():
@@ -313,7 +313,7 @@ def ensemble(
 
     The folder written is the whole model: member weights, combiners, preprocessing, a model card. Copy it.
     """
-    from .ensemble_model import build_ensemble
+    from .ensemble.build import build_ensemble
 
     spec = build_ensemble(runs, out, default_method=method, tta=tta)
     typer.echo(f"wrote {out}: {len(spec.members)} members, methods {', '.join(spec.methods)}; "
@@ -327,7 +327,7 @@ def report(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over subjects.")] = 1000,
 ) -> None:
     """Write report.md with Table 4/5, ROC, calibration and subject-level results."""
-    from .report import make_report
+    from .report.build import make_report
 
     path = make_report(ens_dir, n_boot=bootstrap)
     typer.echo(f"report: {path}")
@@ -359,9 +359,9 @@ def predict(
 
     Unreadable files get a row with an error; the exit status is 1 if any file failed.
     """
-    from .export import load_engine
-    from .predict import collect_inputs, load_crops_for, predict_rows
-    from .tables import format_table
+    from .inference.engine import load_engine
+    from .inference.predict import collect_inputs, load_crops_for, predict_rows
+    from .formats.tables import format_table
 
     writable_file(out)
     model = load_engine(ens_dir, method=method, device=device.value, engine=engine.value, precision=precision.value)
@@ -376,8 +376,8 @@ def predict(
         typer.echo(f"challenge submission: {summary['submission']}")
     flagged = set(summary["flagged"])
     if cam is not None and flagged:
-        from .ensemble_model import load_ensemble
-        from .explain import explain
+        from .inference.torch_engine import load_ensemble
+        from .inference.explain import explain
 
         model = load_ensemble(ens_dir, method=method, device=device.value)  # Grad-CAM needs gradients: torch
         rows = [r for r in collected.rows if r.path in flagged]
@@ -409,7 +409,7 @@ def export(
     = TOLERANCE,
 ) -> None:
     """Export every member, its normalisation and the weighted average as one ONNX graph."""
-    from .export import describe_int8, export_ensemble
+    from .export.ensemble import describe_int8, export_ensemble
 
     result = export_ensemble(ens_dir, out=out, method=method, input_dtype=input_dtype, int8=int8,
                              calibration=calibration, calibration_cells=calibration_cells,
@@ -436,9 +436,9 @@ def explain(
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
 ) -> None:
     """Grad-CAM of every member and of the ensemble (weighted like its probabilities), as in Figs. 6-8."""
-    from .ensemble_model import load_ensemble
-    from .explain import explain as make_grid
-    from .predict import collect_inputs, load_crops_for
+    from .inference.torch_engine import load_ensemble
+    from .inference.explain import explain as make_grid
+    from .inference.predict import collect_inputs, load_crops_for
 
     model = load_ensemble(ens_dir, method=method, device=device.value)
     collected = collect_inputs(images)

@@ -1,5 +1,7 @@
 """Errors that mean the user asked for something that cannot be done; the CLI prints them as one line."""
 
+import re
+
 
 class AlldetectError(Exception):
     """Base class: a user-facing problem with a message that says what to do."""
@@ -16,3 +18,14 @@ class ImageProblem(DataError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+def first_line(error: BaseException) -> str:
+    """A library's message as one line: its first, without terminal colour codes, at most 160 characters; the
+    exception's type when it has no message.
+
+    >>> first_line(RuntimeError("\\x1b[31mbad\\x1b[0m magic number\\nmore"))
+    'bad magic number'
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return (text.splitlines() or [type(error).__name__])[0][:160]

@@ -22,16 +22,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .data.index import SYNTHETIC_MARKER, index_folder
-from .data.manifest import ManifestRow, write_manifest
-from .data.problems import write_problems
+from .formats.manifest import ManifestRow, write_manifest
+from .formats.problems import write_problems
 from .data.split import paper_split, subject_split
 from .data.synth import SynthConfig, generate
-from .ensemble_model import build_ensemble
-from .export import ONNX_NAME, describe_int8, export_ensemble
-from .inference import resolve_device
+from .ensemble.build import build_ensemble
+from .inference.onnx_engine import ONNX_NAME
+from .export.ensemble import describe_int8, export_ensemble
+from .models.runtime import resolve_device
 from .models.members import LITE_MEMBERS, PAPER_MEMBERS
-from .predictions import read_predictions
-from .report import make_report
+from .formats.predictions import read_predictions
+from .report.build import make_report
 from .training import fit, profile_config
 from .training.config import MACHINERY, Profile, TrainConfig
 
@@ -197,9 +198,9 @@ def _export(ens_dir: Path) -> None:
 
 def _explain_examples(ens_dir: Path, device: str) -> None:
     """A Grad-CAM grid of the first test cells of each class (Figs. 6-8 of the paper)."""
-    from .ensemble_model import load_ensemble
-    from .explain import explain
-    from .predict import Inputs, load_crops_for
+    from .inference.torch_engine import load_ensemble
+    from .inference.explain import explain
+    from .inference.predict import Inputs, load_crops_for
 
     model = load_ensemble(ens_dir, device=device)
     split = "test" if (ens_dir / "predictions_test.csv").is_file() else "val"

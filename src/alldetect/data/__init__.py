@@ -1,1 +1,1 @@
-"""Data layer: C-NMC discovery, manifests, subject splits, synthetic cells, transforms and datasets."""
+"""Data layer: C-NMC names and images, folder indexing, subject splits, synthetic cells, crops, transforms."""

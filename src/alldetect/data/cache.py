@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from ..errors import ImageProblem
 from .images import read_rgb
-from .problems import Problem
-from .transforms import center_crop
+from ..formats.problems import Problem
+from .transforms import prepare_crop
 
 logger = logging.getLogger(__name__)
 _FORMAT_VERSION = 1
@@ -72,15 +71,9 @@ def _build(paths: list[str], crop: int, side: int, data_file: Path, meta_file: P
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), side, side, 3))
     problems: dict[int, dict] = {}
 
-    def prepare(path: str) -> np.ndarray:
-        pixels = center_crop(read_rgb(path)[0], crop, path=path)
-        if side != crop:
-            pixels = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BILINEAR))
-        return pixels
-
     def attempt(path: str) -> np.ndarray | ImageProblem:
         try:
-            return prepare(path)
+            return prepare_crop(read_rgb(path)[0], crop, side, name=path)
         except ImageProblem as e:
             return e
 

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from ..errors import DataError, ImageProblem
 from .images import read_rgb
-from .manifest import ManifestRow
+from ..formats.manifest import ManifestRow
 from .names import IMAGE_SUFFIXES, is_image_file, parse_cell_name
-from .problems import Problem
+from ..formats.problems import Problem
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from ..errors import DataError
-from .manifest import ManifestRow
+from ..formats.manifest import ManifestRow
 
 logger = logging.getLogger(__name__)
 

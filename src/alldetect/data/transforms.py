@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
 from torchvision.transforms import v2  # noqa: E402
@@ -31,6 +32,14 @@ def center_crop(image: np.ndarray, size: int, *, path: str = "<array>") -> np.nd
         raise ImageProblem(path, f"image is {width}x{height}, smaller than the {size}x{size} center crop")
     top, left = (height - size) // 2, (width - size) // 2
     return image[top:top + size, left:left + size]
+
+
+def prepare_crop(pixels: np.ndarray, crop: int, input_size: int | None, *, name: str) -> np.ndarray:
+    """The model's input from a decoded cell: the pixel-exact center crop, resized if the model wants it."""
+    pixels = center_crop(pixels, crop, path=name)
+    if input_size and input_size != crop:
+        pixels = np.asarray(Image.fromarray(pixels).resize((input_size, input_size), Image.BILINEAR))
+    return pixels
 
 
 def train_augmentation(*, rotation: float = PAPER_ROTATION, shift: float = PAPER_SHIFT,
@@ -92,6 +101,12 @@ class PaperBatchAugmentation(torch.nn.Module):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         out = self.ops(batch.float().div_(255.0))
         return out.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The eight symmetries of the square: four 90-degree rotations, each with and without a flip."""
+    rotations = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    return rotations + [torch.flip(r, dims=(3,)) for r in rotations]
 
 
 def _dihedral_batch(batch: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .. import _torchvision  # noqa: F401  (first: lets torchvision import besid
 import timm  # noqa: E402
 
 from ..data.transforms import normalize
-from ..errors import AlldetectError
+from ..errors import AlldetectError, first_line
 
 logger = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -92,7 +92,7 @@ def create_member(name: str, *, pretrained: bool = False, weights: str | Path | 
             net = timm.create_model(spec.timm_name, pretrained=True, num_classes=num_classes,
                                     pretrained_cfg_overlay={"file": str(file)})
         except (RuntimeError, ValueError, OSError) as e:
-            raise WeightsUnavailable(f"{file}: not usable ImageNet weights for {spec.timm_name} ({_first_line(e)})") \
+            raise WeightsUnavailable(f"{file}: not usable ImageNet weights for {spec.timm_name} ({type(e).__name__}: {first_line(e)})") \
                 from None
     elif pretrained and spec.offline_weights is not None:
         net = timm.create_model(spec.timm_name, pretrained=False, num_classes=1000)
@@ -108,7 +108,7 @@ def create_member(name: str, *, pretrained: bool = False, weights: str | Path | 
             net = timm.create_model(spec.timm_name, pretrained=True, num_classes=num_classes)
         except Exception as e:  # the hub fails in many ways offline (OSError, HTTP errors, hub-specific ones)
             raise WeightsUnavailable(
-                f"ImageNet weights for {name} ({spec.timm_name}) could not be downloaded ({_first_line(e)}); "
+                f"ImageNet weights for {name} ({spec.timm_name}) could not be downloaded ({type(e).__name__}: {first_line(e)}); "
                 "pass --weights FILE or --weights-dir DIR with a local copy, or --no-pretrained") from None
     else:
         net = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes)
@@ -126,8 +126,3 @@ def _find_weights_file(spec: MemberSpec, path: Path) -> Path:
         raise WeightsUnavailable(f"{path}: no weights file for {spec.name} (expected a name starting with "
                                  f"{spec.timm_name!r} or {spec.name!r} ending in {', '.join(WEIGHT_SUFFIXES)})")
     raise WeightsUnavailable(f"{path}: weights file or folder not found")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

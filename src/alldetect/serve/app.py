@@ -33,14 +33,15 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..data.names import parse_cell_name
-from ..ensemble_dir import load_ensemble_spec
-from ..model_card import CARD_NAME
-from ..ensemble_dir import model_id as fingerprint
+from ..ensemble.spec import load_ensemble_spec
+from ..ensemble.card import CARD_NAME
+from ..ensemble.folder import model_id as fingerprint
 from ..errors import ImageProblem
-from ..evaluation import subject_level
-from ..export import ONNX_NAME, load_engine
-from ..predict import prepare_crop
-from ..predictions import prediction_records
+from ..evaluation.evaluate import subject_level
+from ..inference.onnx_engine import ONNX_NAME
+from ..inference.engine import load_engine
+from ..data.transforms import prepare_crop
+from ..formats.predictions import prediction_records
 from .store import PredictionStore
 from .uploads import Limits, UploadedCell, UploadRejected, decode_cell, expand_uploads
 
@@ -199,8 +200,8 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         return {"cells": out, "patients": patients}
 
     def _cams(batch: np.ndarray) -> list[str]:
-        from ..ensemble_model import load_ensemble
-        from ..explain import ensemble_cam, member_cams, overlay
+        from ..inference.torch_engine import load_ensemble
+        from ..inference.explain import ensemble_cam, member_cams, overlay
 
         if "model" not in cam_model:
             cam_model["model"] = load_ensemble(ens_dir, method=engine.method, device=settings.device)

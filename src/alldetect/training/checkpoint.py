@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from pathlib import Path
 
 import torch
 
-from ..errors import AlldetectError
+from ..errors import AlldetectError, first_line
 
 FORMAT = "alldetect-checkpoint"
 
@@ -36,18 +35,12 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused: the file holds Python objects that could run code when "
-                              f"loaded, not just weights ({_first_line(e)})") from None
+                              f"loaded, not just weights ({first_line(e)})") from None
     except Exception as e:  # torch.load fails on damaged files with many types (RuntimeError, struct.error, ...)
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an alldetect checkpoint")
     return state
-
-
-def _first_line(error: BaseException) -> str:
-    """torch's message, first line, without the terminal colour codes it embeds."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
-    return (text.splitlines() or [type(error).__name__])[0][:160]
 
 
 def rng_state() -> dict:

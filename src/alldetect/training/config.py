@@ -106,3 +106,12 @@ def profile_config(profile: Profile | str, **overrides) -> TrainConfig:
     if unknown:
         raise AlldetectError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     return replace(TrainConfig(**PROFILES[profile]), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """The checkpoint's config (``saved``) wins for everything that shapes the result; only the machinery and
+    the location fields come from ``cfg``."""
+    saved = dict(saved, betas=tuple(saved["betas"]))
+    if isinstance(saved.get("augment"), bool):  # runs from before augmentation had names
+        saved["augment"] = "paper" if saved["augment"] else "none"
+    return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in MACHINERY | LOCATION})

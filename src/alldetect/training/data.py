@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.cache import load_crops
-from ..data.manifest import ManifestRow
-from ..data.problems import Problem
+from ..formats.manifest import ManifestRow
+from ..formats.problems import Problem
 from ..errors import DataError
 
 logger = logging.getLogger(__name__)

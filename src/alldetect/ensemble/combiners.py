@@ -20,14 +20,16 @@ import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 from sklearn.linear_model import LogisticRegression
 
-from .metrics import classification_metrics
+from ..evaluation.metrics import classification_metrics, log_loss, logit
 
 logger = logging.getLogger(__name__)
 WEN_METRICS = {"acc": "acc", "auc": "auc", "f1": "wfs", "kappa": "kappa"}
 PAPER_METHODS = ("sap", *(f"wen_{k}" for k in WEN_METRICS))
 EXTRA_METHODS = ("logloss", "ts_sap", "stacking")
 METHODS = PAPER_METHODS + EXTRA_METHODS
-_EPS = 1e-7
+METHOD_LABELS = {  # as tables and figures name them
+    "sap": "SAP", "wen_acc": "WEN-acc", "wen_auc": "WEN-auc", "wen_f1": "WEN-f1", "wen_kappa": "WEN-kappa",
+    "logloss": "log-loss weights", "ts_sap": "temperature-scaled SAP", "stacking": "logistic stacking"}
 
 
 def sap(probs: np.ndarray) -> np.ndarray:
@@ -75,7 +77,7 @@ def logloss_weights(y_val: np.ndarray, val_probs: np.ndarray) -> np.ndarray:
     """Simplex weights minimising the validation log-loss of ``weighted_average``."""
     def loss(a: np.ndarray) -> float:
         w = np.exp(a - a.max())
-        return _log_loss(y_val, weighted_average(val_probs, w / w.sum()))
+        return log_loss(y_val, weighted_average(val_probs, w / w.sum()))
 
     a = minimize(loss, np.zeros(len(val_probs)), method="L-BFGS-B").x
     w = np.exp(a - a.max())
@@ -84,8 +86,8 @@ def logloss_weights(y_val: np.ndarray, val_probs: np.ndarray) -> np.ndarray:
 
 def fit_temperature(y_val: np.ndarray, prob: np.ndarray) -> float:
     """The temperature T minimising validation log-loss of sigmoid(logit(p) / T)."""
-    z = _logit(prob)
-    result = minimize_scalar(lambda log_t: _log_loss(y_val, _sigmoid(z / np.exp(log_t))), bounds=(-4, 4),
+    z = logit(prob)
+    result = minimize_scalar(lambda log_t: log_loss(y_val, _sigmoid(z / np.exp(log_t))), bounds=(-4, 4),
                              method="bounded")
     return float(np.exp(result.x))
 
@@ -104,9 +106,9 @@ class EnsembleFit:
         probs = np.asarray(probs, dtype=np.float64)
         if self.method == "ts_sap":
             t = np.asarray(self.temperatures)[:, None]
-            return sap(_sigmoid(_logit(probs) / t))
+            return sap(_sigmoid(logit(probs) / t))
         if self.method == "stacking":
-            return _sigmoid(np.asarray(self.coef) @ _logit(probs) + self.intercept)
+            return _sigmoid(np.asarray(self.coef) @ logit(probs) + self.intercept)
         return weighted_average(probs, np.asarray(self.weights))
 
 
@@ -122,20 +124,10 @@ def fit_combiner(method: str, y_val: np.ndarray, val_probs: np.ndarray) -> Ensem
     if method == "ts_sap":
         return EnsembleFit(method, temperatures=[fit_temperature(y_val, p) for p in val_probs])
     if method == "stacking":
-        model = LogisticRegression(C=1.0, max_iter=1000).fit(_logit(val_probs).T, y_val)
+        model = LogisticRegression(C=1.0, max_iter=1000).fit(logit(val_probs).T, y_val)
         return EnsembleFit(method, coef=model.coef_[0].tolist(), intercept=float(model.intercept_[0]))
     raise ValueError(f"unknown ensemble method {method!r}; known: {', '.join(METHODS)}")
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, _EPS, 1 - _EPS)
-    return np.log(p) - np.log1p(-p)
-
-
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-z))
-
-
-def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, _EPS, 1 - _EPS)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))

@@ -13,8 +13,8 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .data.images import read_rgb
-from .data.manifest import ManifestRow
+from ..data.images import read_rgb
+from ..formats.manifest import ManifestRow
 
 FEATURES = ("diameter", "mean_r", "mean_g", "mean_b", "intensity_std", "fine_texture", "outline_irregularity")
 

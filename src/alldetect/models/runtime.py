@@ -1,4 +1,4 @@
-"""Score images with a member: batched, no gradients, on any device."""
+"""Running members: the device, the precision (autocast) and batched scoring without gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import AlldetectError
+from ..data.transforms import dihedral_views
+from ..errors import AlldetectError
+from ._registry import Member
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -69,3 +71,22 @@ def predict_probs(model: nn.Module, images: np.ndarray, positions: np.ndarray | 
         out.append(logits.float().softmax(dim=1)[:, 1].cpu())
     model.train(was_training)
     return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+@torch.inference_mode()
+def score_members(members: list[Member], crops: np.ndarray, *, device: torch.device, precision: str = "auto",
+                  fp32_members: frozenset[str] = frozenset(), tta: bool = False, batch_size: int = 32) -> np.ndarray:
+    """(members, N) P(ALL) for uint8 crops (N, S, S, 3), with ``inference_autocast``; members named in
+    ``fp32_members`` always run in fp32. With ``tta`` each member's probability is the mean over the eight
+    flips and 90-degree rotations of the cell (cells have no orientation)."""
+    out = np.zeros((len(members), len(crops)))
+    for start in range(0, len(crops), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size])).permute(0, 3, 1, 2)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        views = dihedral_views(x) if tta else [x]
+        for k, member in enumerate(members):
+            member_precision = "fp32" if member.name in fp32_members else precision
+            with inference_autocast(device, member_precision):
+                probs = [member(v).float().softmax(1)[:, 1] for v in views]
+            out[k, start:start + len(x)] = torch.stack(probs).mean(0).double().cpu().numpy()
+    return out

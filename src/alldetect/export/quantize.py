@@ -17,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AlldetectError
+from ..ensemble.folder import read_calibration
+from ..errors import AlldetectError
+from ..evaluation.metrics import roc_auc
+from ..inference.onnx_engine import load_onnx_ensemble
+from ..inference.predict import collect_inputs, load_crops_for
+from .graph import graph_metadata, set_graph_metadata
 
 logger = logging.getLogger(__name__)
 TOLERANCE = 0.05  # largest mean change of a member's P(ALL), int8 against fp32, on the calibration cells
@@ -62,7 +67,8 @@ def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarr
                         nodes_to_exclude=_float_nodes(prepared, float_members),
                         extra_options={"CalibStridedMinMax": 1, "QDQOpTypePerChannelSupportToAxis": {
                             "BatchNormalization": 0}})  # its scale is one value per channel
-    _copy_metadata(fp32_path, out, precision="int8", float_members=list(float_members))
+    meta = graph_metadata(fp32_path) | {"precision": "int8", "float_members": json.dumps(list(float_members))}
+    set_graph_metadata(out, meta)
     return out
 
 
@@ -111,27 +117,10 @@ def _reachable(start: list, neighbours) -> set[str]:
     return seen
 
 
-def _copy_metadata(source: str | Path, target: Path, *, precision: str, float_members: list[int]) -> None:
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
-    meta["alldetect.precision"] = precision
-    meta["alldetect.float_members"] = json.dumps(float_members)
-    proto = onnx.load(str(target))
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(target))
-
-
 def calibration_crops(ens_dir: str | Path, model, *, calibration: list[Path] | None = None,
                       cells: int = 128) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Crops to calibrate int8 on, their labels (None for given images) and where they came from: up to
     ``cells`` of ``calibration`` images, or by default the validation crops kept in the ensemble folder."""
-    from .ensemble_dir import read_calibration
-    from .predict import collect_inputs, load_crops_for
-
     if calibration:
         crops, _ = load_crops_for(model, collect_inputs(calibration).rows[:cells], {})
         return crops, None, "given"
@@ -146,9 +135,6 @@ def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, crops: 
     P(ALL) int8 moves by more than ``tolerance`` on average over those cells stays fp32 in that graph; when
     that is every member, no int8 graph is written (returns None). Returns where it went and how far int8
     moves the ensemble's P(ALL) on those cells."""
-    from .export import load_onnx_ensemble
-    from .metrics import roc_auc
-
     fp32_path = Path(fp32_path)
     out = fp32_path.with_suffix(".int8.onnx")
     fp32 = load_onnx_ensemble(ens_dir, method=model.method, path=fp32_path).member_probs(crops)

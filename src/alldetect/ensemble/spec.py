@@ -13,30 +13,20 @@ as a path. The spec is validated when it is read: a damaged or hand-edited file 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 
-from .data.index import synthetic_marker
-from .data.manifest import read_manifest
-from .ensemble import METHODS, EnsembleFit, fit_combiner
-from .errors import AlldetectError, DataError
-from .metrics import classification_metrics
-from .predictions import Predictions, read_predictions, write_prediction_blocks
+from .combiners import METHODS, EnsembleFit
+from ..errors import AlldetectError
 
 logger = logging.getLogger(__name__)
 SPEC_NAME = "ensemble.json"
 SPEC_FORMAT = "alldetect-ensemble"
 SPEC_VERSION = 2
-CALIBRATION_NAME = "calibration.npz"
-CALIBRATION_CELLS = 128
-RECORD_FILES = ("config.json", "history.csv", "epochs.csv", "metrics.json")
 DEFAULT_METHOD = "wen_kappa"  # the paper's proposed model
 
 
@@ -125,7 +115,7 @@ def load_ensemble_spec(ens_dir: str | Path) -> EnsembleSpec:
 
 
 def _validated(raw: dict, path: Path) -> EnsembleSpec:
-    from .models import member_spec
+    from ..models import member_spec
 
     def need(obj: dict, key: str, kind: type | tuple, where: str):
         if key not in obj:
@@ -213,176 +203,3 @@ def _kind_name(kind: type | tuple) -> str:
     return {list: "a list", dict: "an object", str: "a string", int: "a whole number"}.get(kind, str(kind))
 
 
-@dataclass
-class MemberRun:
-    """A finished training run, as the ensemble builder reads it."""
-    path: Path
-    config: dict
-    metrics: dict
-
-    @property
-    def name(self) -> str:
-        return self.config["member"]
-
-
-def read_runs(run_dirs: list[str | Path]) -> list[MemberRun]:
-    """Finished member runs that can be combined: distinct members, one crop and input size, one manifest."""
-    runs = []
-    for run in map(lambda r: Path(r).resolve(), run_dirs):
-        config_file, metrics_file = run / "config.json", run / "metrics.json"
-        if not config_file.is_file():
-            raise AlldetectError(f"{run}: not a training run directory (no config.json)")
-        if not (run / "checkpoints" / "best.pt").is_file() or not metrics_file.is_file():
-            raise AlldetectError(f"{run}: training has not finished (no checkpoints/best.pt or metrics.json)")
-        runs.append(MemberRun(run, json.loads(config_file.read_text())["config"],
-                              json.loads(metrics_file.read_text())))
-    if len(runs) < 2:
-        raise AlldetectError("an ensemble needs at least two member runs")
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise AlldetectError(f"the same member appears twice: {names}")
-    for key in ("crop", "input_size"):
-        if len({r.config[key] for r in runs}) > 1:
-            raise AlldetectError(f"members disagree on {key}: " + ", ".join(f"{r.name}={r.config[key]}" for r in runs))
-    return runs
-
-
-def copy_training_record(run: MemberRun, member_dir: Path) -> None:
-    member_dir.mkdir(parents=True, exist_ok=True)
-    for name in RECORD_FILES:
-        if (run.path / name).is_file():
-            shutil.copyfile(run.path / name, member_dir / name)
-
-
-def run_predictions(runs: list[MemberRun]) -> dict[str, list[Predictions]]:
-    """Each split's predictions of every member, aligned to the first member's image order."""
-    splits = {split: _aligned([_single(r.path / f"predictions_{split}.csv") for r in runs], runs, split)
-              for split in ("val", "test") if all((r.path / f"predictions_{split}.csv").is_file() for r in runs)}
-    if "val" not in splits:
-        raise AlldetectError("every member run needs predictions_val.csv: weights are fitted on validation")
-    return splits
-
-
-def write_ensemble(out: Path, members: list[MemberEntry], splits: dict[str, list[Predictions]], *,
-                   default_method: str, tta: bool, data: dict, versions: dict) -> EnsembleSpec:
-    """Fit every combiner on the validation split, write the predictions of every split and the spec."""
-    if default_method not in METHODS:
-        raise AlldetectError(f"unknown method {default_method!r}; known: {', '.join(METHODS)}")
-    val = splits["val"]
-    y_val, val_probs = val[0].y, np.stack([p.prob_all for p in val])
-    fits = {method: fit_combiner(method, y_val, val_probs) for method in METHODS}
-    for split, preds in splits.items():
-        _write_split(out / f"predictions_{split}.csv", preds, fits)
-    spec = EnsembleSpec(members, fits, default_method, data,
-                        {p.model: classification_metrics(y_val, p.prob_all) for p in val}, tta, None, versions)
-    spec.save(out)
-    return spec
-
-
-def calibration_sample(paths: list[str], labels: np.ndarray, n: int, *, seed: int = 0) -> list[str]:
-    """Up to ``n`` paths, both classes in their proportions, drawn with a fixed seed.
-
-    >>> calibration_sample(["a", "b", "c", "d"], np.array([1, 1, 0, 0]), 2)
-    ['b', 'd']
-    """
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    if len(paths) <= n:
-        return list(paths)
-    chosen: list[int] = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        take = max(1, round(n * len(members) / len(labels)))
-        chosen.extend(rng.choice(members, size=min(take, len(members)), replace=False).tolist())
-    return [paths[i] for i in sorted(chosen)[:n]]
-
-
-def write_calibration(out: Path, crops: np.ndarray, labels: np.ndarray) -> None:
-    np.savez(out / CALIBRATION_NAME, crops=crops, labels=labels)
-
-
-def read_calibration(ens_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The validation crops and labels kept in the folder for int8 calibration and the bf16 check."""
-    path = Path(ens_dir) / CALIBRATION_NAME
-    if not path.is_file():
-        raise SpecError(f"{path}: not found; rebuild the ensemble, or pass --calibration with cell images")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return data["crops"], data["labels"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SpecError(f"{path}: unreadable ({e})") from None
-
-
-def model_id(ens_dir: str | Path) -> str:
-    """A short fingerprint of the ensemble spec (served by the web app and recorded with every prediction)."""
-    return sha256_file(Path(ens_dir) / SPEC_NAME)[:12]
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe_data(manifest: str) -> dict:
-    """What the runs were trained on and how it was split, for the first line of every report."""
-    rows = read_manifest(manifest)
-    labelled = [r for r in rows if r.label]
-    marker = synthetic_marker(Path(labelled[0].path).parent) if labelled else None
-    sources = {r.source for r in labelled}
-    if marker is not None:
-        dataset = "SYNTHETIC cells from `alldetect synth` (they test the software, not the medicine)"
-    elif any(s.startswith("fold_") for s in sources):
-        dataset = "C-NMC-2019"
-    else:
-        dataset = f"image folder(s): {', '.join(sorted(sources))}"
-    paper = bool(labelled) and all((r.split == "test") == (r.source == "prelim") for r in labelled)
-    protocol = ("paper protocol (Table 3): training folds split 70/30 by subject, preliminary test set = test"
-                if paper else "subject-level split, stratified by class")
-    counts = {split: {label: {"images": sum(r.split == split and r.label == label for r in labelled),
-                              "subjects": len({r.subject for r in labelled if r.split == split and r.label == label})}
-                      for label in ("all", "hem")} for split in ("train", "val", "test")}
-    return {"dataset": dataset, "synthetic": marker is not None, "protocol": protocol, "counts": counts}
-
-
-def _single(path: Path) -> Predictions:
-    models = read_predictions(path)
-    if len(models) != 1:
-        raise DataError(f"{path}: expected one model's predictions, found {', '.join(models)}")
-    return next(iter(models.values()))
-
-
-def _aligned(preds: list[Predictions], runs: list[MemberRun], split: str) -> list[Predictions]:
-    """Reorder every member to the first member's image order; refuse different images or labels."""
-    ref = preds[0]
-    ref_paths = set(ref.path)
-    first = runs[0].path.name
-    out = [ref]
-    for p, run in zip(preds[1:], runs[1:]):
-        paths = set(p.path)
-        if paths != ref_paths:
-            only_ref, only_p = sorted(ref_paths - paths), sorted(paths - ref_paths)
-            raise DataError(f"{split}: {first} and {run.path.name} cover different images: "
-                            f"{len(only_ref)} only in {first} (e.g. {only_ref[:2]}), "
-                            f"{len(only_p)} only in {run.path.name} (e.g. {only_p[:2]}); train members on one "
-                            "manifest")
-        order = {path: i for i, path in enumerate(p.path)}
-        idx = np.array([order[path] for path in ref.path])
-        reordered = Predictions(ref.path, p.y[idx], p.prob_all[idx], p.model, ref.subject)
-        mismatch = np.flatnonzero(reordered.y != ref.y)
-        if len(mismatch):
-            raise DataError(f"{split}: {first} and {run.path.name} disagree on the label of "
-                            f"{len(mismatch)} image(s), e.g. {ref.path[mismatch[0]]}")
-        out.append(reordered)
-    return out
-
-
-def _write_split(path: Path, preds: list[Predictions], fits: dict[str, EnsembleFit]) -> None:
-    ref = preds[0]
-    probs = np.stack([p.prob_all for p in preds])
-    labels = ["all" if y == 1 else "hem" if y == 0 else "" for y in ref.y]
-    blocks = {p.model: p.prob_all for p in preds} | {method: fit.apply(probs) for method, fit in fits.items()}
-    write_prediction_blocks(path, ref.path, labels, blocks, subjects=ref.subject,
-                            extra={f"prob_{p.model}": p.prob_all for p in preds})

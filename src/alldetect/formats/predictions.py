@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.manifest import read_csv_checked, write_csv_atomic
-from .errors import DataError
+from .csvfiles import formula_safe, read_csv_checked, write_csv_atomic
+from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 REQUIRED = ("path", "label", "prob_all")
@@ -67,16 +67,6 @@ def prediction_records(paths: list[str], labels: list[str], blocks: dict[str, np
             records.append(record)
     columns = ["path", "label", "prob_all", "model", "subject", *extra, *(["error"] if errors is not None else [])]
     return columns, records
-
-
-def formula_safe(text: str) -> str:
-    """OWASP's rule against CSV injection: a cell starting with = + - @ (or tab, carriage return) gets a
-    leading single quote, so a spreadsheet shows it instead of evaluating it.
-
-    >>> formula_safe("=HYPERLINK(1)"), formula_safe("UID_1_2_3_all.bmp")
-    ("'=HYPERLINK(1)", 'UID_1_2_3_all.bmp')
-    """
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _number(value: float) -> str:

@@ -21,6 +21,9 @@ from numpy.typing import ArrayLike
 METRIC_NAMES = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa", "sensitivity", "specificity", "tn", "fp", "fn", "tp")
 
 
+PROB_EPS = 1e-7  # probabilities are kept within [PROB_EPS, 1 - PROB_EPS] before a log or a logit
+
+
 class UndefinedMetricWarning(UserWarning):
     """A metric has no value for this input (e.g. AUC with one class only) and is reported as NaN."""
 
@@ -138,3 +141,26 @@ def threshold_for_sensitivity(y_true: ArrayLike, prob_all: ArrayLike, sensitivit
         raise ValueError(f"sensitivity must be in (0, 1], got {sensitivity}")
     needed = int(np.ceil(sensitivity * len(positives) - 1e-12))
     return float(positives[needed - 1])
+
+
+def log_loss(y_true: ArrayLike, prob_all: ArrayLike) -> float:
+    """Mean binary cross-entropy of ALL probabilities (clipped to [PROB_EPS, 1 - PROB_EPS]).
+
+    >>> round(log_loss([1, 0], [0.9, 0.2]), 6)
+    0.164252
+    """
+    y, p = np.asarray(y_true), np.clip(np.asarray(prob_all, dtype=np.float64), PROB_EPS, 1 - PROB_EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def logit(p):
+    """log(p / (1 - p)) with p clipped to [PROB_EPS, 1 - PROB_EPS]; for numpy arrays, and for torch tensors
+    inside the exported graph (the same rule on both sides of the export).
+
+    >>> logit(np.array([0.5, 1.0])).round(3).tolist()
+    [0.0, 16.118]
+    """
+    p = p.clip(PROB_EPS, 1 - PROB_EPS)
+    if isinstance(p, np.ndarray):
+        return np.log(p) - np.log1p(-p)
+    return p.log() - (-p).log1p()

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .ensemble_dir import EnsembleSpec, load_ensemble_spec, model_id
-from .tables import format_table
+from .spec import EnsembleSpec, load_ensemble_spec
+from .folder import model_id
+from ..formats.tables import format_table
 
 CARD_NAME = "MODEL_CARD.md"
 CARD_METRICS = ("auc", "ba", "wfs", "sensitivity", "specificity")

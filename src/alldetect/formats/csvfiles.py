@@ -1,63 +1,13 @@
-"""The manifest contract: one CSV row per image, ``path,label,subject,split`` plus ``image,cell,source``.
-
-``label`` is ``all``, ``hem`` or empty (unlabelled); ``split`` is ``train``, ``val``, ``test`` or empty
-(not assigned, e.g. unlabelled images). An empty ``subject`` means the subject is unknown.
-"""
+"""CSV files as every contract writes and reads them: UTF-8, atomic writes, strict reading, spreadsheet-safe."""
 
 from __future__ import annotations
 
 import csv
 import os
 import tempfile
-from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..errors import DataError
-
-REQUIRED_COLUMNS = ("path", "label", "subject", "split")
-OPTIONAL_COLUMNS = ("image", "cell", "source")
-SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    path: str
-    label: str = ""
-    subject: str = ""
-    split: str = ""
-    image: str = ""
-    cell: str = ""
-    source: str = ""
-
-    @property
-    def y(self) -> int:
-        """Numeric label: 1 = ALL, 0 = HEM."""
-        return 1 if self.label == "all" else 0
-
-    def with_split(self, split: str) -> ManifestRow:
-        return replace(self, split=split)
-
-
-COLUMNS = tuple(f.name for f in fields(ManifestRow))
-
-
-def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
-    """Write rows atomically (a half-written manifest never replaces a good one)."""
-    write_csv_atomic(path, COLUMNS, [asdict(r) for r in rows])
-
-
-def read_manifest(path: str | Path) -> list[ManifestRow]:
-    """Read and validate a manifest; errors name the file, the line and the problem."""
-    rows = []
-    for line, raw in read_csv_checked(path, REQUIRED_COLUMNS, kind="manifest"):
-        row = ManifestRow(**{c: (raw.get(c) or "").strip() for c in COLUMNS})
-        if row.label not in ("all", "hem", ""):
-            raise DataError(f"{path}:{line}: label {row.label!r} is not 'all', 'hem' or empty")
-        if row.split not in (*SPLITS, ""):
-            raise DataError(f"{path}:{line}: split {row.split!r} is not one of {SPLITS} or empty")
-        rows.append(row)
-    return rows
 
 
 def read_csv_checked(path: str | Path, required: tuple[str, ...], *, kind: str) -> list[tuple[int, dict]]:
@@ -110,17 +60,11 @@ def write_csv_atomic(path: str | Path, columns: tuple[str, ...] | list[str], rec
         raise
 
 
-def summarize(rows: list[ManifestRow], by: str = "source") -> list[dict]:
-    """Images and subjects per (group, label): the table ``index`` and ``split`` print."""
-    groups: dict[tuple[str, str], list[ManifestRow]] = {}
-    for r in rows:
-        groups.setdefault((getattr(r, by), r.label or "unlabelled"), []).append(r)
-    table = []
-    for (group, label), members in sorted(groups.items()):
-        subjects = {r.subject for r in members if r.subject}
-        table.append({by: group or "-", "label": label, "images": len(members), "subjects": len(subjects)})
-    return table
+def formula_safe(text: str) -> str:
+    """OWASP's rule against CSV injection: a cell starting with = + - @ (or tab, carriage return) gets a
+    leading single quote, so a spreadsheet shows it instead of evaluating it.
 
-
-def label_counts(rows: list[ManifestRow]) -> Counter:
-    return Counter(r.label or "unlabelled" for r in rows)
+    >>> formula_safe("=HYPERLINK(1)"), formula_safe("UID_1_2_3_all.bmp")
+    ("'=HYPERLINK(1)", 'UID_1_2_3_all.bmp')
+    """
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

@@ -18,19 +18,17 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from .data.manifest import write_csv_atomic  # noqa: E402
-from .ensemble import METHODS  # noqa: E402
-from .ensemble_dir import load_ensemble_spec  # noqa: E402
-from .evaluation import bootstrap_ci, paired_bootstrap, subject_level  # noqa: E402
-from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity  # noqa: E402
-from .model_card import write_model_card  # noqa: E402
-from .predictions import Predictions, read_predictions  # noqa: E402
-from .tables import format_table  # noqa: E402
+from ..formats.csvfiles import write_csv_atomic  # noqa: E402
+from ..ensemble.combiners import METHOD_LABELS, METHODS  # noqa: E402
+from ..ensemble.spec import load_ensemble_spec  # noqa: E402
+from ..evaluation.evaluate import bootstrap_ci, paired_bootstrap, subject_level  # noqa: E402
+from ..evaluation.metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity  # noqa: E402
+from ..ensemble.card import write_model_card  # noqa: E402
+from ..formats.predictions import Predictions, read_predictions  # noqa: E402
+from ..formats.tables import format_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
 TABLE4_COLUMNS = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa")
-LABELS = {"sap": "SAP", "wen_acc": "WEN-acc", "wen_auc": "WEN-auc", "wen_f1": "WEN-f1", "wen_kappa": "WEN-kappa",
-          "logloss": "log-loss weights", "ts_sap": "temperature-scaled SAP", "stacking": "logistic stacking"}
 
 
 def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, target_sensitivity: float = 0.95) -> Path:
@@ -85,7 +83,7 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
 
 
 def _label(method: str) -> str:
-    return LABELS.get(method, method)
+    return METHOD_LABELS.get(method, method)
 
 
 def _operating_point(val: Predictions, test: Predictions, sensitivity: float) -> dict:

@@ -18,13 +18,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from . import _torchvision  # noqa: E402, F401  (first: lets torchvision import beside a CPU-only torch)
+from .. import _torchvision  # noqa: E402, F401  (first: lets torchvision import beside a CPU-only torch)
 from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-from .ensemble_model import EnsembleModel  # noqa: E402
-from .report import LABELS  # noqa: E402
+from ..ensemble.combiners import METHOD_LABELS  # noqa: E402
+from .torch_engine import EnsembleModel  # noqa: E402
 
 
 def member_cams(model: EnsembleModel, crops: np.ndarray, classes: list[int]) -> np.ndarray:
@@ -77,7 +77,7 @@ def explain(model: EnsembleModel, crops: np.ndarray, names: list[str], out: str 
         classes = [1 if target == "all" else 0] * len(crops)
     cams = member_cams(model, crops, classes)
     combined = ensemble_cam(cams, model.cam_weights)
-    columns = model.names + [LABELS.get(model.method, model.method)]
+    columns = model.names + [METHOD_LABELS.get(model.method, model.method)]
     probs = np.vstack([member_prob, ens_prob[None]])
     all_maps = np.concatenate([cams, combined[None]])
     fig, axes = plt.subplots(len(crops), len(columns) + 1, figsize=(2.0 * (len(columns) + 1), 2.1 * len(crops)),

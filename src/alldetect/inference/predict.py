@@ -12,19 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from .data.images import read_rgb
-from .data.index import index_folder
-from .data.manifest import ManifestRow, write_csv_atomic
-from .data.names import is_image_file, parse_cell_name
-from .data.transforms import center_crop
-from .ensemble_model import EnsembleModel
-from .errors import DataError, ImageProblem
-from .evaluation import subject_level
-from .export import OnnxEnsemble
-from .predictions import prediction_records
+from ..data.images import read_rgb
+from ..data.index import index_folder
+from ..formats.manifest import ManifestRow
+from ..formats.csvfiles import write_csv_atomic
+from ..data.names import is_image_file, parse_cell_name
+from ..data.transforms import prepare_crop
+from .torch_engine import EnsembleModel
+from ..errors import DataError, ImageProblem
+from ..evaluation.evaluate import subject_level
+from .onnx_engine import OnnxEnsemble
+from ..formats.predictions import prediction_records
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,6 @@ def collect_inputs(inputs: list[str | Path]) -> Inputs:
     if not rows:
         raise DataError("no input images")
     return Inputs(rows, errors)
-
-
-def prepare_crop(pixels: np.ndarray, crop: int, input_size: int | None, *, name: str) -> np.ndarray:
-    """The model's input from a decoded cell: the pixel-exact center crop, resized if the model wants it."""
-    pixels = center_crop(pixels, crop, path=name)
-    if input_size and input_size != crop:
-        pixels = np.asarray(Image.fromarray(pixels).resize((input_size, input_size), Image.BILINEAR))
-    return pixels
 
 
 def load_crops_for(model: EnsembleModel | OnnxEnsemble, rows: list[ManifestRow],

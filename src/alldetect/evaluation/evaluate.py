@@ -8,9 +8,9 @@ import warnings
 
 import numpy as np
 
-from .errors import AlldetectError
+from ..errors import AlldetectError
 from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
-from .predictions import Predictions
+from ..formats.predictions import Predictions
 
 logger = logging.getLogger(__name__)
 CI_METRICS = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa", "sensitivity", "specificity")

@@ -1,0 +1,1 @@
+"""Metrics as the paper defines them, subject-level calls, bootstrap intervals, and the colour baseline."""

@@ -1,0 +1,1 @@
+"""The ensemble as one ONNX graph, and its int8 copy calibrated on validation cells."""

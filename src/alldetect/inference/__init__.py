@@ -1,0 +1,1 @@
+"""Scoring with a built ensemble: one engine interface over torch and ONNX, predictions files and Grad-CAM."""

@@ -1,0 +1,83 @@
+"""A trained ensemble in memory, and how an ensemble folder is built from member runs.
+
+``EnsembleModel.predict`` takes uint8 crops (N, S, S, 3) and returns the ensemble's P(ALL) and every
+member's; with ``tta`` each member's probability is the mean over the eight flips and 90-degree rotations
+of the cell (cells have no orientation), before combining. Members that bf16 moves too far on validation
+cells (``check_bf16``, run when the ensemble is built) always run in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..ensemble.combiners import EnsembleFit
+from ..ensemble.spec import EnsembleSpec, load_ensemble_spec
+from ..ensemble.folder import load_member
+from ..models.runtime import resolve_device, score_members
+from ..models import Member
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EnsembleModel:
+    members: list[Member]
+    combiner: EnsembleFit
+    method: str
+    crop: int
+    input_size: int | None
+    spec: EnsembleSpec
+    device: torch.device
+    precision: str = "auto"  # see inference_autocast
+    fp32_members: frozenset[str] = frozenset()  # members that bf16 moves too far: always run in fp32
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    @property
+    def default_tta(self) -> bool:
+        """Whether the combiners were fitted on test-time-augmented probabilities (score the same way)."""
+        return self.spec.tta
+
+    @property
+    def cam_weights(self) -> np.ndarray:
+        """Member weights for combining Grad-CAM maps: the method's weights (SAP, WEN, log-loss), the positive
+        part of the stacking coefficients, or equal weights (temperature-scaled SAP)."""
+        if self.combiner.weights:
+            w = np.asarray(self.combiner.weights, dtype=np.float64)
+        elif self.combiner.coef:
+            w = np.clip(np.asarray(self.combiner.coef, dtype=np.float64), 0, None)
+        else:
+            w = np.ones(len(self.members))
+        return w if w.sum() > 0 else np.ones(len(self.members))
+
+    def member_probs(self, crops: np.ndarray, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
+        """(members, N) P(ALL) for uint8 crops (N, S, S, 3)."""
+        return score_members(self.members, crops, device=self.device, precision=self.precision,
+                             fp32_members=self.fp32_members, tta=tta, batch_size=batch_size)
+
+    def predict(self, crops: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The ensemble's P(ALL) (N,) and the members' (members, N)."""
+        members = self.member_probs(crops, tta=tta)
+        return self.combiner.apply(members), members
+
+
+def load_ensemble(ens_dir: str | Path, *, method: str | None = None, device: str = "auto",
+                  precision: str = "auto") -> EnsembleModel:
+    """Load an ensemble folder; nothing outside it is read. Errors name the file and what is wrong with it."""
+    spec = load_ensemble_spec(ens_dir)
+    method = method or spec.default_method
+    combiner = spec.fit(method)
+    dev = resolve_device(device)
+    members = [load_member(Path(ens_dir), entry).to(dev).to(memory_format=torch.channels_last).eval()
+               for entry in spec.members]
+    fp32 = frozenset((spec.bf16 or {}).get("fp32_members", []))
+    return EnsembleModel(members, combiner, method, spec.crop, spec.input_size, spec, dev, precision, fp32)
+
+

@@ -1,0 +1,1 @@
+"""The evaluation report of an ensemble folder: tables, figures, subject-level results."""
