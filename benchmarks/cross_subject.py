@@ -31,16 +31,16 @@ import numpy as np
 
 import alldetect._torchvision  # noqa: F401  (before timm and torchvision)
 from alldetect.data.index import index_folder
-from alldetect.formats.manifest import ManifestRow, read_manifest, write_manifest
 from alldetect.data.split import subject_folds, subject_key, subject_split
 from alldetect.ensemble.combiners import METHODS, EnsembleFit, fit_combiner
-from alldetect.inference.torch_engine import EnsembleModel
 from alldetect.evaluation.evaluate import subject_level
-from alldetect.models.runtime import resolve_device
 from alldetect.evaluation.metrics import UndefinedMetricWarning, classification_metrics
+from alldetect.formats.manifest import ManifestRow, read_manifest, write_manifest
+from alldetect.formats.tables import format_table
+from alldetect.inference.torch_engine import EnsembleModel
 from alldetect.models import Member, create_member
 from alldetect.models.members import LITE_MEMBERS
-from alldetect.formats.tables import format_table
+from alldetect.models.runtime import resolve_device
 from alldetect.training import TrainConfig, fit, profile_config
 from alldetect.training.checkpoint import load_checkpoint
 from alldetect.training.config import LOCATION, MACHINERY

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from alldetect.data.transforms import normalize
+from alldetect.export.quantize import quantize_graph
+from alldetect.formats.tables import format_table
 from alldetect.inference.onnx_engine import onnx_session
 from alldetect.models import create_member
 from alldetect.models.members import PAPER_MEMBERS
-from alldetect.export.quantize import quantize_graph
-from alldetect.formats.tables import format_table
 
 warnings.filterwarnings("ignore")
 
@@ -158,7 +158,7 @@ def print_accuracy(ens_dir: Path, device: str) -> None:
         preds = read_predictions(ens_dir / "predictions_test.csv")[fp32_model.method]
         crops = np.array(load_crops(preds.path, crop=fp32_model.crop, size=fp32_model.input_size,
                                     cache_dir=tmp).images)
-        int8_graph = export_ensemble(ens_dir, out=Path(tmp) / "ensemble.onnx")["int8"]["path"]
+        int8_graph = export_ensemble(ens_dir, out=Path(tmp) / "ensemble.onnx").int8.path
         probs = {"fp32": fp32_model.predict(crops)[0],
                  "bf16": load_ensemble(ens_dir, device=device, precision="bf16").predict(crops)[0],
                  "int8": load_onnx_ensemble(ens_dir, path=int8_graph).predict(crops)[0]}

@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from alldetect.data.cache import load_crops
-from alldetect.ensemble.spec import load_ensemble_spec
 from alldetect.ensemble.folder import read_calibration
-from alldetect.inference.torch_engine import load_ensemble
-from alldetect.export.graph import export_onnx
-from alldetect.inference.onnx_engine import load_onnx_ensemble
+from alldetect.ensemble.spec import load_ensemble_spec
 from alldetect.evaluation.metrics import roc_auc
-from alldetect.formats.predictions import read_predictions
+from alldetect.export.graph import export_onnx
 from alldetect.export.quantize import quantize_graph
+from alldetect.formats.predictions import read_predictions
 from alldetect.formats.tables import format_table
+from alldetect.inference.onnx_engine import load_onnx_ensemble
+from alldetect.inference.torch_engine import load_ensemble
 
 warnings.filterwarnings("ignore")
 

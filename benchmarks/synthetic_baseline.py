@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from alldetect.evaluation.baseline import evaluate_baseline
 from alldetect.data.index import index_folder
 from alldetect.data.split import subject_split
 from alldetect.data.synth import SynthConfig, generate
+from alldetect.evaluation.baseline import evaluate_baseline
 from alldetect.formats.tables import format_table
 
 

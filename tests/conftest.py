@@ -1,30 +1,14 @@
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import alldetect._torchvision  # noqa: F401  (before any test imports timm or torchvision)
+from helpers import tiny_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-
-def write_cell(path: Path, *, size: int = 64, value: int = 90, mode: str = "RGB") -> Path:
-    """A small bright disc on black, saved in whatever format the suffix says."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:size, 0:size]
-    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
-    rgb = np.zeros((size, size, 3), np.uint8)
-    rgb[disc] = (value, value // 3, value)
-    Image.fromarray(rgb).convert(mode).save(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -63,15 +47,6 @@ def split_manifest(tmp_path_factory) -> Path:
     return manifest
 
 
-def tiny_config(manifest: Path, out: Path, **overrides):
-    """A seconds-long CPU training config: MobileNet, 64 px crops, random init."""
-    from alldetect.training import TrainConfig
-
-    base = dict(member="mobilenet", manifest=str(manifest), out=str(out), crop=64, epochs=2, batch_size=8,
-                clr_step_epochs=1, pretrained=False, device="cpu", workers=0, seed=0)
-    return TrainConfig(**{**base, **overrides})
-
-
 @pytest.fixture(scope="session")
 def member_runs(split_manifest, tmp_path_factory) -> list[Path]:
     """Two members trained for one epoch on the tiny synthetic split."""
@@ -88,24 +63,3 @@ def ensemble_dir(member_runs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ensemble")
     build_ensemble(member_runs, out)
     return out
-
-
-@contextlib.contextmanager
-def running_server(app, host: str = "127.0.0.1"):
-    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields its base URL and the server."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://{host}:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

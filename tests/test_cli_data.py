@@ -1,8 +1,8 @@
 from typer.testing import CliRunner
 
 from alldetect.cli import app
-from alldetect.formats.manifest import read_manifest
 from alldetect.data.split import check_subject_disjoint
+from alldetect.formats.manifest import read_manifest
 
 runner = CliRunner()
 

@@ -13,7 +13,8 @@ from typing import Annotated, Callable
 import typer
 
 from .errors import AlldetectError
-from .export.quantize import TOLERANCE
+from .export import INT8_TOLERANCE
+from .formats.labels import THRESHOLD
 from .training.config import Profile
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -261,7 +262,7 @@ def members() -> None:
 def evaluate(
     predictions: Annotated[Path, typer.Argument(help="Predictions CSV (path,label,prob_all[,model,subject]).")],
     threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="P(ALL) at or above which a cell is called "
-                                                                    "ALL.")] = 0.5,
+                                                                    "ALL.")] = THRESHOLD,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keyed by model).")] = False,
     ci: Annotated[int, typer.Option(min=0, help="Bootstrap resamples over subjects for 95% CIs (0: none).")] = 0,
     sensitivity: Annotated[float | None, typer.Option(
@@ -359,8 +360,8 @@ def predict(
 
     Unreadable files get a row with an error; the exit status is 1 if any file failed.
     """
-    from .inference.engine import load_engine
-    from .inference.predict import collect_inputs, load_crops_for, predict_rows
+    from .inference.load import load_engine
+    from .inference.predict import collect_inputs, predict_rows
     from .formats.tables import format_table
 
     writable_file(out)
@@ -368,25 +369,20 @@ def predict(
     logger.info("engine: %s", type(model).__name__)
     collected = collect_inputs(inputs)
     summary = predict_rows(model, collected, out, tta=tta, batch_size=batch_size)
-    typer.echo(f"wrote {summary['csv']}: {summary['scored']} cells scored, {summary['failed']} failed")
-    if "patients" in summary:
-        typer.echo(f"patients (ALL when the mean P(ALL) >= 0.5): {summary['patients_csv']}")
-        typer.echo(format_table(summary["patients"]))
-    if "submission" in summary:
-        typer.echo(f"challenge submission: {summary['submission']}")
-    flagged = set(summary["flagged"])
+    typer.echo(f"wrote {summary.csv}: {summary.scored} cells scored, {summary.failed} failed")
+    if summary.patients:
+        typer.echo(f"patients (ALL when the mean P(ALL) >= {THRESHOLD}): {summary.patients_csv}")
+        typer.echo(format_table(summary.patients))
+    if summary.submission:
+        typer.echo(f"challenge submission: {summary.submission}")
+    flagged = set(summary.flagged)
     if cam is not None and flagged:
-        from .inference.torch_engine import load_ensemble
-        from .inference.explain import explain
+        from .inference.explain import explain_files
 
-        model = load_ensemble(ens_dir, method=method, device=device.value)  # Grad-CAM needs gradients: torch
-        rows = [r for r in collected.rows if r.path in flagged]
-        crops, kept = load_crops_for(model, rows, {})
-        for start in range(0, len(kept), 8):
-            part = kept[start:start + 8]
-            explain(model, crops[start:start + 8], [rows[i].path for i in part], cam / f"batch{start // 8:04d}")
+        explain_files(ens_dir, [r.path for r in collected.rows if r.path in flagged], cam, method=method,
+                      device=device.value, rows_per_grid=8)
         typer.echo(f"Grad-CAM overlays of {len(flagged)} flagged cell(s): {cam}")
-    if summary["failed"]:
+    if summary.failed:
         raise typer.Exit(1)
 
 
@@ -406,17 +402,17 @@ def export(
     calibration_cells: Annotated[int, typer.Option(help="Most cells used for int8 calibration.")] = 128,
     int8_tolerance: Annotated[float, typer.Option(help="A member whose P(ALL) int8 moves by more than this on "
                                                        "average over the calibration cells stays fp32.")]
-    = TOLERANCE,
+    = INT8_TOLERANCE,
 ) -> None:
     """Export every member, its normalisation and the weighted average as one ONNX graph."""
-    from .export.ensemble import describe_int8, export_ensemble
+    from .export.ensemble import export_ensemble
 
     result = export_ensemble(ens_dir, out=out, method=method, input_dtype=input_dtype, int8=int8,
                              calibration=calibration, calibration_cells=calibration_cells,
                              int8_tolerance=int8_tolerance)
-    typer.echo(f"wrote {result['fp32']} ({result['fp32'].stat().st_size / 1e6:.0f} MB)")
+    typer.echo(f"wrote {result.fp32} ({result.fp32.stat().st_size / 1e6:.0f} MB)")
     if int8:
-        typer.echo(describe_int8(result["int8"]))
+        typer.echo(result.describe_int8())
 
 
 class Target(str, Enum):
@@ -436,19 +432,9 @@ def explain(
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
 ) -> None:
     """Grad-CAM of every member and of the ensemble (weighted like its probabilities), as in Figs. 6-8."""
-    from .inference.torch_engine import load_ensemble
-    from .inference.explain import explain as make_grid
-    from .inference.predict import collect_inputs, load_crops_for
+    from .inference.explain import explain_files
 
-    model = load_ensemble(ens_dir, method=method, device=device.value)
-    collected = collect_inputs(images)
-    errors = dict(collected.errors)
-    crops, kept = load_crops_for(model, collected.rows, errors)
-    for path, reason in errors.items():
-        logger.warning("%s: %s (skipped)", path, reason)
-    if not kept:
-        raise AlldetectError("none of the images could be read")
-    grid = make_grid(model, crops, [collected.rows[i].path for i in kept], out, target=target.value)
+    grid, = explain_files(ens_dir, images, out, method=method, device=device.value, target=target.value)
     typer.echo(f"Grad-CAM grid: {grid}")
 
 

@@ -22,16 +22,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .data.index import SYNTHETIC_MARKER, index_folder
-from .formats.manifest import ManifestRow, write_manifest
-from .formats.problems import write_problems
 from .data.split import paper_split, subject_split
 from .data.synth import SynthConfig, generate
 from .ensemble.build import build_ensemble
-from .inference.onnx_engine import ONNX_NAME
-from .export.ensemble import describe_int8, export_ensemble
-from .models.runtime import resolve_device
-from .models.members import LITE_MEMBERS, PAPER_MEMBERS
+from .ensemble.spec import load_ensemble_spec
+from .export.ensemble import export_ensemble
+from .formats.manifest import write_manifest
 from .formats.predictions import read_predictions
+from .formats.problems import write_problems
+from .inference.onnx_engine import ONNX_NAME
+from .models.members import LITE_MEMBERS, PAPER_MEMBERS
+from .models.runtime import resolve_device
 from .report.build import make_report
 from .training import fit, profile_config
 from .training.config import MACHINERY, Profile, TrainConfig
@@ -193,22 +194,17 @@ def _index_and_split(data_dir: Path, manifest: Path, seed: int) -> None:
 
 def _export(ens_dir: Path) -> None:
     result = export_ensemble(ens_dir)
-    logger.info("wrote %s; %s", result["fp32"], describe_int8(result["int8"]))
+    logger.info("wrote %s; %s", result.fp32, result.describe_int8())
 
 
 def _explain_examples(ens_dir: Path, device: str) -> None:
     """A Grad-CAM grid of the first test cells of each class (Figs. 6-8 of the paper)."""
-    from .inference.torch_engine import load_ensemble
-    from .inference.explain import explain
-    from .inference.predict import Inputs, load_crops_for
+    from .inference.explain import explain_files
 
-    model = load_ensemble(ens_dir, device=device)
     split = "test" if (ens_dir / "predictions_test.csv").is_file() else "val"
-    preds = read_predictions(ens_dir / f"predictions_{split}.csv")[model.method]
+    preds = read_predictions(ens_dir / f"predictions_{split}.csv")[load_ensemble_spec(ens_dir).default_method]
     chosen = [p for label in (1, 0) for p in [q for q, y in zip(preds.path, preds.y) if y == label][:GRID_CELLS // 2]]
-    inputs = Inputs([ManifestRow(path=p) for p in chosen], {})
-    crops, kept = load_crops_for(model, inputs.rows, inputs.errors)
-    explain(model, crops, [chosen[i] for i in kept], ens_dir / "gradcam")
+    explain_files(ens_dir, chosen, ens_dir / "gradcam", device=device)
 
 
 def _hash(obj: object) -> str:

@@ -16,8 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ImageProblem
-from .images import read_rgb
 from ..formats.problems import Problem
+from .images import read_rgb
 from .transforms import prepare_crop
 
 logger = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DataError, ImageProblem
-from .images import read_rgb
 from ..formats.manifest import ManifestRow
-from .names import IMAGE_SUFFIXES, is_image_file, parse_cell_name
 from ..formats.problems import Problem
+from .images import read_rgb
+from .names import IMAGE_SUFFIXES, is_image_file, parse_cell_name
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePath
 
-LABELS = ("hem", "all")  # index = numeric label: 0 = HEM, 1 = ALL (the positive class)
 IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 
 _CNMC_NAME = re.compile(
@@ -39,14 +38,6 @@ def parse_cell_name(name: str) -> CellName | None:
         return None
     subject = match["subject"].upper()
     return CellName(subject, match["image"], match["cell"], match["label"].lower())
-
-
-def label_to_int(label: str) -> int:
-    """``'all'`` -> 1, ``'hem'`` -> 0; anything else is an error naming the accepted strings."""
-    try:
-        return LABELS.index(label.lower())
-    except ValueError:
-        raise ValueError(f"unknown label {label!r}; expected one of {LABELS}") from None
 
 
 def is_image_file(path: PurePath) -> bool:

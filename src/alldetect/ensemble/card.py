@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .spec import EnsembleSpec, load_ensemble_spec
-from .folder import model_id
+from ..formats.labels import THRESHOLD
 from ..formats.tables import format_table
+from .folder import model_id
+from .spec import EnsembleSpec, load_ensemble_spec
 
 CARD_NAME = "MODEL_CARD.md"
 CARD_METRICS = ("auc", "ba", "wfs", "sensitivity", "specificity")
@@ -38,8 +39,9 @@ def write_model_card(ens_dir: str | Path) -> Path:
             "can score differently; the cross-subject benchmark (BENCHMARKS.md) measures how much on C-NMC.",
             "- One segmented cell per image, centred on a black background, as in C-NMC-2019: whole smears or "
             "other segmentations are outside what it was trained on.",
-            "- Class balance: C-NMC holds about two ALL cells per normal one and few healthy donors; the 0.5 "
-            "threshold and the patient rule (mean P(ALL) >= 0.5) are not tuned for screening prevalence.",
+            "- Class balance: C-NMC holds about two ALL cells per normal one and few healthy donors; the "
+            f"{THRESHOLD} threshold and the patient rule (mean P(ALL) >= {THRESHOLD}) are not tuned for screening "
+            "prevalence.",
             "- Cells of one subject are not independent: judge results by subjects, not by cell counts."],
         "How to use it": [
             "Copy this folder: it holds everything needed (member weights as safetensors, preprocessing, fitted "
@@ -67,7 +69,7 @@ def _purpose(spec: EnsembleSpec) -> list[str]:
     return [f"Estimates the probability that a single white-blood-cell image shows an acute lymphoblastic "
             f"leukemia blast (ALL) rather than a normal cell (HEM), with a weighted ensemble of {len(spec.members)} "
             f"convolutional networks ({', '.join(spec.names)}); a patient is called ALL when the mean P(ALL) of "
-            "their cells is at least 0.5. For hematology and imaging researchers who want to study or benchmark "
+            f"their cells is at least {THRESHOLD}. For hematology and imaging researchers who want to study or benchmark "
             "such models, and for labs that want suspicious cells pointed out for review."]
 
 
@@ -135,6 +137,6 @@ def _results(spec: EnsembleSpec, results: dict | None) -> list[str]:
         rows.append({"split": name, **{k: f"{metrics[k]:.3f}" + (f" ({cis[k][0]:.3f}-{cis[k][1]:.3f})" if cis
                                                                    else "") for k in CARD_METRICS}})
     scope = "the synthetic" if spec.data.get("synthetic") else "the"
-    return [f"{method}, cell level, threshold 0.5, on {scope} splits above; 95% CIs from a bootstrap over "
+    return [f"{method}, cell level, threshold {THRESHOLD}, on {scope} splits above; 95% CIs from a bootstrap over "
             "subjects (test split). See report.md for every member and method.", "",
             format_table(rows, markdown=True)]

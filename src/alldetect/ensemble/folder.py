@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from ..data.index import synthetic_marker
 from ..errors import AlldetectError
 from ..evaluation.metrics import classification_metrics
+from ..formats.labels import Label
 from ..formats.manifest import read_manifest
 from ..formats.predictions import Predictions, write_prediction_blocks
 from ..models import Member, create_member
@@ -122,7 +123,7 @@ def describe_data(manifest: str) -> dict:
 def _write_split(path: Path, preds: list[Predictions], fits: dict[str, EnsembleFit]) -> None:
     ref = preds[0]
     probs = np.stack([p.prob_all for p in preds])
-    labels = ["all" if y == 1 else "hem" if y == 0 else "" for y in ref.y]
+    labels = [Label(y).text for y in ref.y]
     blocks = {p.model: p.prob_all for p in preds} | {method: fit.apply(probs) for method, fit in fits.items()}
     write_prediction_blocks(path, ref.path, labels, blocks, subjects=ref.subject,
                             extra={f"prob_{p.model}": p.prob_all for p in preds})

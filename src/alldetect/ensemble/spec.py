@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 
-from .combiners import METHODS, EnsembleFit
 from ..errors import AlldetectError
+from .combiners import METHODS, EnsembleFit
 
 logger = logging.getLogger(__name__)
 SPEC_NAME = "ensemble.json"

@@ -14,6 +14,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..data.images import read_rgb
+from ..formats.labels import is_all
 from ..formats.manifest import ManifestRow
 
 FEATURES = ("diameter", "mean_r", "mean_g", "mean_b", "intensity_std", "fine_texture", "outline_irregularity")
@@ -51,5 +52,5 @@ def evaluate_baseline(rows: list[ManifestRow], *, train_split: str = "train",
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced"))
     model.fit(x_train, y_train)
     prob = model.predict_proba(x_test)[:, 1]
-    return {"ba": float(balanced_accuracy_score(y_test, prob >= 0.5)), "auc": float(roc_auc_score(y_test, prob)),
+    return {"ba": float(balanced_accuracy_score(y_test, is_all(prob))), "auc": float(roc_auc_score(y_test, prob)),
             "n_train": len(y_train), "n_test": len(y_test)}

@@ -9,14 +9,15 @@ import warnings
 import numpy as np
 
 from ..errors import AlldetectError
-from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
+from ..formats.labels import THRESHOLD
 from ..formats.predictions import Predictions
+from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
 
 logger = logging.getLogger(__name__)
 CI_METRICS = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa", "sensitivity", "specificity")
 
 
-def evaluate_predictions(p: Predictions, *, threshold: float = 0.5, ci: int = 0, sensitivity: float | None = None,
+def evaluate_predictions(p: Predictions, *, threshold: float = THRESHOLD, ci: int = 0, sensitivity: float | None = None,
                          subjects: bool = False, source: str = "") -> tuple[dict, list[dict] | None]:
     """``alldetect evaluate`` for one model's predictions: the metrics at ``threshold``, with ``ci`` subject
     bootstrap resamples for 95% CIs, the operating point for ``sensitivity``, and the subject-level table.
@@ -51,7 +52,7 @@ def evaluate_predictions(p: Predictions, *, threshold: float = 0.5, ci: int = 0,
     return result, table
 
 
-def subject_level(y: np.ndarray, prob: np.ndarray, subjects: list[str], *, threshold: float = 0.5) -> list[dict]:
+def subject_level(y: np.ndarray, prob: np.ndarray, subjects: list[str], *, threshold: float = THRESHOLD) -> list[dict]:
     """Per subject: cells, cells flagged ALL, mean P(ALL), and the call. Rule: a subject is called ALL when
     the mean of its cells' P(ALL) is at least ``threshold``."""
     table = []
@@ -82,7 +83,7 @@ def _resample_indices(groups: np.ndarray, n_boot: int, seed: int) -> list[np.nda
 
 
 def bootstrap_ci(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-                 threshold: float = 0.5, level: float = 0.95) -> dict[str, tuple[float, float]]:
+                 threshold: float = THRESHOLD, level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile CIs of ``CI_METRICS`` under a subject-cluster bootstrap. Resamples holding one class only
     are skipped (AUC and balanced metrics are undefined on them)."""
     draws = {m: [] for m in CI_METRICS}

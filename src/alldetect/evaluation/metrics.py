@@ -18,6 +18,8 @@ import warnings
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..formats.labels import THRESHOLD
+
 METRIC_NAMES = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa", "sensitivity", "specificity", "tn", "fp", "fn", "tp")
 
 
@@ -115,7 +117,7 @@ def _balanced(sens: float, spec: float, n_all: int, n_hem: int) -> float:
     return sum(present) / len(present)
 
 
-def classification_metrics(y_true: ArrayLike, prob_all: ArrayLike, *, threshold: float = 0.5) -> dict[str, float]:
+def classification_metrics(y_true: ArrayLike, prob_all: ArrayLike, *, threshold: float = THRESHOLD) -> dict[str, float]:
     """All contract metrics: ``wp, wr, wfs, acc, ba, auc, kappa, sensitivity, specificity, tn, fp, fn, tp``.
 
     >>> m = classification_metrics([1, 1, 0, 0], [0.9, 0.4, 0.2, 0.6])

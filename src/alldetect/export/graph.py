@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..inference.onnx_engine import METADATA_PREFIX
-from ..inference.torch_engine import EnsembleModel
 from ..errors import AlldetectError
 from ..evaluation.metrics import logit
+from ..inference.onnx_engine import METADATA_PREFIX
+from ..inference.torch_engine import EnsembleModel
 
 logger = logging.getLogger(__name__)
 

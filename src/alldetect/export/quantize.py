@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,10 @@ from ..errors import AlldetectError
 from ..evaluation.metrics import roc_auc
 from ..inference.onnx_engine import load_onnx_ensemble
 from ..inference.predict import collect_inputs, load_crops_for
+from . import INT8_TOLERANCE
 from .graph import graph_metadata, set_graph_metadata
 
 logger = logging.getLogger(__name__)
-TOLERANCE = 0.05  # largest mean change of a member's P(ALL), int8 against fp32, on the calibration cells
 
 
 def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarray, *,
@@ -128,9 +129,30 @@ def calibration_crops(ens_dir: str | Path, model, *, calibration: list[Path] | N
     return crops[:cells], labels[:cells], "validation"
 
 
+@dataclass
+class Int8Summary:
+    """Where the int8 graph went and how far it moves the ensemble's P(ALL) from fp32 on its calibration cells."""
+    path: Path
+    cells: int
+    source: str                # "validation" (the ensemble folder's sample) or "given"
+    float_members: list[str]   # members int8 moved too far: fp32 inside the graph
+    mean_change: float
+    max_change: float
+    auc_fp32: float | None     # on labelled calibration cells of both classes
+    auc_int8: float | None
+
+    def describe(self) -> str:
+        """One line: where, calibrated on what, and how far it moves P(ALL) from fp32."""
+        auc = f"; AUC {self.auc_fp32:.4f} -> {self.auc_int8:.4f}" if self.auc_fp32 is not None else ""
+        kept = f"; kept fp32: {', '.join(self.float_members)}" if self.float_members else ""
+        return (f"wrote {self.path} ({self.path.stat().st_size / 1e6:.0f} MB), calibrated on {self.cells} "
+                f"{self.source} cells; on those cells int8 moves the ensemble's P(ALL) by {self.mean_change:.4f} "
+                f"on average, {self.max_change:.4f} at most{auc}{kept}")
+
+
 def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, crops: np.ndarray,
                       labels: np.ndarray | None = None, *, source: str = "validation", input_dtype: str = "uint8",
-                      tolerance: float = TOLERANCE) -> dict | None:
+                      tolerance: float = INT8_TOLERANCE) -> Int8Summary | None:
     """Write ``<fp32 graph>.int8.onnx`` calibrated on ``crops`` (see ``calibration_crops``). A member whose
     P(ALL) int8 moves by more than ``tolerance`` on average over those cells stays fp32 in that graph; when
     that is every member, no int8 graph is written (returns None). Returns where it went and how far int8
@@ -155,8 +177,7 @@ def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, crops: 
             return None
     ens32, ens8 = model.combiner.apply(fp32), model.combiner.apply(int8)
     both_classes = labels is not None and len(set(labels.tolist())) == 2
-    return {"path": out, "cells": len(crops), "source": source,
-            "float_members": [model.names[k] for k in float_members],
-            "mean_change": float(np.abs(ens8 - ens32).mean()), "max_change": float(np.abs(ens8 - ens32).max()),
-            "auc_fp32": roc_auc(labels, ens32) if both_classes else None,
-            "auc_int8": roc_auc(labels, ens8) if both_classes else None}
+    return Int8Summary(out, len(crops), source, [model.names[k] for k in float_members],
+                       float(np.abs(ens8 - ens32).mean()), float(np.abs(ens8 - ens32).max()),
+                       roc_auc(labels, ens32) if both_classes else None,
+                       roc_auc(labels, ens8) if both_classes else None)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .csvfiles import formula_safe, read_csv_checked, write_csv_atomic
 from ..errors import DataError
+from .csvfiles import formula_safe, read_csv_checked, write_csv_atomic
+from .labels import Label
 
 logger = logging.getLogger(__name__)
 REQUIRED = ("path", "label", "prob_all")
-_LABELS = {"all": 1, "1": 1, "hem": 0, "0": 0, "": -1}
 
 
 @dataclass
@@ -82,9 +82,10 @@ def read_predictions(path: str | Path) -> dict[str, Predictions]:
         if (row.get("error") or "").strip():
             failed += 1  # an image that could not be scored: no probability to read
             continue
-        label = (row["label"] or "").strip().lower()
-        if label not in _LABELS:
-            raise DataError(f"{path}:{line}: label {row['label']!r} is not all, hem, 1, 0 or empty")
+        try:
+            label = Label.from_text(row["label"] or "")
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: {e}") from None
         try:
             prob = float(row["prob_all"])
         except (TypeError, ValueError):
@@ -92,7 +93,7 @@ def read_predictions(path: str | Path) -> dict[str, Predictions]:
         if math.isnan(prob) or not 0.0 <= prob <= 1.0:
             raise DataError(f"{path}:{line}: prob_all {prob} is not a probability in [0, 1]")
         model = (row.get("model") or "").strip() or path.stem
-        groups.setdefault(model, []).append((row["path"], _LABELS[label], prob, (row.get("subject") or "")))
+        groups.setdefault(model, []).append((row["path"], int(label), prob, (row.get("subject") or "")))
     if failed:
         logger.warning("%s: %d row(s) with an error and no probability were left out", path, failed)
     if not groups:

@@ -8,6 +8,8 @@ map is the weighted mean of the members' maps with the ensemble's member weights
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +26,13 @@ from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from ..ensemble.combiners import METHOD_LABELS  # noqa: E402
-from .torch_engine import EnsembleModel  # noqa: E402
+from ..errors import AlldetectError  # noqa: E402
+from ..formats.labels import Label, call, is_all  # noqa: E402
+from .engine import Scores  # noqa: E402
+from .predict import collect_inputs, load_crops_for  # noqa: E402
+from .torch_engine import EnsembleModel, load_ensemble  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def member_cams(model: EnsembleModel, crops: np.ndarray, classes: list[int]) -> np.ndarray:
@@ -64,22 +72,59 @@ def _unique_stems(names: list[str]) -> list[str]:
     return [f"{s}_row{i + 1}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]
 
 
+@dataclass
+class CellCams:
+    """Grad-CAM of a batch of cells: the class each map explains, the scores, and the maps in [0, 1]."""
+    classes: list[int]
+    scores: Scores
+    members: np.ndarray   # (members, N, S, S)
+    ensemble: np.ndarray  # (N, S, S)
+
+
+def cell_cams(model: EnsembleModel, crops: np.ndarray, *, target: str = "predicted") -> CellCams:
+    """Maps of every member and of the ensemble for uint8 crops, explaining ``target``: the class the ensemble
+    predicts (scored as the ensemble was fitted, with or without TTA), ``all`` or ``hem``."""
+    scores = model.predict(crops, tta=model.default_tta)
+    if target == "predicted":
+        classes = is_all(scores.ensemble).astype(int).tolist()
+    else:
+        classes = [int(Label.from_text(target))] * len(crops)
+    members = member_cams(model, crops, classes)
+    return CellCams(classes, scores, members, ensemble_cam(members, model.cam_weights))
+
+
+def explain_files(ens_dir: str | Path, paths: list[str | Path], out: str | Path, *, method: str | None = None,
+                  device: str = "auto", target: str = "predicted", rows_per_grid: int | None = None) -> list[Path]:
+    """Grad-CAM grids (``explain``) of the cell images at ``paths``, with the ensemble's torch engine (Grad-CAM
+    needs gradients); unreadable images are warned about and left out. With ``rows_per_grid`` the cells are
+    split into grids of that many rows, in numbered subfolders of ``out``. Returns the grid paths."""
+    model = load_ensemble(ens_dir, method=method, device=device)
+    collected = collect_inputs(paths)
+    errors = dict(collected.errors)
+    crops, kept = load_crops_for(model, collected.rows, errors)
+    for path, reason in errors.items():
+        logger.warning("%s: %s (skipped)", path, reason)
+    if not kept:
+        raise AlldetectError("none of the images could be read")
+    names = [collected.rows[i].path for i in kept]
+    if rows_per_grid is None:
+        return [explain(model, crops, names, out, target=target)]
+    return [explain(model, crops[s:s + rows_per_grid], names[s:s + rows_per_grid],
+                    Path(out) / f"batch{s // rows_per_grid:04d}", target=target)
+            for s in range(0, len(names), rows_per_grid)]
+
+
 def explain(model: EnsembleModel, crops: np.ndarray, names: list[str], out: str | Path, *,
             target: str = "predicted") -> Path:
     """Write one overlay PNG per cell and member, and ``gradcam_grid.png`` (rows: cells; columns: the
     members and the ensemble, titled with predicted class and probability). Returns the grid path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ens_prob, member_prob = model.predict(crops, tta=model.default_tta)
-    if target == "predicted":
-        classes = [int(p >= 0.5) for p in ens_prob]
-    else:
-        classes = [1 if target == "all" else 0] * len(crops)
-    cams = member_cams(model, crops, classes)
-    combined = ensemble_cam(cams, model.cam_weights)
+    cams = cell_cams(model, crops, target=target)
+    classes = cams.classes
     columns = model.names + [METHOD_LABELS.get(model.method, model.method)]
-    probs = np.vstack([member_prob, ens_prob[None]])
-    all_maps = np.concatenate([cams, combined[None]])
+    probs = np.vstack([cams.scores.members, cams.scores.ensemble[None]])
+    all_maps = np.concatenate([cams.members, cams.ensemble[None]])
     fig, axes = plt.subplots(len(crops), len(columns) + 1, figsize=(2.0 * (len(columns) + 1), 2.1 * len(crops)),
                              squeeze=False)
     stems = _unique_stems(names)
@@ -89,9 +134,9 @@ def explain(model: EnsembleModel, crops: np.ndarray, names: list[str], out: str 
         for k, column in enumerate(columns):
             picture = overlay(crops[i], all_maps[k, i])
             Image.fromarray(picture).save(out / f"{stems[i]}_{column.replace(' ', '_')}.png")
-            call = "ALL" if probs[k, i] >= 0.5 else "HEM"
+            verdict = call(probs[k, i])
             axes[i, k + 1].imshow(picture)
-            axes[i, k + 1].set_title(f"{column}\n{call} {probs[k, i]:.2f}", fontsize=7)
+            axes[i, k + 1].set_title(f"{column}\n{verdict} {probs[k, i]:.2f}", fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")
     fig.tight_layout()

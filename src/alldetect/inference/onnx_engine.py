@@ -13,6 +13,7 @@ from ..data.transforms import dihedral_views
 from ..ensemble.combiners import EnsembleFit
 from ..ensemble.spec import load_ensemble_spec
 from ..errors import AlldetectError
+from .engine import Engine
 
 
 METADATA_PREFIX = "alldetect."  # of the keys in an exported graph's metadata
@@ -25,8 +26,8 @@ ONNX_INT8_NAME = "ensemble.int8.onnx"
 
 
 @dataclass
-class OnnxEnsemble:
-    """Same interface as ``EnsembleModel.predict``/``member_probs``, on onnxruntime (CPU)."""
+class OnnxEnsemble(Engine):
+    """The exported graph on onnxruntime (CPU)."""
     session: object
     names: list[str]
     combiner: EnsembleFit
@@ -45,10 +46,6 @@ class OnnxEnsemble:
             runs = [self.session.run(["member_prob_all"], {"images": self._cast(v)})[0] for v in views]
             out[:, start:start + len(x)] = np.mean(runs, axis=0).T
         return out
-
-    def predict(self, crops: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        members = self.member_probs(crops, tta=tta)
-        return self.combiner.apply(members), members
 
     def _cast(self, x: torch.Tensor) -> np.ndarray:
         x = x.contiguous().numpy()

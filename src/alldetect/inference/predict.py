@@ -16,15 +16,15 @@ from tqdm import tqdm
 
 from ..data.images import read_rgb
 from ..data.index import index_folder
-from ..formats.manifest import ManifestRow
-from ..formats.csvfiles import write_csv_atomic
 from ..data.names import is_image_file, parse_cell_name
 from ..data.transforms import prepare_crop
-from .torch_engine import EnsembleModel
 from ..errors import DataError, ImageProblem
 from ..evaluation.evaluate import subject_level
-from .onnx_engine import OnnxEnsemble
+from ..formats.csvfiles import write_csv_atomic
+from ..formats.labels import is_all
+from ..formats.manifest import ManifestRow
 from ..formats.predictions import prediction_records
+from .engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def collect_inputs(inputs: list[str | Path]) -> Inputs:
     return Inputs(rows, errors)
 
 
-def load_crops_for(model: EnsembleModel | OnnxEnsemble, rows: list[ManifestRow],
+def load_crops_for(model: Engine, rows: list[ManifestRow],
                    errors: dict[str, str]) -> tuple[np.ndarray, list[int]]:
     """uint8 crops of the readable rows (and their indices); failures are added to ``errors``."""
     side = model.input_size or model.crop
@@ -76,9 +76,21 @@ def load_crops_for(model: EnsembleModel | OnnxEnsemble, rows: list[ManifestRow],
     return (np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)), kept
 
 
-def predict_rows(model: EnsembleModel | OnnxEnsemble, inputs: Inputs, out_csv: str | Path, *,
-                 tta: bool | None = None, batch_size: int = 32) -> dict:
-    """Write the predictions CSV (+ patients and submission files); returns a summary. ``tta`` None: as the
+@dataclass
+class Scored:
+    """What ``predict_rows`` wrote and found."""
+    csv: Path
+    scored: int
+    failed: int
+    flagged: list[str]                   # cells called ALL
+    patients: list[dict] | None = None   # subject-level calls, when every scored cell names its subject
+    patients_csv: Path | None = None
+    submission: Path | None = None       # the challenge file, for the unlabelled final-test layout
+
+
+def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *,
+                 tta: bool | None = None, batch_size: int = 32) -> Scored:
+    """Write the predictions CSV (+ patients and submission files). ``tta`` None: as the
     ensemble was fitted (``model.default_tta``); the ``model`` column says ``<method>+tta`` when TTA is used."""
     out_csv = Path(out_csv)
     tta = model.default_tta if tta is None else tta
@@ -93,21 +105,19 @@ def predict_rows(model: EnsembleModel | OnnxEnsemble, inputs: Inputs, out_csv: s
         spreadsheet_safe=True)
     write_csv_atomic(out_csv, columns, records)
     scored_rows = [rows[i] for i in kept]
-    summary = {"scored": len(kept), "failed": len(rows) - len(kept), "csv": str(out_csv),
-               "flagged": [r.path for r, p in zip(scored_rows, ens) if p >= 0.5]}
+    summary = Scored(out_csv, len(kept), len(rows) - len(kept), [r.path for r, p in zip(scored_rows, ens) if is_all(p)])
     if scored_rows and all(r.subject for r in scored_rows):
-        y = np.array([r.y if r.label else -1 for r in scored_rows])
+        y = np.array([r.y for r in scored_rows])
         patients = subject_level(y, ens, [r.subject for r in scored_rows])
         patients_file = out_csv.with_name(out_csv.stem + ".patients.csv")
         write_csv_atomic(patients_file, list(patients[0]), patients)
-        summary["patients"] = patients
-        summary["patients_csv"] = str(patients_file)
-    final = [(int(Path(r.path).stem), int(p >= 0.5)) for r, p in zip(scored_rows, ens)
+        summary.patients, summary.patients_csv = patients, patients_file
+    final = [(int(Path(r.path).stem), int(is_all(p))) for r, p in zip(scored_rows, ens)
              if r.source == "final" and Path(r.path).stem.isdigit()]
     if final:
         submission = out_csv.with_name(out_csv.stem + ".submission.txt")
         submission.write_text("".join(f"{call}\n" for _, call in sorted(final)))
-        summary["submission"] = str(submission)
+        summary.submission = submission
     return summary
 
 
@@ -118,7 +128,7 @@ def _scatter(values: np.ndarray, kept: list[int], n: int) -> np.ndarray:
     return out
 
 
-def _batched(model: EnsembleModel | OnnxEnsemble, crops: np.ndarray, tta: bool,
+def _batched(model: Engine, crops: np.ndarray, tta: bool,
              batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     if len(crops) == 0:
         return np.zeros(0), np.zeros((len(model.names), 0))

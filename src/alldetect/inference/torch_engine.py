@@ -1,9 +1,7 @@
-"""A trained ensemble in memory, and how an ensemble folder is built from member runs.
+"""The ensemble's members in torch, on any device: the engine that also gives Grad-CAM.
 
-``EnsembleModel.predict`` takes uint8 crops (N, S, S, 3) and returns the ensemble's P(ALL) and every
-member's; with ``tta`` each member's probability is the mean over the eight flips and 90-degree rotations
-of the cell (cells have no orientation), before combining. Members that bf16 moves too far on validation
-cells (``check_bf16``, run when the ensemble is built) always run in fp32.
+Members that bf16 moves too far on validation cells (``check_bf16``, run when the ensemble is built) always
+run in fp32.
 """
 
 from __future__ import annotations
@@ -16,16 +14,17 @@ import numpy as np
 import torch
 
 from ..ensemble.combiners import EnsembleFit
-from ..ensemble.spec import EnsembleSpec, load_ensemble_spec
 from ..ensemble.folder import load_member
-from ..models.runtime import resolve_device, score_members
+from ..ensemble.spec import EnsembleSpec, load_ensemble_spec
 from ..models import Member
+from ..models.runtime import resolve_device, score_members
+from .engine import Engine
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EnsembleModel:
+class EnsembleModel(Engine):
     members: list[Member]
     combiner: EnsembleFit
     method: str
@@ -61,11 +60,6 @@ class EnsembleModel:
         """(members, N) P(ALL) for uint8 crops (N, S, S, 3)."""
         return score_members(self.members, crops, device=self.device, precision=self.precision,
                              fp32_members=self.fp32_members, tta=tta, batch_size=batch_size)
-
-    def predict(self, crops: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """The ensemble's P(ALL) (N,) and the members' (members, N)."""
-        members = self.member_probs(crops, tta=tta)
-        return self.combiner.apply(members), members
 
 
 def load_ensemble(ens_dir: str | Path, *, method: str | None = None, device: str = "auto",

@@ -18,12 +18,13 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ..formats.csvfiles import write_csv_atomic  # noqa: E402
+from ..ensemble.card import write_model_card  # noqa: E402
 from ..ensemble.combiners import METHOD_LABELS, METHODS  # noqa: E402
 from ..ensemble.spec import load_ensemble_spec  # noqa: E402
 from ..evaluation.evaluate import bootstrap_ci, paired_bootstrap, subject_level  # noqa: E402
 from ..evaluation.metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity  # noqa: E402
-from ..ensemble.card import write_model_card  # noqa: E402
+from ..formats.csvfiles import write_csv_atomic  # noqa: E402
+from ..formats.labels import THRESHOLD
 from ..formats.predictions import Predictions, read_predictions  # noqa: E402
 from ..formats.tables import format_table  # noqa: E402
 
@@ -106,7 +107,7 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
                   "end; it says nothing about leukemia detection on real smears.", ""]
     header = ["Classifier", "WP", "WR", "WFS", "ACC", "BA", "AUC", "kappa"]
     lines += ["## Table 4: members and ensembles", "",
-              "Cell level, ALL positive, threshold 0.5; 95% CIs from a bootstrap over subjects.", "",
+              f"Cell level, ALL positive, threshold {THRESHOLD}; 95% CIs from a bootstrap over subjects.", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table4:
         cells = [f"{row[k]:.3f} ({row[k + '_ci']})" for k in TABLE4_COLUMNS]
@@ -140,7 +141,7 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
               f"gives sensitivity {operating['sensitivity']:.3f} and specificity {operating['specificity']:.3f} "
               f"({operating['fn']} false negatives, {operating['fp']} false positives).", "",
               "## Subjects", "",
-              "A subject is called ALL when the mean P(ALL) of its cells is at least 0.5." if subjects
+              f"A subject is called ALL when the mean P(ALL) of its cells is at least {THRESHOLD}." if subjects
               else "No subjects could be parsed from the file names, so there is no subject-level result.", ""]
     for m, rows in subjects.items():
         labelled = [r for r in rows if r["truth"]]

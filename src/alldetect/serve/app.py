@@ -33,20 +33,20 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..data.names import parse_cell_name
-from ..ensemble.spec import load_ensemble_spec
+from ..data.transforms import prepare_crop
 from ..ensemble.card import CARD_NAME
 from ..ensemble.folder import model_id as fingerprint
+from ..ensemble.spec import load_ensemble_spec
 from ..errors import ImageProblem
 from ..evaluation.evaluate import subject_level
-from ..inference.onnx_engine import ONNX_NAME
-from ..inference.engine import load_engine
-from ..data.transforms import prepare_crop
+from ..formats.labels import THRESHOLD, call
 from ..formats.predictions import prediction_records
+from ..inference.load import load_engine
+from ..inference.onnx_engine import ONNX_NAME
 from .store import PredictionStore
 from .uploads import Limits, UploadedCell, UploadRejected, decode_cell, expand_uploads
 
 logger = logging.getLogger(__name__)
-THRESHOLD = 0.5
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
 
@@ -188,7 +188,7 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             out.append({
                 "name": cell.name, "group": cell.group or _subject(cell.name), "sha256": cell.sha256,
                 "prob_all": float(ens[j]) if finite else None,
-                "call": ("ALL" if ens[j] >= THRESHOLD else "HEM") if finite else None,
+                "call": call(ens[j]) if finite else None,
                 "members": {} if j is None else {n: float(members[k, j]) for k, n in enumerate(engine.names)},
                 "cam_png": overlays[j] if j is not None and j < len(overlays) else None,
                 "error": cell.error or ("" if finite or j is None else "no probability could be computed")})
@@ -200,16 +200,13 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         return {"cells": out, "patients": patients}
 
     def _cams(batch: np.ndarray) -> list[str]:
+        from ..inference.explain import cell_cams, overlay
         from ..inference.torch_engine import load_ensemble
-        from ..inference.explain import ensemble_cam, member_cams, overlay
 
         if "model" not in cam_model:
             cam_model["model"] = load_ensemble(ens_dir, method=engine.method, device=settings.device)
-        model = cam_model["model"]
-        classes = [int(p >= THRESHOLD) for p in model.predict(batch)[0]]
-        maps = ensemble_cam(member_cams(model, batch, classes), model.cam_weights)
         encoded = []
-        for crop, m in zip(batch, maps):
+        for crop, m in zip(batch, cell_cams(cam_model["model"], batch).ensemble):
             buffer = io.BytesIO()
             Image.fromarray(overlay(crop, m)).save(buffer, format="PNG")
             encoded.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data.cache import load_crops
+from ..errors import DataError
 from ..formats.manifest import ManifestRow
 from ..formats.problems import Problem
-from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alldetect.data.index import index_folder
-from alldetect.formats.manifest import ManifestRow
 from alldetect.data.split import check_subject_disjoint, paper_split, subject_split
 from alldetect.errors import DataError
+from alldetect.formats.manifest import ManifestRow
 
 
 def _rows(subjects: list[tuple[str, str, int]], source: str = "fold_0") -> list[ManifestRow]:

@@ -1,10 +1,10 @@
 """The synthetic task must be learnable but not trivial: a hand-feature baseline on a subject-disjoint split
 lands well above chance and well below perfect."""
 
-from alldetect.evaluation.baseline import evaluate_baseline
 from alldetect.data.index import index_folder
 from alldetect.data.split import subject_split
 from alldetect.data.synth import SynthConfig, generate
+from alldetect.evaluation.baseline import evaluate_baseline
 
 
 def test_hand_feature_baseline_is_above_chance_and_below_perfect(tmp_path):

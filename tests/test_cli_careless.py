@@ -13,7 +13,7 @@ from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
 from alldetect.errors import ImageProblem
 
-from conftest import write_cell
+from helpers import write_cell
 
 runner = CliRunner()
 
@@ -33,9 +33,9 @@ def _preds(tmp_path, text: str, encoding="utf-8"):
 
 
 def test_output_that_is_a_folder_fails_before_any_work(ensemble_dir, tmp_path, monkeypatch):
-    import alldetect.inference.engine
+    import alldetect.inference.load
 
-    monkeypatch.setattr(alldetect.inference.engine, "load_engine", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(alldetect.inference.load, "load_engine", lambda *a, **k: pytest.fail("work started"))
     write_cell(tmp_path / "cells" / "a.png", size=80)
     _one_line_error(runner.invoke(app, ["predict", str(ensemble_dir), str(tmp_path / "cells"), "-o", str(tmp_path)]),
                     "is a folder")

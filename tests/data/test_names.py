@@ -1,6 +1,6 @@
 import pytest
 
-from alldetect.data.names import CellName, label_to_int, parse_cell_name
+from alldetect.data.names import CellName, parse_cell_name
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -19,8 +19,3 @@ def test_parses_every_cnmc_name_form(name, expected):
 def test_other_names_are_not_cell_names(name):
     assert parse_cell_name(name) is None
 
-
-def test_label_encoding_all_is_positive():
-    assert label_to_int("all") == 1 and label_to_int("HEM") == 0
-    with pytest.raises(ValueError, match="unknown label"):
-        label_to_int("blast")

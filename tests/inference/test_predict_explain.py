@@ -7,11 +7,11 @@ from typer.testing import CliRunner
 
 from alldetect.cli import app
 from alldetect.data.transforms import dihedral_views
-from alldetect.inference.torch_engine import load_ensemble
 from alldetect.errors import AlldetectError
 from alldetect.inference.explain import ensemble_cam, member_cams
 from alldetect.inference.predict import collect_inputs, predict_rows
-from conftest import write_cell
+from alldetect.inference.torch_engine import load_ensemble
+from helpers import write_cell
 
 runner = CliRunner()
 
@@ -58,10 +58,10 @@ def test_predict_writes_members_patients_and_error_rows(model, tmp_path):
     (tmp_path / "cells" / "UID_7_2_1_all.png").write_bytes(b"broken")
     write_cell(tmp_path / "cells" / "UID_7_3_1_all.png", size=40)  # smaller than the crop
     out = tmp_path / "preds.csv"
-    assert predict_rows(model, collect_inputs([tmp_path / "cells"]), out, tta=True)["scored"] == 5
+    assert predict_rows(model, collect_inputs([tmp_path / "cells"]), out, tta=True).scored == 5
     assert {r["model"] for r in _rows(out)} == {"wen_kappa+tta"}
     summary = predict_rows(model, collect_inputs([tmp_path / "cells"]), out)  # as fitted: without TTA
-    assert summary["scored"] == 5 and summary["failed"] == 2
+    assert summary.scored == 5 and summary.failed == 2
     rows = _rows(out)
     assert {r["model"] for r in rows} == {"wen_kappa"}
     errors = {r["path"].rsplit("/", 1)[-1]: r["error"] for r in rows if r["error"]}
@@ -71,7 +71,7 @@ def test_predict_writes_members_patients_and_error_rows(model, tmp_path):
         members = np.array([float(r["prob_mobilenet"]), float(r["prob_densenet121"])])
         w = np.array(model.combiner.weights)
         assert float(r["prob_all"]) == pytest.approx(w @ members / w.sum(), abs=1e-6)
-    patients = {p["subject"]: p for p in summary["patients"]}
+    patients = {p["subject"]: p for p in summary.patients}
     assert patients["7"]["cells"] == 3 and patients["H7"]["cells"] == 2
     probs_7 = [float(r["prob_all"]) for r in good if r["subject"] == "7"]
     assert patients["7"]["mean_prob_all"] == pytest.approx(np.mean(probs_7), abs=1e-6)

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from alldetect.formats.manifest import read_manifest, write_manifest
-from alldetect.models import create_member
 from alldetect.formats.predictions import read_predictions
+from alldetect.models import create_member
 from alldetect.training import fit
 from alldetect.training.checkpoint import CheckpointError, load_checkpoint
 from alldetect.training.schedule import triangular2_lr
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def _csv(path):

@@ -12,9 +12,9 @@ from alldetect.cli import app
 from alldetect.data.cache import load_crops
 from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
-from alldetect.formats.manifest import read_manifest
 from alldetect.errors import DataError, ImageProblem
-from conftest import write_cell
+from alldetect.formats.manifest import read_manifest
+from helpers import write_cell
 
 runner = CliRunner()
 

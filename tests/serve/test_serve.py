@@ -5,8 +5,6 @@ import io
 import os
 import shutil
 import sqlite3
-import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from PIL import Image
 from alldetect.serve import ServeSettings, create_app
 from alldetect.serve.uploads import Limits
 
-from conftest import running_server
+from helpers import running_server
 
 
 def _png(value=90, size=80, mode="RGB") -> bytes:
@@ -82,7 +80,7 @@ def test_predict_cells_members_cam_patients_csv_and_record(served):
 
 
 def test_same_cells_as_the_predict_command(served, ensemble_dir, tmp_path):
-    from alldetect.inference.engine import load_engine
+    from alldetect.inference.load import load_engine
     from alldetect.inference.predict import collect_inputs, predict_rows
     from alldetect.formats.predictions import read_predictions
 
@@ -206,16 +204,8 @@ def test_serve_binds_loopback_by_default(ensemble_dir, tmp_path, monkeypatch):
     bound = {}
 
     def start(app_, host, port, **_kw):
-        config = uvicorn.Config(app_, host=host, port=0, log_level="warning")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        bound["addresses"] = [s.getsockname()[0] for srv in server.servers for s in srv.sockets]
-        server.should_exit = True
-        thread.join(timeout=10)
+        with running_server(app_, host) as (_url, server):
+            bound["addresses"] = [s.getsockname()[0] for srv in server.servers for s in srv.sockets]
 
     monkeypatch.setattr(uvicorn, "run", start)
     result = CliRunner().invoke(app, ["serve", str(ensemble_dir), "--db", str(tmp_path / "p.sqlite"),

@@ -19,7 +19,7 @@ import alldetect.serve.app as serve_app
 from alldetect.serve import ServeSettings, create_app
 from alldetect.serve.uploads import Limits
 
-from conftest import running_server
+from helpers import running_server
 
 
 def _png(size=80, value=90, noise=False) -> bytes:

@@ -13,7 +13,7 @@ from alldetect.training import fit, profile_config
 from alldetect.training.config import Profile, TrainConfig
 from alldetect.training.schedule import warmup_cosine_lr
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def test_plus_is_the_paper_with_fine_tuning_levers_and_the_paper_stays_the_paper():

@@ -10,17 +10,17 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from alldetect.cli import app
-from alldetect.ensemble.spec import SpecError, load_ensemble_spec
 from alldetect.ensemble.build import build_ensemble
-from alldetect.inference.torch_engine import load_ensemble
+from alldetect.ensemble.spec import SpecError, load_ensemble_spec
 from alldetect.errors import AlldetectError
-from alldetect.inference.explain import ensemble_cam, member_cams
 from alldetect.export.ensemble import export_ensemble
-from alldetect.inference.engine import load_engine
+from alldetect.inference.explain import ensemble_cam, member_cams
+from alldetect.inference.load import load_engine
 from alldetect.inference.predict import collect_inputs, load_crops_for, predict_rows
+from alldetect.inference.torch_engine import load_ensemble
 from alldetect.serve import ServeSettings, create_app
 
-from conftest import write_cell
+from helpers import write_cell
 
 runner = CliRunner()
 

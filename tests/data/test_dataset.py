@@ -8,7 +8,7 @@ from alldetect.data.cache import load_crops
 from alldetect.data.dataset import CellDataset, oversample_indices
 from alldetect.data.images import read_rgb
 from alldetect.data.transforms import center_crop
-from conftest import write_cell
+from helpers import write_cell
 
 
 def test_oversampling_reproduces_the_paper_counts():

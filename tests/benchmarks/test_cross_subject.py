@@ -12,7 +12,7 @@ from alldetect.data.index import index_folder
 from alldetect.data.split import subject_folds
 from alldetect.errors import DataError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_subject.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cross_subject.py"
 
 
 def test_subject_folds_hold_out_every_subject_once_with_both_classes(tiny_synth):

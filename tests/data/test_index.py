@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from alldetect.data.index import index_folder
-from conftest import write_cell
+from helpers import write_cell
 
 
 def _prelim(folder, entries, csv_path):
