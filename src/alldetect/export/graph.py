@@ -1,4 +1,4 @@
-"""The whole ensemble as one ONNX graph, and an onnxruntime engine that runs it.
+"""The whole ensemble as one ONNX graph, with the metadata an engine needs to run it.
 
 Graph input ``images``: a batch of cropped RGB cells, NHWC, uint8 (0-255) or float32 (0-1), dynamic batch.
 Outputs ``prob_all`` (N,) of the ensemble and ``member_prob_all`` (N, members). Each member's own

@@ -6,7 +6,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .manifest import write_csv_atomic
+from .csvfiles import write_csv_atomic
 
 logger = logging.getLogger(__name__)
 
