@@ -1,6 +1,9 @@
 """Every command's --help prints its texts as written (brackets included) and its defaults; profiles' defaults
 hold unless an option is given."""
 
+import subprocess
+import sys
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -44,3 +47,10 @@ def test_train_keeps_the_profile_default_unless_asked(split_manifest, tmp_path, 
     result = CliRunner().invoke(app, ["train", str(split_manifest), "--member", "mobilenet", *args])
     assert result.exit_code == 0, result.output
     assert seen["cfg"].pretrained is pretrained
+
+
+def test_the_command_line_starts_without_torch():
+    """Help, and every error found while parsing, come without the seconds torch takes to import."""
+    probe = "import sys, alldetect.cli; print(sorted(m for m in ('torch', 'timm', 'onnx') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"

@@ -223,6 +223,9 @@ def train(
              "training device) [default: device on a GPU, loader on a CPU].")] = None,
     precision: Annotated[Precision, typer.Option(
         help="auto: bf16 autocast on CUDA, fp32 on CPU; or force bf16 or fp32.")] = Precision.auto,
+    ema_decay: Annotated[float | None, typer.Option(
+        min=0.0, max=0.9999, help="Validate and keep an exponential moving average of the weights, updated every "
+                                  "step with this decay [profile default].")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Also checkpoint every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
 ) -> None:
@@ -240,7 +243,7 @@ def train(
                          epochs=epochs, batch_size=batch_size, crop=crop, input_size=input_size,
                          weights=str(weights) if weights else None, pretrained=True if weights else pretrained,
                          device=device.value, workers=workers, compile=compile or None, precision=precision.value,
-                         augment_on=augment_on,
+                         augment_on=augment_on, ema_decay=ema_decay,
                          checkpoint_every=checkpoint_every, seed=seed)
     run = fit(cfg, resume=resume)
     typer.echo(f"run directory: {run}")

@@ -33,6 +33,7 @@ def test_plus_is_the_paper_with_fine_tuning_levers_and_the_paper_stays_the_paper
     ("precision", "fp16", "unknown precision 'fp16'"),
     ("member", "resnet9", "unknown member 'resnet9'"),
     ("augment", "heavy", "unknown augment 'heavy'"),
+    ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\), got 1.0"),
 ])
 def test_bad_config_values_fail_at_construction_in_one_line(field, value, message):
     with pytest.raises(AlldetectError, match=message) as caught:
@@ -99,3 +100,12 @@ def test_selection_keeps_the_epoch_it_claims(split_manifest, tmp_path, metric):
         expected = warmup_cosine_lr(int(row["step"]), peak=3e-3, warmup_steps=steps_per_epoch,
                                     total_steps=3 * steps_per_epoch)
         assert math.isclose(float(row["lr"]), expected, rel_tol=1e-6)
+
+
+def test_the_moving_average_is_what_is_validated_and_kept(split_manifest, tmp_path):
+    run = fit(tiny_config(split_manifest, tmp_path / "ema", epochs=2, select_metric="last", ema_decay=0.9))
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    kept = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items()}
+    assert all(torch.equal(kept[k], averaged[k]) for k in kept)
+    assert any(not torch.equal(kept[k], last["model"][k]) for k in kept if kept[k].is_floating_point())

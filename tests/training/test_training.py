@@ -100,13 +100,13 @@ def test_test_split_never_influences_training_or_selection(tiny_run, split_manif
     assert _same_weights(_weights(other / "checkpoints" / "best.pt"), _weights(run / "checkpoints" / "best.pt"))
 
 
-@pytest.mark.parametrize("augment_on", ["loader", "device"])
-def test_resume_after_sigkill_is_exact(split_manifest, tmp_path, augment_on):
+@pytest.mark.parametrize("options", [["--augment-on", "loader"], ["--augment-on", "device"], ["--ema-decay", "0.9"]])
+def test_resume_after_sigkill_is_exact(split_manifest, tmp_path, options):
     def command(out):
         return [sys.executable, "-m", "alldetect.cli", "train", str(split_manifest), "--member", "mobilenet",
                 "--out", str(out), "--crop", "64", "--epochs", "3", "--batch-size", "8", "--no-pretrained",
                 "--device", "cpu", "--workers", "0", "--checkpoint-every", "2", "--seed", "0",
-                "--augment-on", augment_on]
+                *options]
 
     whole, out = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(command(whole), check=True, capture_output=True, timeout=300)

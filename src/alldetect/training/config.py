@@ -54,6 +54,8 @@ class TrainConfig:
     clr_step_epochs: int = 6            # StepSize = 6 x iterations per epoch
     warmup_epochs: float = 0.0          # cosine: epochs of linear warm-up
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0              # 0: off; else the weights validated and kept are an exponential moving
+                                        # average of the trained ones, updated every step with this decay
     select_metric: str = "ba"           # validation metric that picks the kept epoch (see SELECTION)
     # weights
     pretrained: bool = True             # ImageNet weights (hub, or the member's offline source)
@@ -80,8 +82,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "crop"):
             if getattr(self, name) < 1:
                 raise AlldetectError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise AlldetectError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("label_smoothing", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise AlldetectError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 PROFILES: dict[Profile, dict] = {

@@ -72,6 +72,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model)
+    ema = _moving_average(model, cfg.ema_decay)
+    kept = ema.module if ema is not None else model  # the weights that are validated, selected and scored
     indices = oversample_indices(train.labels, seed=cfg.seed) if cfg.oversample else np.arange(len(train.rows))
     batches = EpochBatches(indices, batch_size=cfg.batch_size, seed=cfg.seed,
                            world_size=dist_info.world_size, rank=dist_info.rank)
@@ -83,6 +85,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], Best(**state["best"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
         logger.info("resuming %s at step %d of %d", run.path, step, total_steps)
     run.start(cfg, step, fresh=state is None, problems=train.problems + val.problems + (test.problems if test else []))
@@ -124,6 +128,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update(model, step=step + 1)  # the first update copies the weights
             pending.append(StepRecord(step, epoch, lr, loss.detach()))
             step += 1
             seen += len(labels) * dist_info.world_size
@@ -131,25 +137,25 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
             progress.update(1)
             progress.set_postfix(img_s=f"{seen / (time.perf_counter() - started):.1f}", lr=f"{lr:.2e}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
-                run.save_last(model, optimizer, cfg, step, best, pending)
+                run.save_last(model, optimizer, cfg, step, best, pending, ema=ema)
 
         # end of epoch: validate, keep the best, checkpoint
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_img_s = epoch_images / max(time.perf_counter() - epoch_started, 1e-9)
-        val_prob = predict_probs(model, val.images, val.positions, batch_size=cfg.batch_size * 2, device=device,
+        val_prob = predict_probs(kept, val.images, val.positions, batch_size=cfg.batch_size * 2, device=device,
                                  precision=cfg.precision, channels_last=cfg.channels_last)
         scores = _scores(val.labels, val_prob)
         score = _selection_score(cfg.select_metric, scores, epoch)
         selected = score > best.score
         if selected:
             best = Best(epoch, score)
-            run.save_best(model, cfg, epoch, step)
+            run.save_best(kept, cfg, epoch, step)
         run.log_epoch(EPOCH_COLUMNS, {"epoch": epoch, "step": step, **scores, "selected": int(selected),
                                       "train_img_s": f"{train_img_s:.2f}"})
         logger.info("epoch %d: val loss %.4f, ba %.4f, auc %.4f; kept epoch %d (%s)", epoch, scores["val_loss"],
                     scores["ba"], scores["auc"], best.epoch, cfg.select_metric)
-        run.save_last(model, optimizer, cfg, step, best, pending)
+        run.save_last(model, optimizer, cfg, step, best, pending, ema=ema)
     progress.close()
 
     if dist_info.is_main:
@@ -178,6 +184,15 @@ def _selection_score(metric: str, scores: dict[str, float], epoch: int) -> float
     if math.isnan(score):
         return -math.inf
     return score if direction == "max" else -score
+
+
+def _moving_average(model: nn.Module, decay: float) -> nn.Module | None:
+    """An exponential moving average of ``model``'s weights (timm's ``ModelEmaV3``), or None when ``decay`` is 0."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3  # after the members' import, which lets torchvision load beside torch
+
+    return ModelEmaV3(model, decay=decay)
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

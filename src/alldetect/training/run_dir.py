@@ -86,17 +86,20 @@ class RunDir:
                              "epoch": epoch, "step": step}, self.best)
 
     def save_last(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int,
-                  best: Best, pending: list[StepRecord]) -> None:
-        """Write the pending history rows, then ``last.pt``: the history never runs ahead of the checkpoint
-        by more than the steps a resume will redo (and those rows are dropped on resume)."""
+                  best: Best, pending: list[StepRecord], *, ema: nn.Module | None = None) -> None:
+        """Write the pending history rows, then ``last.pt`` (with the weights' moving average ``ema`` when there
+        is one): the history never runs ahead of the checkpoint by more than the steps a resume will redo (and
+        those rows are dropped on resume)."""
         if self.writes:
             losses = torch.stack([r.loss for r in pending]).float().cpu().tolist() if pending else []  # syncs
             _append_csv(self.path / "history.csv", HISTORY_COLUMNS,
                         [{"step": r.step, "epoch": r.epoch, "lr": f"{r.lr:.10g}", "loss": f"{loss:.6f}"}
                          for r, loss in zip(pending, losses)])
-            save_checkpoint({"member": cfg.member, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": step, "best": asdict(best), "config": asdict(cfg), "rng": rng_state()},
-                            self.last)
+            state = {"member": cfg.member, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": step, "best": asdict(best), "config": asdict(cfg), "rng": rng_state()}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_checkpoint(state, self.last)
         pending.clear()
 
     def write_scores(self, split: str, rows: list, prob: np.ndarray, member: str) -> None:
