@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--members", default=",".join(LITE_MEMBERS))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--crop", type=int, default=300)
-    parser.add_argument("--input-size", type=int, default=128)
+    parser.add_argument("--input-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, help="every recipe's epochs, unless the recipe sets its own")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--val-fraction", type=float, default=0.25, help="of each class's training subjects")

@@ -93,7 +93,7 @@ def test_real_data_on_a_cpu_gets_the_plus_profile_with_the_lite_members_and_says
 
     with caplog.at_level("INFO"):
         chosen = choose_recipe(PipelineConfig(out=str(tmp_path), data=str(tmp_path), device="cpu"))
-    assert (chosen.profile, chosen.members, chosen.input_size) == (Profile.plus, LITE_MEMBERS, 128)
+    assert (chosen.profile, chosen.members, chosen.input_size) == (Profile.plus, LITE_MEMBERS, 96)
     assert "without a GPU" in caplog.text and "--profile paper" in caplog.text
     asked = choose_recipe(PipelineConfig(out=str(tmp_path), data=str(tmp_path), device="cpu", profile=Profile.paper))
     assert (asked.profile, asked.members, asked.input_size) == (Profile.paper, pipeline.PAPER_MEMBERS, None)

@@ -259,7 +259,6 @@ def members() -> None:
         typer.echo(f"{'*' if spec.paper else ' '} {name:<20} timm: {spec.timm_name:<24} grad-cam: {spec.cam_layer}")
 
 
-
 @app.command()
 @user_errors
 def evaluate(
@@ -335,7 +334,6 @@ def report(
 
     path = make_report(ens_dir, n_boot=bootstrap)
     typer.echo(f"report: {path}")
-
 
 
 @app.command()
@@ -493,12 +491,12 @@ def run(
     profile: Annotated[Profile | None, typer.Option(
         help="demo: small and quick; paper: the paper's protocol; plus: the paper's networks trained the way "
              "that generalised to unseen donors [default: demo on the synthetic cells; with --data, plus: the "
-             "paper's five networks on a GPU, the three EfficientNet-Lite members at 128 px on a CPU].")] = None,
+             "paper's five networks on a GPU, the three EfficientNet-Lite members at 96 px on a CPU].")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/demo"),
     members: Annotated[str | None, typer.Option(help="Comma-separated members [default: the paper's five; "
                                                      "efficientnet_lite0,1,2 on a CPU with --data].")] = None,
     input_size: Annotated[int | None, typer.Option(help="Resize the 300 px crops to this side [default: none; "
-                                                        "128 on a CPU with --data; 80 for demo on --data].")]
+                                                        "96 on a CPU with --data; 80 for demo on --data].")]
     = None,
     weights_dir: Annotated[Path | None, typer.Option(help="Folder of local ImageNet weights, one per member.")]
     = None,

@@ -27,7 +27,6 @@ def test_members_covering_different_images_are_refused(member_runs, tmp_path):
         build_ensemble([member_runs[0], other], tmp_path / "ens")
 
 
-
 def test_bf16_check_keeps_a_member_that_bf16_moves_in_fp32(ensemble_dir, tmp_path):
     from alldetect.ensemble.folder import read_calibration
     from alldetect.ensemble.build import check_bf16

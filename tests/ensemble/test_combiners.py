@@ -18,12 +18,10 @@ def test_sap_is_equation_1_by_hand():
     assert sap(probs).tolist() == pytest.approx([0.6, 0.4, 0.5])
 
 
-
 def test_wen_is_equation_2_by_hand():
     probs = np.array([[0.8, 0.3], [0.2, 0.9]])
     assert weighted_average(probs, np.array([0.75, 0.25])).tolist() == pytest.approx([0.65, 0.45])
     assert weighted_average(probs, np.array([3.0, 1.0])).tolist() == pytest.approx([0.65, 0.45])  # normalised
-
 
 
 def test_wen_weights_are_validation_metrics():
@@ -37,7 +35,6 @@ def test_wen_weights_are_validation_metrics():
     assert wen_weights(y, probs, "f1").tolist() == pytest.approx([1.0, 11 / 15, 0.0])
     fit = fit_combiner("wen_acc", y, probs)
     assert fit.apply(probs).tolist() == pytest.approx(((acc @ probs) / acc.sum()).tolist())
-
 
 
 def test_learned_combiners_beat_sap_on_validation_when_a_member_is_bad():
@@ -54,7 +51,6 @@ def test_learned_combiners_beat_sap_on_validation_when_a_member_is_bad():
         assert classification_metrics(y, out)["auc"] > classification_metrics(y, sap(probs))["auc"]
     ts = fit_combiner("ts_sap", y, probs)
     assert EnsembleFit(**json.loads(json.dumps(ts.__dict__))).apply(probs) == pytest.approx(ts.apply(probs))
-
 
 
 def test_wen_falls_back_to_equal_weights_when_no_member_beats_chance():

@@ -36,7 +36,6 @@ def test_subject_level_rule_and_bootstrap():
     assert better["ci"][0] > 0 and better["p_not_better"] == 0
 
 
-
 def test_evaluate_cli_json_and_per_model(member_runs, ensemble_dir):
     keys = {"wp", "wr", "wfs", "acc", "ba", "auc", "kappa", "sensitivity", "specificity", "tn", "fp", "fn", "tp"}
     one = member_runs[0] / "predictions_test.csv"
@@ -53,7 +52,6 @@ def test_evaluate_cli_json_and_per_model(member_runs, ensemble_dir):
     for name, p in models.items():
         assert set(results[name]) >= keys, name
         assert {k: results[name][k] for k in keys} == pytest.approx(classification_metrics(p.y, p.prob_all)), name
-
 
 
 def test_one_class_only_says_auc_is_undefined(tmp_path):

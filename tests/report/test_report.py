@@ -38,7 +38,6 @@ def test_ensemble_and_report_end_to_end(member_runs, tmp_path):
         assert row in report
 
 
-
 def test_report_without_subjects_says_so(ensemble_dir, tmp_path):
     import csv
 

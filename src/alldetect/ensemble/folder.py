@@ -20,13 +20,8 @@ from ..models import Member, create_member
 from .combiners import METHODS, EnsembleFit, fit_combiner
 from .spec import SPEC_NAME, EnsembleSpec, MemberEntry, SpecError
 
-
 CALIBRATION_NAME = "calibration.npz"
-
-
-
-CALIBRATION_CELLS = 128
-
+CALIBRATION_CELLS = 128  # validation crops kept in the folder for int8 calibration and the bf16 check
 
 
 def write_ensemble(out: Path, members: list[MemberEntry], splits: dict[str, list[Predictions]], *,
@@ -43,7 +38,6 @@ def write_ensemble(out: Path, members: list[MemberEntry], splits: dict[str, list
                         {p.model: classification_metrics(y_val, p.prob_all) for p in val}, tta, None, versions)
     spec.save(out)
     return spec
-
 
 
 def calibration_sample(paths: list[str], labels: np.ndarray, n: int, *, seed: int = 0) -> list[str]:
@@ -64,10 +58,8 @@ def calibration_sample(paths: list[str], labels: np.ndarray, n: int, *, seed: in
     return [paths[i] for i in sorted(chosen)[:n]]
 
 
-
 def write_calibration(out: Path, crops: np.ndarray, labels: np.ndarray) -> None:
     np.savez(out / CALIBRATION_NAME, crops=crops, labels=labels)
-
 
 
 def read_calibration(ens_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -82,11 +74,9 @@ def read_calibration(ens_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise SpecError(f"{path}: unreadable ({e})") from None
 
 
-
 def model_id(ens_dir: str | Path) -> str:
     """A short fingerprint of the ensemble spec (served by the web app and recorded with every prediction)."""
     return sha256_file(Path(ens_dir) / SPEC_NAME)[:12]
-
 
 
 def sha256_file(path: str | Path) -> str:
@@ -95,7 +85,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
 
 
 def describe_data(manifest: str) -> dict:
@@ -117,7 +106,6 @@ def describe_data(manifest: str) -> dict:
                               "subjects": len({r.subject for r in labelled if r.split == split and r.label == label})}
                       for label in ("all", "hem")} for split in ("train", "val", "test")}
     return {"dataset": dataset, "synthetic": marker is not None, "protocol": protocol, "counts": counts}
-
 
 
 def _write_split(path: Path, preds: list[Predictions], fits: dict[str, EnsembleFit]) -> None:

@@ -12,9 +12,7 @@ import numpy as np
 from ..errors import AlldetectError, DataError
 from ..formats.predictions import Predictions, read_predictions
 
-
 RECORD_FILES = ("config.json", "history.csv", "epochs.csv", "metrics.json")
-
 
 
 @dataclass
@@ -27,7 +25,6 @@ class MemberRun:
     @property
     def name(self) -> str:
         return self.config["member"]
-
 
 
 def read_runs(run_dirs: list[str | Path]) -> list[MemberRun]:
@@ -52,13 +49,11 @@ def read_runs(run_dirs: list[str | Path]) -> list[MemberRun]:
     return runs
 
 
-
 def copy_training_record(run: MemberRun, member_dir: Path) -> None:
     member_dir.mkdir(parents=True, exist_ok=True)
     for name in RECORD_FILES:
         if (run.path / name).is_file():
             shutil.copyfile(run.path / name, member_dir / name)
-
 
 
 def run_predictions(runs: list[MemberRun]) -> dict[str, list[Predictions]]:
@@ -70,13 +65,11 @@ def run_predictions(runs: list[MemberRun]) -> dict[str, list[Predictions]]:
     return splits
 
 
-
 def _single(path: Path) -> Predictions:
     models = read_predictions(path)
     if len(models) != 1:
         raise DataError(f"{path}: expected one model's predictions, found {', '.join(models)}")
     return next(iter(models.values()))
-
 
 
 def _aligned(preds: list[Predictions], runs: list[MemberRun], split: str) -> list[Predictions]:

@@ -15,14 +15,9 @@ from ..ensemble.spec import load_ensemble_spec
 from ..errors import AlldetectError
 from .engine import Engine
 
-
 METADATA_PREFIX = "alldetect."  # of the keys in an exported graph's metadata
 ONNX_NAME = "ensemble.onnx"
-
-
-
 ONNX_INT8_NAME = "ensemble.int8.onnx"
-
 
 
 @dataclass
@@ -52,7 +47,6 @@ class OnnxEnsemble(Engine):
         return x if self.input_dtype == "uint8" else (x.astype(np.float32) / 255)
 
 
-
 def onnx_session(path: str | Path, *, threads: int | None = None):
     """An onnxruntime CPU session for the graph at ``path`` (``threads``: intra-op threads, default all)."""
     import onnxruntime as ort
@@ -61,7 +55,6 @@ def onnx_session(path: str | Path, *, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
 
 
 def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: str | Path | None = None,
