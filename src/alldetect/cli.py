@@ -23,6 +23,45 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 logger = logging.getLogger("alldetect")
 
 
+EnsembleDir = Annotated[Path, typer.Argument(help="Ensemble directory.")]
+Method = Annotated[str | None, typer.Option(help="Ensemble method [default: the ensemble's].")]
+
+
+class ImageFormat(str, Enum):
+    bmp = "bmp"
+    png = "png"
+
+
+class Protocol(str, Enum):
+    subject = "subject"
+    paper = "paper"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Engine(str, Enum):
+    auto = "auto"
+    onnx = "onnx"
+    torch = "torch"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    int8 = "int8"
+
+
+class Target(str, Enum):
+    predicted = "predicted"
+    all = "all"
+    hem = "hem"
+
+
 def user_errors(command: Callable) -> Callable:
     """Print our own errors as one red line and exit non-zero, instead of a traceback."""
 
@@ -72,11 +111,6 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log deta
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("PIL", "matplotlib", "timm", "urllib3", "httpx", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-
-
-class ImageFormat(str, Enum):
-    bmp = "bmp"
-    png = "png"
 
 
 @app.command()
@@ -139,11 +173,6 @@ def index(
                f"{len(result.problems) - skipped} converted: see {problems_file}")
 
 
-class Protocol(str, Enum):
-    subject = "subject"
-    paper = "paper"
-
-
 @app.command()
 @user_errors
 def split(
@@ -173,25 +202,6 @@ def split(
     write_manifest(rows, out or manifest)
     typer.echo(format_table(summarize(rows, by="split")))
     typer.echo(f"wrote {out or manifest}: subject-disjoint splits checked")
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Engine(str, Enum):
-    auto = "auto"
-    onnx = "onnx"
-    torch = "torch"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    int8 = "int8"
 
 
 @app.command()
@@ -339,10 +349,10 @@ def report(
 @app.command()
 @user_errors
 def predict(
-    ens_dir: Annotated[Path, typer.Argument(help="Ensemble directory.")],
+    ens_dir: EnsembleDir,
     inputs: Annotated[list[Path], typer.Argument(help="Image files, folders, or a C-NMC tree.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.")] = Path("predictions.csv"),
-    method: Annotated[str | None, typer.Option(help="Ensemble method [default: the ensemble's].")] = None,
+    method: Method = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation: each member's P(ALL) "
                                                                   "averaged over the 8 flips/rotations of the cell "
                                                                   "[default: as the ensemble was fitted; on for the "
@@ -390,7 +400,7 @@ def predict(
 @app.command()
 @user_errors
 def export(
-    ens_dir: Annotated[Path, typer.Argument(help="Ensemble directory.")],
+    ens_dir: EnsembleDir,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file [default: ENS_DIR/ensemble.onnx].")]
     = None,
     method: Annotated[str | None, typer.Option(help="Ensemble method in the graph [default: the ensemble's].")]
@@ -416,19 +426,13 @@ def export(
         typer.echo(result.describe_int8())
 
 
-class Target(str, Enum):
-    predicted = "predicted"
-    all = "all"
-    hem = "hem"
-
-
 @app.command()
 @user_errors
 def explain(
-    ens_dir: Annotated[Path, typer.Argument(help="Ensemble directory.")],
+    ens_dir: EnsembleDir,
     images: Annotated[list[Path], typer.Argument(help="Cell images (a few; one grid row each).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays and the grid.")] = Path("gradcam"),
-    method: Annotated[str | None, typer.Option(help="Ensemble method [default: the ensemble's].")] = None,
+    method: Method = None,
     target: Annotated[Target, typer.Option(help="Class the maps explain.")] = Target.predicted,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
 ) -> None:
@@ -442,7 +446,7 @@ def explain(
 @app.command()
 @user_errors
 def serve(
-    ens_dir: Annotated[Path, typer.Argument(help="Ensemble directory.")],
+    ens_dir: EnsembleDir,
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     db: Annotated[Path, typer.Option(help="SQLite file recording every prediction.")]
