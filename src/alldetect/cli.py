@@ -431,8 +431,8 @@ def export(
 def explain(
     ens_dir: EnsembleDir,
     images: Annotated[list[Path], typer.Argument(help="Cell images (a few; one grid row each).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays and the grid.")] = Path("gradcam"),
     method: Method = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays and the grid.")] = Path("gradcam"),
     target: Annotated[Target, typer.Option(help="Class the maps explain.")] = Target.predicted,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
 ) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from ..data.index import synthetic_marker
-from ..errors import AlldetectError
+from ..errors import AlldetectError, first_line
 from ..evaluation.metrics import classification_metrics
 from ..formats.labels import Label
 from ..formats.manifest import read_manifest
@@ -120,18 +120,22 @@ def _write_split(path: Path, preds: list[Predictions], fits: dict[str, EnsembleF
 def load_member(ens_dir: Path, entry: MemberEntry) -> Member:
     """A member from its safetensors file, after checking the file is the one the spec recorded."""
     path = ens_dir / entry.weights
-    if not path.is_file():
-        raise SpecError(f"{path}: member weights not found")
-    if sha256_file(path) != entry.sha256:
+    try:
+        data = path.read_bytes()  # read once: hashed, then parsed from the same bytes
+    except FileNotFoundError:
+        raise SpecError(f"{path}: member weights not found") from None
+    except OSError as e:
+        raise SpecError(f"{path}: member weights not readable ({e.strerror or e})") from None
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
         raise SpecError(f"{path}: the weights do not match the hash recorded in ensemble.json (file damaged, "
                         "truncated or replaced); copy the ensemble folder again")
     try:
-        state = load_file(path)
-    except (SafetensorError, OSError) as e:
+        state = load_safetensors(data)
+    except SafetensorError as e:
         raise SpecError(f"{path}: not readable member weights ({e})") from None
     model = create_member(entry.name)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise SpecError(f"{path}: does not match the installed {entry.name} ({str(e).splitlines()[0]})") from None
+        raise SpecError(f"{path}: does not match the installed {entry.name} ({first_line(e)})") from None
     return model

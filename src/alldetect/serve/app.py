@@ -39,7 +39,7 @@ from ..ensemble.folder import model_id as fingerprint
 from ..ensemble.spec import load_ensemble_spec
 from ..errors import ImageProblem
 from ..evaluation.evaluate import subject_level
-from ..formats.labels import THRESHOLD, call
+from ..formats.labels import THRESHOLD, Label, call
 from ..formats.predictions import prediction_records
 from ..inference.load import load_engine
 from ..inference.onnx_engine import ONNX_NAME
@@ -193,7 +193,7 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
                 "cam_png": overlays[j] if j is not None and j < len(overlays) else None,
                 "error": cell.error or ("" if finite or j is None else "no probability could be computed")})
         scored = [c for c in out if c["prob_all"] is not None]
-        patients = subject_level(np.full(len(scored), -1), np.array([c["prob_all"] for c in scored]),
+        patients = subject_level(np.full(len(scored), Label.UNLABELLED), np.array([c["prob_all"] for c in scored]),
                                  [c["group"] for c in scored], threshold=THRESHOLD) if scored else []
         for p in patients:
             del p["truth"], p["correct"]

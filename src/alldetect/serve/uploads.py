@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.images import EMPTY_FILE, decode_rgb
+from ..errors import first_line
 
 IMAGE_FORMATS = ("BMP", "PNG", "JPEG", "TIFF")
 ZIP_MAGIC = b"PK\x03\x04"
@@ -132,7 +133,7 @@ def _unzip(name: str, data: bytes, limits: Limits, unzipped: list[int]) -> list[
 
 def _reason(error: BaseException) -> str:
     """Why an entry could not be read, in words (zipfile's messages are terse or name internals)."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = first_line(error)
     if isinstance(error, RuntimeError) and "encrypted" in text:
         return "encrypted; send it without a password"
     if isinstance(error, NotImplementedError):
