@@ -14,7 +14,6 @@ import typer
 
 from .errors import AlldetectError
 from .export import INT8_TOLERANCE
-from .formats.labels import THRESHOLD
 from .training.config import Profile
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -54,6 +53,34 @@ class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     int8 = "int8"
+
+
+class PointChoice(str, Enum):
+    auto = "auto"
+    paper = "paper"
+    balanced_accuracy = "balanced_accuracy"
+
+
+PointOption = Annotated[PointChoice, typer.Option(
+    "--operating-point", help="How each combiner's cell and patient thresholds are chosen: auto (balanced accuracy "
+                              "on out-of-fold predictions when cross-fitted, else the paper's 0.5), paper, or "
+                              "balanced_accuracy on the validation predictions.")]
+SensitivityOption = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="Instead: the highest cell threshold that keeps at least this sensitivity.")]
+SpecificityOption = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="Instead: the lowest cell threshold that keeps at least this specificity.")]
+
+
+def operating_criterion(choice: PointChoice, sensitivity: float | None,
+                        specificity: float | None) -> tuple[str, float | None]:
+    """The criterion and target the options ask for; one at a time."""
+    if sensitivity is not None and specificity is not None:
+        raise AlldetectError("give --sensitivity or --specificity, not both")
+    if sensitivity is not None:
+        return "sensitivity", sensitivity
+    if specificity is not None:
+        return "specificity", specificity
+    return choice.value, None
 
 
 class Target(str, Enum):
@@ -273,8 +300,12 @@ def members() -> None:
 @user_errors
 def evaluate(
     predictions: Annotated[Path, typer.Argument(help="Predictions CSV (path,label,prob_all[,model,subject]).")],
-    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="P(ALL) at or above which a cell is called "
-                                                                    "ALL.")] = THRESHOLD,
+    threshold: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="P(ALL) at or above which a cell (and a subject's mean) is called ALL [default: "
+                               "the operating point of --ensemble, else 0.5].")] = None,
+    ensemble_dir: Annotated[Path | None, typer.Option(
+        "--ensemble", help="Ensemble folder whose fitted operating points call the cells and subjects of its "
+                           "methods (members: 0.5).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keyed by model).")] = False,
     ci: Annotated[int, typer.Option(min=0, help="Bootstrap resamples over subjects for 95% CIs (0: none).")] = 0,
     sensitivity: Annotated[float | None, typer.Option(
@@ -285,13 +316,25 @@ def evaluate(
     import json
 
     from .evaluation.evaluate import evaluate_predictions
+    from .formats.operating_point import PAPER_POINT, OperatingPoint
     from .formats.predictions import read_predictions
     from .formats.tables import format_table
 
-    results, subject_tables = {}, {}
+    spec = None
+    if ensemble_dir is not None:
+        from .ensemble.spec import load_ensemble_spec
+
+        spec = load_ensemble_spec(ensemble_dir)
+    results, subject_tables, points = {}, {}, {}
     for model, p in read_predictions(predictions).items():
-        results[model], table = evaluate_predictions(p, threshold=threshold, ci=ci, sensitivity=sensitivity,
+        method = model.removesuffix("+tta")
+        if threshold is not None:
+            points[model] = OperatingPoint(threshold, threshold)
+        else:
+            points[model] = spec.operating_point(method) if spec and method in spec.methods else PAPER_POINT
+        results[model], table = evaluate_predictions(p, point=points[model], ci=ci, sensitivity=sensitivity,
                                                      subjects=subjects, source=str(predictions))
+        results[model]["threshold"] = points[model].cell_threshold
         if table is not None:
             subject_tables[model] = table
     if as_json:
@@ -307,7 +350,7 @@ def evaluate(
             typer.echo(f"{m}: threshold {op['threshold']:.4f} gives sensitivity {op['sensitivity']:.3f}, "
                        f"specificity {op['specificity']:.3f}")
     for m, table in subject_tables.items():
-        typer.echo(f"\n{m}: subject level (ALL when the mean P(ALL) >= {threshold})")
+        typer.echo(f"\n{m}: subject level ({points[m].describe()})")
         typer.echo(format_table(table))
 
 
@@ -321,16 +364,23 @@ def ensemble(
                                                                   "probabilities and score with TTA [default: when "
                                                                   "every member trained on the 8 flips/rotations, "
                                                                   "as in the plus profile].")] = None,
+    operating_point: PointOption = PointChoice.auto,
+    sensitivity: SensitivityOption = None,
+    specificity: SpecificityOption = None,
 ) -> None:
     """Combine member runs with SAP, WEN (acc, auc, f1, kappa) and better combiners, fitted on validation.
 
+    Several runs of one member are the fold models of a cross-fit (each validated on donors the others trained
+    on): the member scores as their average and everything is fitted on their out-of-fold predictions.
     The folder written is the whole model: member weights, combiners, preprocessing, a model card. Copy it.
     """
     from .ensemble.build import build_ensemble
 
-    spec = build_ensemble(runs, out, default_method=method, tta=tta)
+    criterion, target = operating_criterion(operating_point, sensitivity, specificity)
+    spec = build_ensemble(runs, out, default_method=method, tta=tta, operating_point=criterion, target=target)
     typer.echo(f"wrote {out}: {len(spec.members)} members, methods {', '.join(spec.methods)}; "
                f"default {spec.default_method}{' with TTA' if spec.tta else ''}")
+    typer.echo(f"operating point: {spec.operating_point().describe()}")
 
 
 @app.command()
@@ -380,9 +430,11 @@ def predict(
     logger.info("engine: %s", type(model).__name__)
     collected = collect_inputs(inputs)
     summary = predict_rows(model, collected, out, tta=tta, batch_size=batch_size)
-    typer.echo(f"wrote {summary.csv}: {summary.scored} cells scored, {summary.failed} failed")
+    typer.echo(f"wrote {summary.csv}: {summary.scored} cells scored, {summary.failed} failed; "
+               f"{len(summary.flagged)} called ALL")
+    typer.echo(f"operating point: {summary.operating_point.describe()}")
     if summary.patients:
-        typer.echo(f"patients (ALL when the mean P(ALL) >= {THRESHOLD}): {summary.patients_csv}")
+        typer.echo(f"patients: {summary.patients_csv}")
         typer.echo(format_table(summary.patients))
     if summary.submission:
         typer.echo(f"challenge submission: {summary.submission}")
@@ -514,15 +566,27 @@ def run(
     export: Annotated[bool | None, typer.Option(
         "--export/--no-export", help="Also export the ensemble as ONNX, fp32 and calibrated int8, for fast CPU "
                                      "prediction [paper profile: yes; demo: no, it adds minutes].")] = None,
+    folds: Annotated[int | None, typer.Option(
+        min=1, help="Cross-fit: deal the donors into this many folds and train each member once per fold, so "
+                    "every donor trains and is scored out of fold; 1: a held-out validation split [default: plus "
+                    "cross-fits in up to 5 folds with a donor of each class in each; paper and demo split].")]
+    = None,
+    operating_point: PointOption = PointChoice.auto,
+    sensitivity: SensitivityOption = None,
+    specificity: SpecificityOption = None,
     force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,
 ) -> None:
     """Run the whole method: data -> index -> subject split -> five members -> ensembles -> report.
+
+    The plus profile cross-fits: every labelled donor trains, in K-1 of K fold models per member, and the
+    combiners and operating point are fitted on every donor's out-of-fold predictions.
 
     Finished stages are skipped on a rerun; an interrupted member resumes where it stopped.
     """
     from .models import member_spec
     from .pipeline import PipelineConfig, run_pipeline
 
+    criterion, target = operating_criterion(operating_point, sensitivity, specificity)
     chosen = tuple(m.strip() for m in members.split(",")) if members else None
     for m in chosen or ():
         member_spec(m)
@@ -530,7 +594,7 @@ def run(
                          input_size=input_size,
                          weights_dir=str(weights_dir) if weights_dir else None, pretrained=pretrained,
                          device=device.value, seed=seed, epochs=epochs, batch_size=batch_size, bootstrap=bootstrap,
-                         export=export, force=force)
+                         export=export, folds=folds, operating_point=criterion, target=target, force=force)
     report_path = run_pipeline(cfg)
     typer.echo(f"report: {report_path}")
 

@@ -3,6 +3,12 @@
     (synthetic data) -> index -> subject split -> train each member -> ensemble -> Grad-CAM grid -> report
     -> (ONNX export, fp32 and int8: the paper profile, or asked for)
 
+The ``plus`` profile cross-fits instead of holding donors out: every labelled donor is dealt into K folds by
+subject, each member is trained K times on the other folds, the combiners and the operating point are fitted
+on the out-of-fold predictions of every donor, and the ensemble ships each member as the average of its K fold
+models. With a few dozen donors, donors are what generalisation needs; a validation split would take them away
+and fit weights and thresholds on one or two healthy donors.
+
 Each stage records the key of its inputs and config in ``<out>/stages.json``; a rerun skips stages whose key
 and outputs are unchanged, resumes a member whose training was interrupted, and redoes a stage (and what
 follows) when its inputs changed. ``force`` redoes everything.
@@ -22,12 +28,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .data.index import SYNTHETIC_MARKER, index_folder
-from .data.split import paper_split, subject_split
+from .data.split import default_folds, fold_splits, paper_split, subject_folds, subject_split
 from .data.synth import SynthConfig, generate
 from .ensemble.build import build_ensemble
 from .ensemble.spec import load_ensemble_spec
 from .export.ensemble import export_ensemble
-from .formats.manifest import write_manifest
+from .formats.manifest import read_manifest, write_manifest
 from .formats.predictions import read_predictions
 from .formats.problems import write_problems
 from .inference.onnx_engine import ONNX_NAME
@@ -66,7 +72,16 @@ class PipelineConfig:
     batch_size: int | None = None
     bootstrap: int = 1000
     export: bool | None = None               # None: the paper profile exports, the demo does not
+    folds: int | None = None                 # donor folds of the cross-fit; None: plus cross-fits (at most 5
+                                             # folds, each with a donor of each class), paper and demo do not;
+                                             # 1: a held-out validation split
+    operating_point: str = "auto"            # see build_ensemble: auto, paper, balanced_accuracy, sensitivity,
+    target: float | None = None              # specificity (the last two at least ``target``)
     force: bool = False
+
+    @property
+    def cross_fits(self) -> bool:
+        return self.folds is None and self.profile is Profile.plus or (self.folds or 1) > 1
 
 
 class Stages:
@@ -97,20 +112,31 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     stages = Stages(out / "stages.json", cfg.force)
     data_dir = Path(cfg.data).resolve() if cfg.data else out / "data"
     manifest = out / "manifest.csv"
-    train_cfgs = [_train_config(cfg, member, manifest) for member in cfg.members]
     steps: list[tuple[str, dict, list[Path], Callable[[str], None]]] = []
-    if cfg.data is None:
+    if cfg.data is None and not cfg.cross_fits:
         steps.append(("synth", asdict(replace(DEMO_SYNTH, seed=cfg.seed)), [data_dir / SYNTHETIC_MARKER],
                       lambda status: generate(data_dir, replace(DEMO_SYNTH, seed=cfg.seed))))
-    steps.append(("index+split", {"data": str(data_dir), "seed": cfg.seed}, [manifest],
-                  lambda status: _index_and_split(data_dir, manifest, cfg.seed)))
+    if cfg.cross_fits:
+        folds = _run_index_and_folds(data_dir, out, cfg)  # the fold count names the stages that follow
+        train_cfgs = [_train_config(cfg, member, out / "folds" / f"fold{k}.csv", f"fold{k}")
+                      for member in cfg.members for k in range(folds)]
+        synth = asdict(replace(DEMO_SYNTH, seed=cfg.seed)) if cfg.data is None else None
+        steps.append(("index+folds", {"data": str(data_dir), "seed": cfg.seed, "folds": folds, "synth": synth},
+                      [out / "folds" / f"fold{k}.csv" for k in range(folds)], lambda status: None))
+    else:
+        train_cfgs = [_train_config(cfg, member, manifest) for member in cfg.members]
+        steps.append(("index+split", {"data": str(data_dir), "seed": cfg.seed}, [manifest],
+                      lambda status: _index_and_split(data_dir, manifest, cfg.seed)))
     for tc in train_cfgs:
         run_dir = Path(tc.out)
-        steps.append((f"train {tc.member}", _shaping(tc), [run_dir / "metrics.json"],
+        name = f"train {tc.member}" + (f" {run_dir.name}" if cfg.cross_fits else "")
+        steps.append((name, _shaping(tc), [run_dir / "metrics.json"],
                       lambda status, tc=tc, run_dir=run_dir: _train(tc, run_dir, status)))
     ens_dir = out / "ensemble"
-    steps.append(("ensemble", {"members": [t.out for t in train_cfgs]}, [ens_dir / "ensemble.json"],
-                  lambda status: build_ensemble([t.out for t in train_cfgs], ens_dir)))
+    steps.append(("ensemble", {"members": [t.out for t in train_cfgs], "operating_point": cfg.operating_point,
+                               "target": cfg.target}, [ens_dir / "ensemble.json"],
+                  lambda status: build_ensemble([t.out for t in train_cfgs], ens_dir,
+                                                operating_point=cfg.operating_point, target=cfg.target)))
     steps.append(("explain", {"cells": GRID_CELLS}, [ens_dir / "gradcam" / "gradcam_grid.png"],
                   lambda status: _explain_examples(ens_dir, cfg.device)))
     steps.append(("report", {"bootstrap": cfg.bootstrap, "seed": cfg.seed}, [ens_dir / "report.md"],
@@ -159,11 +185,14 @@ def choose_recipe(cfg: PipelineConfig) -> PipelineConfig:
     return replace(cfg, profile=Profile.plus, members=members, input_size=input_size)
 
 
-def _train_config(cfg: PipelineConfig, member: str, manifest: Path):
-    overrides = dict(member=member, manifest=str(manifest), out=str(Path(cfg.out).resolve() / "members" / member),
+def _train_config(cfg: PipelineConfig, member: str, manifest: Path, fold: str = ""):
+    run_dir = Path(cfg.out).resolve() / "members" / member / fold
+    overrides = dict(member=member, manifest=str(manifest), out=str(run_dir),
                      seed=cfg.seed, device=cfg.device, epochs=cfg.epochs, batch_size=cfg.batch_size,
                      weights=cfg.weights_dir, pretrained=cfg.pretrained, input_size=cfg.input_size)
-    if cfg.data is not None and cfg.profile is Profile.demo:  # real 450 px frames: the paper's crop, resized
+    if cfg.data is None:  # the built-in synthetic frames, whatever the profile
+        overrides["crop"] = DEMO_CROP
+    elif cfg.profile is Profile.demo:  # real 450 px frames: the paper's crop, resized
         overrides["crop"] = TrainConfig.crop
     return profile_config(cfg.profile, **overrides)
 
@@ -191,6 +220,29 @@ def _index_and_split(data_dir: Path, manifest: Path, seed: int) -> None:
         rows = subject_split(rows, val_fraction=0.2, test_fraction=0.2, seed=seed)
     write_manifest(rows, manifest)
     logger.info("manifest: %s (%d images)", manifest, len(rows))
+
+
+def _run_index_and_folds(data_dir: Path, out: Path, cfg: PipelineConfig) -> int:
+    """Index the data (once the synthetic set exists) and write one manifest per fold; returns the fold count.
+    Run before the stages are listed, since the count names them; cheap when the folds are already written."""
+    if cfg.data is None and not (data_dir / SYNTHETIC_MARKER).is_file():
+        generate(data_dir, replace(DEMO_SYNTH, seed=cfg.seed))
+    result = index_folder(data_dir)
+    for warning in result.warnings:
+        logger.warning(warning)
+    write_problems(result.problems, (out / "manifest.csv").with_suffix(".problems.csv"))
+    rows = [r.with_split("train") if r.label else r for r in result.rows]
+    folds = cfg.folds or default_folds(rows)
+    assignment = subject_folds(rows, folds, seed=cfg.seed)
+    for path, manifest_rows in [(out / "manifest.csv", rows), *((out / "folds" / f"fold{k}.csv",
+                                                                 fold_splits(rows, assignment, k))
+                                                                for k in range(folds))]:
+        if not path.is_file() or read_manifest(path) != manifest_rows:  # a rerun leaves finished folds' inputs be
+            write_manifest(manifest_rows, path)
+    logger.info("cross-fitting: %d donors in %d folds (%s)", len(assignment), folds,
+                "; ".join(f"fold {k}: " + ", ".join(sorted(s for s, f in assignment.items() if f == k))
+                          for k in range(folds)))
+    return folds
 
 
 def _export(ens_dir: Path) -> None:

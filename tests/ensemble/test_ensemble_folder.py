@@ -14,6 +14,7 @@ from alldetect.ensemble.build import build_ensemble
 from alldetect.ensemble.spec import SpecError, load_ensemble_spec
 from alldetect.errors import AlldetectError
 from alldetect.export.ensemble import export_ensemble
+from alldetect.formats.operating_point import PAPER_POINT
 from alldetect.inference.explain import ensemble_cam, member_cams
 from alldetect.inference.load import load_engine
 from alldetect.inference.predict import collect_inputs, load_crops_for, predict_rows
@@ -53,7 +54,7 @@ def test_a_moved_folder_without_its_runs_gives_identical_answers(member_runs, tm
     before = _answers(ens, cells, tmp_path / "before")
 
     spec = json.loads((ens / "ensemble.json").read_text())
-    assert all(not m["weights"].startswith("/") and m["weights"].endswith(".safetensors") for m in spec["members"])
+    assert all(not w.startswith("/") and w.endswith(".safetensors") for m in spec["members"] for w in m["weights"])
     moved = tmp_path / "elsewhere" / "copied-ensemble"
     shutil.move(ens, moved)
     shutil.rmtree(tmp_path / "runs")
@@ -118,3 +119,17 @@ def test_invalid_json_is_one_line(copied):
     (copied / "ensemble.json").write_text('{"format": "alldetect-ensemble", ')
     with pytest.raises(AlldetectError, match="ensemble.json: not valid JSON"):
         load_ensemble_spec(copied)
+
+
+def test_a_version_2_folder_still_loads_and_calls_at_the_paper_threshold(ensemble_dir, tmp_path):
+    old = tmp_path / "v2"
+    shutil.copytree(ensemble_dir, old)
+    spec = json.loads((old / "ensemble.json").read_text())
+    spec["version"] = 2
+    for m in spec["members"]:
+        m["weights"], m["sha256"] = m["weights"][0], m["sha256"][0]
+    del spec["operating_points"], spec["cross_fitted"]
+    (old / "ensemble.json").write_text(json.dumps(spec))
+    loaded = load_ensemble_spec(old)
+    assert loaded.operating_point() == PAPER_POINT and [m.folds for m in loaded.members] == [1, 1]
+    assert load_ensemble(old, device="cpu").names == ["mobilenet", "densenet121"]

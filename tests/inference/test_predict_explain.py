@@ -131,10 +131,10 @@ def test_cam_layer_is_spatial_at_the_paper_input_size(name, real_cells):
 
     member = create_member(name).eval()
     shapes = []
-    handle = member.cam_layer.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    handle = member.cam_layers[0].register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
     cell = center_crop(read_rgb(next((real_cells / "bmp" / "all").glob("*.bmp")))[0], 300)
     x = torch.from_numpy(cell.copy()).permute(2, 0, 1)[None].float() / 255
-    with GradCAM(model=member, target_layers=[member.cam_layer]) as cam:
+    with GradCAM(model=member, target_layers=member.cam_layers) as cam:
         grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])
     handle.remove()
     assert min(shapes[0][-2:]) >= 8, shapes[0]

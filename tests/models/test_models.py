@@ -25,7 +25,7 @@ def test_every_member_builds_with_two_classes_and_a_cam_layer(name):
     with torch.no_grad():
         out = member(torch.zeros(2, 3, 80, 80, dtype=torch.uint8))  # 80 px: above InceptionResNet-V2's 75
     assert out.shape == (2, 2)
-    assert isinstance(member.cam_layer, torch.nn.Module)
+    assert len(member.cam_layers) == 1 and isinstance(member.cam_layers[0], torch.nn.Module)
     cfg = member.net.pretrained_cfg
     assert member.mean.tolist() == pytest.approx(list(cfg["mean"]))
 

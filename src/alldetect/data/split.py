@@ -16,6 +16,7 @@ from ..formats.manifest import ManifestRow
 logger = logging.getLogger(__name__)
 
 PAPER_VAL_FRACTION = 0.3  # Table 3: 15 of 47 ALL and 7 of 26 HEM training subjects go to validation
+MOST_FOLDS = 5  # cross-fitting: more folds train each model on more donors, but cost more trainings
 
 
 def subject_key(row: ManifestRow) -> str:
@@ -60,7 +61,10 @@ def paper_split(rows: list[ManifestRow], *, val_fraction: float = PAPER_VAL_FRAC
 def subject_folds(rows: list[ManifestRow], n_folds: int, *, seed: int = 0) -> dict[str, int]:
     """Map every labelled subject to one of ``n_folds`` folds, stratified by class: each class's subjects are
     shuffled and dealt round-robin, so every fold holds out subjects of both classes when each class has at
-    least ``n_folds`` subjects, and every subject is held out exactly once."""
+    least ``n_folds`` subjects, and every subject is held out exactly once.
+
+    Donors are dealt, not cells: scikit-learn's ``StratifiedGroupKFold`` balances the cells' class proportions,
+    and with donors of 1 to 112 cells it can leave a fold without a healthy donor."""
     labelled = _labelled(rows)
     per_class = Counter(_subject_classes(labelled).values())
     if n_folds < 2 or min(per_class.values()) < n_folds:
@@ -75,6 +79,23 @@ def subject_folds(rows: list[ManifestRow], n_folds: int, *, seed: int = 0) -> di
             folds[subject] = (dealt + i) % n_folds
         dealt += len(subjects)  # the next class starts where this one stopped: folds stay even in size
     return folds
+
+
+def default_folds(rows: list[ManifestRow], *, most: int = MOST_FOLDS) -> int:
+    """How many folds a cross-fit of ``rows`` uses: ``most``, or fewer so that every fold holds out at least one
+    donor of each class."""
+    per_class = Counter(_subject_classes(_labelled(rows)).values())
+    folds = min(most, *per_class.values())
+    if folds < 2:
+        raise DataError(f"cross-fitting needs at least 2 subjects of each class; the data has "
+                        f"{dict(sorted(per_class.items()))}")
+    return folds
+
+
+def fold_splits(rows: list[ManifestRow], folds: dict[str, int], fold: int) -> list[ManifestRow]:
+    """Fold ``fold``'s manifest of a cross-fit: its donors are ``val``, every other labelled donor ``train``
+    (unlabelled rows stay without a split)."""
+    return _apply(rows, {s: "val" if f == fold else "train" for s, f in folds.items()})
 
 
 def check_subject_disjoint(rows: list[ManifestRow]) -> None:

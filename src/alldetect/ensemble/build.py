@@ -15,14 +15,13 @@ from safetensors.torch import save_file
 from ..data.cache import load_crops
 from ..errors import AlldetectError
 from ..formats.predictions import Predictions
-from ..models import Member
 from ..models.runtime import score_members
 from ..training.checkpoint import load_checkpoint
 from ..training.run_dir import versions
 from .card import write_model_card
 from .folder import (CALIBRATION_CELLS, calibration_sample, describe_data, load_member, read_calibration,
                      sha256_file, write_calibration, write_ensemble)
-from .runs import copy_training_record, read_runs, run_predictions
+from .runs import MemberRuns, copy_training_record, read_runs, run_predictions
 from .spec import DEFAULT_METHOD, EnsembleSpec, MemberEntry, load_ensemble_spec
 
 logger = logging.getLogger(__name__)
@@ -30,60 +29,95 @@ BF16_TOLERANCE = 0.05  # largest mean change of a member's P(ALL), bf16 against 
 
 
 def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_method: str = DEFAULT_METHOD,
-                   tta: bool | None = None) -> EnsembleSpec:
+                   tta: bool | None = None, operating_point: str = "auto",
+                   target: float | None = None) -> EnsembleSpec:
     """Write a self-contained ensemble folder from finished member runs: each member's selected weights as
     safetensors with its training record, every combiner fitted on validation, predictions, a sample of
     validation crops, and the bf16 check.
 
+    Several runs of one member are the fold models of a cross-fit: the member scores as their average, and the
+    combiners are fitted on the out-of-fold predictions of every donor.
+
     ``tta`` None: on when every member was trained on the eight flips/rotations (the plus profile), so
     the combiners are fitted on the same test-time-augmented probabilities that scoring will use.
+
+    ``operating_point``: how each combiner's cell and patient thresholds are chosen: ``paper`` (0.5),
+    ``balanced_accuracy``, ``sensitivity`` or ``specificity`` (at least ``target``), on the validation
+    predictions; ``auto`` fits balanced accuracy when they are out of fold for every donor (a cross-fit), and
+    keeps the paper's 0.5 otherwise, since thresholds fitted on a few validation donors do not carry to new ones.
     """
     out = Path(out)
-    runs = read_runs(run_dirs)
+    members = read_runs(run_dirs)
+    cross_fitted = members[0].cross_fitted
     out.mkdir(parents=True, exist_ok=True)
     for stale in sorted(out.glob("*.onnx")):  # graphs of the ensemble this folder held before
         logger.info("%s: removed (made from the previous ensemble in this folder; export again)", stale)
         stale.unlink()
-    entries = []
-    for run in runs:
-        member_dir = out / "members" / run.name
-        copy_training_record(run, member_dir)
-        state = load_checkpoint(run.path / "checkpoints" / "best.pt")
-        weights = member_dir / "weights.safetensors"
-        save_file({k: v.contiguous() for k, v in state["model"].items()}, str(weights))
-        provenance = {"run": str(run.path), "manifest": run.config["manifest"], "checkpoint": "checkpoints/best.pt",
-                      "select_metric": run.config["select_metric"], "config": run.config}
-        entries.append(MemberEntry(run.name, f"members/{run.name}/weights.safetensors", sha256_file(weights),
-                                   run.config["crop"], run.config["input_size"], state["model"]["mean"].tolist(),
-                                   state["model"]["std"].tolist(), state.get("epoch"), provenance))
+    entries = [_member_entry(member, out) for member in members]
     if tta is None:
-        tta = all(run.config.get("augment") == "dihedral" for run in runs)
-    splits = run_predictions(runs)
+        tta = all(run.config.get("augment") == "dihedral" for m in members for run in m.folds)
+    splits = run_predictions(members)
     crop, size = entries[0].crop, entries[0].input_size
     with tempfile.TemporaryDirectory() as cache:
         if tta:
-            members = [load_member(out, entry).eval() for entry in entries]
-            splits = {name: _rescored(preds, members, crop, size, cache) for name, preds in splits.items()}
+            splits = {name: _rescored(preds, members, entries, out, crop, size, cache, out_of_fold=name == "val")
+                      for name, preds in splits.items()}
         val = splits["val"][0]
         paths = calibration_sample(val.path, val.y, CALIBRATION_CELLS)
         crops, usable = _crops(paths, crop, size, cache)
         label_of = dict(zip(val.path, val.y))
         write_calibration(out, crops, np.array([label_of[p] for p, ok in zip(paths, usable) if ok]))
+    if operating_point == "auto":
+        operating_point = "balanced_accuracy" if cross_fitted else "paper"
     write_ensemble(out, entries, splits, default_method=default_method, tta=tta,
-                   data=describe_data(runs[0].config["manifest"]), versions=versions())
+                   data=describe_data(members[0].config["manifest"], cross_fitted=len(members[0].folds)),
+                   versions=versions(), operating_point=operating_point, target=target, cross_fitted=cross_fitted)
     check_bf16(out)
     write_model_card(out)
     return load_ensemble_spec(out)
 
 
-def _rescored(preds: list[Predictions], members: list[Member], crop: int, size: int | None,
-              cache: str) -> list[Predictions]:
-    """The members' predictions recomputed with test-time augmentation (same images, same order)."""
+def _member_entry(member: MemberRuns, out: Path) -> MemberEntry:
+    """Copy a member's weights (one file per fold model) and training records into the folder."""
+    files, hashes, provenance = [], [], []
+    for k, run in enumerate(member.folds):
+        record = Path("members") / member.name / (f"fold{k}" if member.cross_fitted else "")
+        copy_training_record(run, out / record)
+        state = load_checkpoint(run.path / "checkpoints" / "best.pt")
+        weights = out / record / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in state["model"].items()}, str(weights))
+        files.append((record / "weights.safetensors").as_posix())
+        hashes.append(sha256_file(weights))
+        provenance.append({"run": str(run.path), "manifest": run.config["manifest"],
+                           "checkpoint": "checkpoints/best.pt", "select_metric": run.config["select_metric"],
+                           "epoch": state.get("epoch"), "config": run.config})
+    info = provenance[0] if not member.cross_fitted else {"config": member.config, "folds": provenance}
+    return MemberEntry(member.name, files, hashes, member.config["crop"], member.config["input_size"],
+                       state["model"]["mean"].tolist(), state["model"]["std"].tolist(), state.get("epoch"), info)
+
+
+def _rescored(preds: list[Predictions], members: list[MemberRuns], entries: list[MemberEntry], out: Path, crop: int,
+              size: int | None, cache: str, *, out_of_fold: bool) -> list[Predictions]:
+    """The members' predictions recomputed with test-time augmentation (same images, same order). Out of fold,
+    each cell is scored by the one fold model that validated on it; otherwise by the whole member."""
     crops, usable = _crops(preds[0].path, crop, size, cache)
     if not usable.all():
         raise AlldetectError(f"{np.count_nonzero(~usable)} cell image(s) scored in training can no longer be read")
-    probs = score_members(members, crops, device=torch.device("cpu"), precision="fp32", tta=True)
-    return [replace(p, prob_all=probs[k]) for k, p in enumerate(preds)]
+    cpu = torch.device("cpu")
+    if not out_of_fold or not members[0].cross_fitted:
+        probs = score_members([load_member(out, e).eval() for e in entries], crops, device=cpu, precision="fp32",
+                              tta=True)
+        return [replace(p, prob_all=probs[k]) for k, p in enumerate(preds)]
+    position = {path: i for i, path in enumerate(preds[0].path)}
+    rescored = []
+    for member, entry, p in zip(members, entries, preds):
+        prob = np.full(len(p.path), np.nan)
+        for run, weights, sha256 in zip(member.folds, entry.weights, entry.sha256):
+            held_out = np.array([position[q] for q in run.predictions("val").path])
+            fold_model = load_member(out, replace(entry, weights=[weights], sha256=[sha256])).eval()
+            prob[held_out] = score_members([fold_model], crops[held_out], device=cpu, precision="fp32", tta=True)[0]
+        rescored.append(replace(p, prob_all=prob))
+    return rescored
 
 
 def _crops(paths: list[str], crop: int, size: int | None, cache: str) -> tuple[np.ndarray, np.ndarray]:

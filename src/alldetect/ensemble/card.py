@@ -39,9 +39,7 @@ def write_model_card(ens_dir: str | Path) -> Path:
             "can score differently; the cross-subject benchmark (BENCHMARKS.md) measures how much on C-NMC.",
             "- One segmented cell per image, centred on a black background, as in C-NMC-2019: whole smears or "
             "other segmentations are outside what it was trained on.",
-            "- Class balance: C-NMC holds about two ALL cells per normal one and few healthy donors; the "
-            f"{THRESHOLD} threshold and the patient rule (mean P(ALL) >= {THRESHOLD}) are not tuned for screening "
-            "prevalence.",
+            _balance(spec),
             "- Cells of one subject are not independent: judge results by subjects, not by cell counts."],
         "How to use it": [
             "Copy this folder: it holds everything needed (member weights as safetensors, preprocessing, fitted "
@@ -68,9 +66,21 @@ def write_model_card(ens_dir: str | Path) -> Path:
 def _purpose(spec: EnsembleSpec) -> list[str]:
     return [f"Estimates the probability that a single white-blood-cell image shows an acute lymphoblastic "
             f"leukemia blast (ALL) rather than a normal cell (HEM), with a weighted ensemble of {len(spec.members)} "
-            f"convolutional networks ({', '.join(spec.names)}); a patient is called ALL when the mean P(ALL) of "
-            f"their cells is at least {THRESHOLD}. For hematology and imaging researchers who want to study or benchmark "
-            "such models, and for labs that want suspicious cells pointed out for review."]
+            f"convolutional networks ({', '.join(spec.names)}). Operating point: "
+            f"{spec.operating_point().describe()}. For hematology and imaging researchers who want to study or "
+            "benchmark such models, and for labs that want suspicious cells pointed out for review."]
+
+
+def _balance(spec: EnsembleSpec) -> str:
+    point = spec.operating_point()
+    if point.criterion == "paper":
+        return (f"- Class balance: C-NMC holds about two ALL cells per normal one and few healthy donors; the "
+                f"{point.cell_threshold} threshold and the patient rule (mean P(ALL) >= {point.patient_threshold}) "
+                "are not tuned for screening prevalence.")
+    return (f"- Operating point: the thresholds ({point.cell_threshold:.3f} for a cell, {point.patient_threshold:.3f} "
+            f"for a patient's mean) were fitted on {point.fitted_on or 'validation predictions'}; they carry the "
+            "training donors' class balance and batches, not a lab's screening prevalence. Refit them for another "
+            "aim with `alldetect ensemble --sensitivity` or `--specificity`.")
 
 
 def _data(spec: EnsembleSpec) -> list[str]:
@@ -109,15 +119,17 @@ def _members(spec: EnsembleSpec) -> list[str]:
     for member, weight in zip(spec.members, weights):
         config = member.provenance.get("config", {})
         val = spec.val_metrics.get(member.name, {})
+        kept = "-" if member.best_epoch is None else member.best_epoch
         rows.append({"member": member.name, "weight": "-" if weight is None else f"{weight:.3f}",
-                     "kept epoch": "-" if member.best_epoch is None else member.best_epoch,
+                     "kept epoch": f"{kept}, {member.folds} fold models averaged" if member.folds > 1 else kept,
                      "selected by": config.get("select_metric", "-"),
                      "training": f"{config.get('optimizer', '?')}, {config.get('schedule', '?')}, "
                                  f"{config.get('epochs', '?')} epochs, "
                                  f"{'ImageNet' if config.get('pretrained') else 'random'} start",
                      "val AUC": val.get("auc", float("nan")), "val BA": val.get("ba", float("nan"))})
     fp32 = (spec.bf16 or {}).get("fp32_members") or []
-    return [f"Default method: **{spec.default_method}** (weights fitted on the validation split only); the "
+    fitted_on = "the out-of-fold predictions of every donor" if spec.cross_fitted else "the validation split only"
+    return [f"Default method: **{spec.default_method}** (weights fitted on {fitted_on}); the "
             f"folder also holds {', '.join(m for m in spec.methods if m != spec.default_method)}.", "",
             format_table(rows, markdown=True), "",
             f"Reduced precision: members that bf16 moves too far on validation cells run in fp32: "
@@ -137,6 +149,15 @@ def _results(spec: EnsembleSpec, results: dict | None) -> list[str]:
         rows.append({"split": name, **{k: f"{metrics[k]:.3f}" + (f" ({cis[k][0]:.3f}-{cis[k][1]:.3f})" if cis
                                                                    else "") for k in CARD_METRICS}})
     scope = "the synthetic" if spec.data.get("synthetic") else "the"
-    return [f"{method}, cell level, threshold {THRESHOLD}, on {scope} splits above; 95% CIs from a bootstrap over "
-            "subjects (test split). See report.md for every member and method.", "",
-            format_table(rows, markdown=True)]
+    lines = [f"{method}, cell level, threshold {THRESHOLD} (the paper's Table 4), on {scope} splits above; 95% CIs "
+             f"from a bootstrap over subjects ({results['split']} split). See report.md for every member and method.",
+             "", format_table(rows, markdown=True)]
+    fitted = results.get("fitted_point")
+    if fitted:
+        lines += ["", f"At the shipped operating point ({spec.operating_point().describe()}), {results['split']} "
+                      f"split: BA {fitted['ba']:.3f}, sensitivity {fitted['sensitivity']:.3f}, specificity "
+                      f"{fitted['specificity']:.3f}, {fitted['subjects_right']} of {fitted['subjects']} subjects "
+                      "called right" + (" (thresholds fitted on these same out-of-fold predictions: optimistic; "
+                                        "BENCHMARKS.md has them on donors of other batches)"
+                                        if spec.cross_fitted else "") + "."]
+    return lines

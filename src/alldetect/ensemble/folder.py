@@ -13,10 +13,12 @@ from safetensors.torch import load as load_safetensors
 from ..data.index import synthetic_marker
 from ..errors import AlldetectError, first_line
 from ..evaluation.metrics import classification_metrics
+from ..evaluation.operating_point import fit_operating_point
 from ..formats.labels import Label
 from ..formats.manifest import read_manifest
 from ..formats.predictions import Predictions, write_prediction_blocks
 from ..models import Member, create_member
+from ..models.folds import FoldAverage
 from .combiners import METHODS, EnsembleFit, fit_combiner
 from .spec import SPEC_NAME, EnsembleSpec, MemberEntry, SpecError
 
@@ -25,8 +27,10 @@ CALIBRATION_CELLS = 128  # validation crops kept in the folder for int8 calibrat
 
 
 def write_ensemble(out: Path, members: list[MemberEntry], splits: dict[str, list[Predictions]], *,
-                   default_method: str, tta: bool, data: dict, versions: dict) -> EnsembleSpec:
-    """Fit every combiner on the validation split, write the predictions of every split and the spec."""
+                   default_method: str, tta: bool, data: dict, versions: dict, operating_point: str = "paper",
+                   target: float | None = None, cross_fitted: bool = False) -> EnsembleSpec:
+    """Fit every combiner, and each combiner's operating point (``paper``: 0.5; else the criterion of
+    ``fit_operating_point``), on the validation split; write the predictions of every split and the spec."""
     if default_method not in METHODS:
         raise AlldetectError(f"unknown method {default_method!r}; known: {', '.join(METHODS)}")
     val = splits["val"]
@@ -34,8 +38,16 @@ def write_ensemble(out: Path, members: list[MemberEntry], splits: dict[str, list
     fits = {method: fit_combiner(method, y_val, val_probs) for method in METHODS}
     for split, preds in splits.items():
         _write_split(out / f"predictions_{split}.csv", preds, fits)
+    points = {}
+    if operating_point != "paper":
+        donors = val[0].subject or val[0].path
+        source = (f"{'out-of-fold' if cross_fitted else 'validation'} predictions of {len(set(donors))} donors "
+                  f"({len(y_val)} cells)")
+        points = {method: fit_operating_point(y_val, fit.apply(val_probs), donors, criterion=operating_point,
+                                              target=target, fitted_on=source) for method, fit in fits.items()}
     spec = EnsembleSpec(members, fits, default_method, data,
-                        {p.model: classification_metrics(y_val, p.prob_all) for p in val}, tta, None, versions)
+                        {p.model: classification_metrics(y_val, p.prob_all) for p in val}, tta, None, versions,
+                        points, cross_fitted)
     spec.save(out)
     return spec
 
@@ -87,8 +99,9 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def describe_data(manifest: str) -> dict:
-    """What the runs were trained on and how it was split, for the first line of every report."""
+def describe_data(manifest: str, *, cross_fitted: int = 1) -> dict:
+    """What the runs were trained on and how it was split (``cross_fitted``: the number of donor folds when the
+    members were cross-fitted), for the first line of every report."""
     rows = read_manifest(manifest)
     labelled = [r for r in rows if r.label]
     marker = synthetic_marker(Path(labelled[0].path).parent) if labelled else None
@@ -100,8 +113,13 @@ def describe_data(manifest: str) -> dict:
     else:
         dataset = f"image folder(s): {', '.join(sorted(sources))}"
     paper = bool(labelled) and all((r.split == "test") == (r.source == "prelim") for r in labelled)
-    protocol = ("paper protocol (Table 3): training folds split 70/30 by subject, preliminary test set = test"
-                if paper else "subject-level split, stratified by class")
+    if cross_fitted > 1:
+        protocol = (f"cross-fitting: donors dealt into {cross_fitted} folds stratified by class; each member trained "
+                    f"{cross_fitted} times on the other folds; val figures are out of fold for every donor")
+    elif paper:
+        protocol = "paper protocol (Table 3): training folds split 70/30 by subject, preliminary test set = test"
+    else:
+        protocol = "subject-level split, stratified by class"
     counts = {split: {label: {"images": sum(r.split == split and r.label == label for r in labelled),
                               "subjects": len({r.subject for r in labelled if r.split == split and r.label == label})}
                       for label in ("all", "hem")} for split in ("train", "val", "test")}
@@ -117,25 +135,31 @@ def _write_split(path: Path, preds: list[Predictions], fits: dict[str, EnsembleF
                             extra={f"prob_{p.model}": p.prob_all for p in preds})
 
 
-def load_member(ens_dir: Path, entry: MemberEntry) -> Member:
-    """A member from its safetensors file, after checking the file is the one the spec recorded."""
-    path = ens_dir / entry.weights
+def load_member(ens_dir: Path, entry: MemberEntry) -> Member | FoldAverage:
+    """A member from its safetensors file(s), after checking each file is the one the spec recorded; a member
+    with one file per fold model scores as their average."""
+    folds = [_load_weights(ens_dir / weights, sha256, entry.name) for weights, sha256 in zip(entry.weights,
+                                                                                            entry.sha256)]
+    return folds[0] if len(folds) == 1 else FoldAverage(folds)
+
+
+def _load_weights(path: Path, sha256: str, name: str) -> Member:
     try:
         data = path.read_bytes()  # read once: hashed, then parsed from the same bytes
     except FileNotFoundError:
         raise SpecError(f"{path}: member weights not found") from None
     except OSError as e:
         raise SpecError(f"{path}: member weights not readable ({e.strerror or e})") from None
-    if hashlib.sha256(data).hexdigest() != entry.sha256:
+    if hashlib.sha256(data).hexdigest() != sha256:
         raise SpecError(f"{path}: the weights do not match the hash recorded in ensemble.json (file damaged, "
                         "truncated or replaced); copy the ensemble folder again")
     try:
         state = load_safetensors(data)
     except SafetensorError as e:
         raise SpecError(f"{path}: not readable member weights ({e})") from None
-    model = create_member(entry.name)
+    model = create_member(name)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise SpecError(f"{path}: does not match the installed {entry.name} ({first_line(e)})") from None
+        raise SpecError(f"{path}: does not match the installed {name} ({first_line(e)})") from None
     return model

@@ -1,15 +1,17 @@
-"""Finished member runs, read as the ensemble needs them: config, selected weights, predictions per split."""
+"""Finished member runs, read as the ensemble needs them: config, selected weights, predictions per split, and
+the fold runs of a cross-fitted member grouped, with their out-of-fold predictions."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import AlldetectError, DataError
+from ..formats.manifest import read_manifest
 from ..formats.predictions import Predictions, read_predictions
 
 RECORD_FILES = ("config.json", "history.csv", "epochs.csv", "metrics.json")
@@ -26,9 +28,33 @@ class MemberRun:
     def name(self) -> str:
         return self.config["member"]
 
+    def predictions(self, split: str) -> Predictions:
+        return _single(self.path / f"predictions_{split}.csv")
 
-def read_runs(run_dirs: list[str | Path]) -> list[MemberRun]:
-    """Finished member runs that can be combined: distinct members, one crop and input size, one manifest."""
+
+@dataclass
+class MemberRuns:
+    """One member's runs: a single run, or the K fold models of a cross-fit (each validated on the donors the
+    others trained on, so together their validation predictions are out of fold for every donor)."""
+    folds: list[MemberRun]
+
+    @property
+    def name(self) -> str:
+        return self.folds[0].name
+
+    @property
+    def config(self) -> dict:
+        return self.folds[0].config
+
+    @property
+    def cross_fitted(self) -> bool:
+        return len(self.folds) > 1
+
+
+def read_runs(run_dirs: list[str | Path]) -> list[MemberRuns]:
+    """Finished member runs that can be combined, grouped by member: several runs of one member are its fold
+    models and must validate on disjoint donors; every member has the same number of runs, and all share one
+    crop and input size."""
     runs = []
     for run in map(lambda r: Path(r).resolve(), run_dirs):
         config_file, metrics_file = run / "config.json", run / "metrics.json"
@@ -38,15 +64,39 @@ def read_runs(run_dirs: list[str | Path]) -> list[MemberRun]:
             raise AlldetectError(f"{run}: training has not finished (no checkpoints/best.pt or metrics.json)")
         runs.append(MemberRun(run, json.loads(config_file.read_text())["config"],
                               json.loads(metrics_file.read_text())))
-    if len(runs) < 2:
-        raise AlldetectError("an ensemble needs at least two member runs")
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise AlldetectError(f"the same member appears twice: {names}")
+    grouped: dict[str, list[MemberRun]] = {}
+    for run in runs:
+        grouped.setdefault(run.name, []).append(run)
+    members = [MemberRuns(folds) for folds in grouped.values()]
+    if len(members) < 2:
+        raise AlldetectError("an ensemble needs at least two members" + (
+            f"; all {len(runs)} runs are of {runs[0].name}" if runs else ""))
+    if len({len(m.folds) for m in members}) > 1:
+        raise AlldetectError("members have different numbers of fold runs: "
+                             + ", ".join(f"{m.name}={len(m.folds)}" for m in members))
     for key in ("crop", "input_size"):
         if len({r.config[key] for r in runs}) > 1:
-            raise AlldetectError(f"members disagree on {key}: " + ", ".join(f"{r.name}={r.config[key]}" for r in runs))
-    return runs
+            raise AlldetectError(f"members disagree on {key}: " + ", ".join(f"{r.path}={r.config[key]}" for r in runs))
+    for member in members:
+        if member.cross_fitted:
+            _check_out_of_fold(member)
+    return members
+
+
+def _check_out_of_fold(member: MemberRuns) -> None:
+    """A cross-fit's fold runs validate on disjoint donors, none of which its own run trained on."""
+    seen: dict[str, Path] = {}
+    for run in member.folds:
+        val = run.predictions("val")
+        manifest = Path(run.config["manifest"])
+        trained = {r.subject for r in read_manifest(manifest) if r.split == "train"} if manifest.is_file() else set()
+        for subject in sorted(set(val.subject or [])):
+            if subject in seen:
+                raise DataError(f"{member.name}: donor {subject} is validated by both {seen[subject]} and "
+                                f"{run.path}; fold runs must validate on disjoint donors")
+            if subject in trained:
+                raise DataError(f"{run.path}: donor {subject} is in its training and validation splits")
+            seen[subject] = run.path
 
 
 def copy_training_record(run: MemberRun, member_dir: Path) -> None:
@@ -56,13 +106,31 @@ def copy_training_record(run: MemberRun, member_dir: Path) -> None:
             shutil.copyfile(run.path / name, member_dir / name)
 
 
-def run_predictions(runs: list[MemberRun]) -> dict[str, list[Predictions]]:
-    """Each split's predictions of every member, aligned to the first member's image order."""
-    splits = {split: _aligned([_single(r.path / f"predictions_{split}.csv") for r in runs], runs, split)
-              for split in ("val", "test") if all((r.path / f"predictions_{split}.csv").is_file() for r in runs)}
+def run_predictions(members: list[MemberRuns]) -> dict[str, list[Predictions]]:
+    """Each split's predictions of every member, aligned to the first member's image order. A cross-fitted
+    member's val predictions are its fold runs' (each donor scored by the one model that did not train on it);
+    its test predictions are the mean of its fold models'."""
+    splits = {}
+    for split in ("val", "test"):
+        if all((run.path / f"predictions_{split}.csv").is_file() for m in members for run in m.folds):
+            combine = _concatenated if split == "val" else _averaged
+            splits[split] = _aligned([combine([run.predictions(split) for run in m.folds])
+                                      for m in members], [m.name for m in members], split)
     if "val" not in splits:
         raise AlldetectError("every member run needs predictions_val.csv: weights are fitted on validation")
     return splits
+
+
+def _concatenated(preds: list[Predictions]) -> Predictions:
+    first = preds[0]
+    return Predictions([p for x in preds for p in x.path], np.concatenate([x.y for x in preds]),
+                       np.concatenate([x.prob_all for x in preds]), first.model,
+                       [s for x in preds for s in (x.subject or [""] * len(x.path))])
+
+
+def _averaged(preds: list[Predictions]) -> Predictions:
+    aligned = _aligned(preds, [p.model for p in preds], "test")
+    return replace(aligned[0], prob_all=np.mean([p.prob_all for p in aligned], axis=0))
 
 
 def _single(path: Path) -> Predictions:
@@ -72,26 +140,26 @@ def _single(path: Path) -> Predictions:
     return next(iter(models.values()))
 
 
-def _aligned(preds: list[Predictions], runs: list[MemberRun], split: str) -> list[Predictions]:
+def _aligned(preds: list[Predictions], names: list[str], split: str) -> list[Predictions]:
     """Reorder every member to the first member's image order; refuse different images or labels."""
     ref = preds[0]
     ref_paths = set(ref.path)
-    first = runs[0].path.name
+    first = names[0]
     out = [ref]
-    for p, run in zip(preds[1:], runs[1:]):
+    for p, name in zip(preds[1:], names[1:]):
         paths = set(p.path)
         if paths != ref_paths:
             only_ref, only_p = sorted(ref_paths - paths), sorted(paths - ref_paths)
-            raise DataError(f"{split}: {first} and {run.path.name} cover different images: "
+            raise DataError(f"{split}: {first} and {name} cover different images: "
                             f"{len(only_ref)} only in {first} (e.g. {only_ref[:2]}), "
-                            f"{len(only_p)} only in {run.path.name} (e.g. {only_p[:2]}); train members on one "
+                            f"{len(only_p)} only in {name} (e.g. {only_p[:2]}); train members on one "
                             "manifest")
         order = {path: i for i, path in enumerate(p.path)}
         idx = np.array([order[path] for path in ref.path])
         reordered = Predictions(ref.path, p.y[idx], p.prob_all[idx], p.model, ref.subject)
         mismatch = np.flatnonzero(reordered.y != ref.y)
         if len(mismatch):
-            raise DataError(f"{split}: {first} and {run.path.name} disagree on the label of "
+            raise DataError(f"{split}: {first} and {name} disagree on the label of "
                             f"{len(mismatch)} image(s), e.g. {ref.path[mismatch[0]]}")
         out.append(reordered)
     return out

@@ -1,10 +1,14 @@
 """The ensemble folder: the unit a user copies. Everything scoring needs lies inside it, under relative paths:
 
-    ensemble.json                 the spec (members, preprocessing, fitted combiners, default method, TTA)
-    members/<name>/weights.safetensors   each member's weights (tensors only: loading runs no code)
-    members/<name>/{config.json,history.csv,epochs.csv,metrics.json}   its training record, for curves and card
+    ensemble.json                 the spec (members, preprocessing, fitted combiners and their operating points,
+                                  default method, TTA)
+    members/<name>/weights.safetensors   each member's weights (tensors only: loading runs no code); a member
+                                  cross-fitted on K folds of donors has members/<name>/fold<k>/weights.safetensors
+                                  for each fold model, and scores as their average
+    members/<name>[/fold<k>]/{config.json,history.csv,epochs.csv,metrics.json}   training records (curves, card)
     calibration.npz               a sample of validation crops (int8 calibration, bf16 check)
-    predictions_{val,test}.csv    every member and every method (the ``model`` column tells them apart)
+    predictions_{val,test}.csv    every member and every method (the ``model`` column tells them apart); for a
+                                  cross-fitted ensemble, val holds the out-of-fold predictions of every donor
     MODEL_CARD.md, report.md, figures, ONNX graphs when exported
 
 Provenance (the run folders, the manifest, versions, weight hashes) is recorded as information, never followed
@@ -21,12 +25,14 @@ from pathlib import Path, PurePosixPath
 
 
 from ..errors import AlldetectError
+from ..formats.operating_point import PAPER_POINT, OperatingPoint
 from .combiners import METHODS, EnsembleFit
 
 logger = logging.getLogger(__name__)
 SPEC_NAME = "ensemble.json"
 SPEC_FORMAT = "alldetect-ensemble"
-SPEC_VERSION = 2
+SPEC_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: one weights file per member and no operating points (the paper's 0.5)
 DEFAULT_METHOD = "wen_kappa"  # the paper's proposed model
 
 
@@ -37,8 +43,8 @@ class SpecError(AlldetectError):
 @dataclass(frozen=True)
 class MemberEntry:
     name: str
-    weights: str                  # the safetensors file, relative to the folder
-    sha256: str
+    weights: list[str]            # safetensors files relative to the folder: one, or one per fold model
+    sha256: list[str]             # of each weights file
     crop: int
     input_size: int | None
     mean: list[float] = field(default_factory=list)  # the normalisation the member applies to [0, 1] pixels
@@ -47,8 +53,13 @@ class MemberEntry:
     provenance: dict = field(default_factory=dict)  # information only: run folder, manifest, training config
 
     @property
-    def record_dir(self) -> str:
-        return str(PurePosixPath(self.weights).parent)
+    def record_dirs(self) -> list[str]:
+        """The folders of the training records, one per weights file."""
+        return [str(PurePosixPath(w).parent) for w in self.weights]
+
+    @property
+    def folds(self) -> int:
+        return len(self.weights)
 
 
 @dataclass
@@ -61,6 +72,8 @@ class EnsembleSpec:
     tta: bool = False             # combiners were fitted on test-time-augmented probabilities; score with TTA
     bf16: dict | None = None      # the bf16 check: each member's mean change and those that run in fp32
     versions: dict = field(default_factory=dict)
+    operating_points: dict[str, OperatingPoint] = field(default_factory=dict)  # per method; missing: the paper's
+    cross_fitted: bool = False    # members trained on K folds of donors; val predictions are out of fold
 
     @property
     def names(self) -> list[str]:
@@ -79,11 +92,16 @@ class EnsembleSpec:
             raise AlldetectError(f"method {method!r} is not in this ensemble; it has {', '.join(self.methods)}")
         return self.methods[method]
 
+    def operating_point(self, method: str | None = None) -> OperatingPoint:
+        """The calls ``method`` (default: the default method) makes: fitted, or the paper's 0.5."""
+        return self.operating_points.get(method or self.default_method, PAPER_POINT)
+
     def to_json(self) -> dict:
         return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "members": [asdict(m) for m in self.members],
                 "methods": {k: asdict(v) for k, v in self.methods.items()}, "default_method": self.default_method,
-                "tta": self.tta, "bf16": self.bf16, "data": self.data, "val_metrics": self.val_metrics,
-                "versions": self.versions}
+                "operating_points": {k: v.to_json() for k, v in self.operating_points.items()},
+                "cross_fitted": self.cross_fitted, "tta": self.tta, "bf16": self.bf16, "data": self.data,
+                "val_metrics": self.val_metrics, "versions": self.versions}
 
     def save(self, ens_dir: str | Path) -> None:
         path = Path(ens_dir) / SPEC_NAME
@@ -109,8 +127,9 @@ def load_ensemble_spec(ens_dir: str | Path) -> EnsembleSpec:
         raise SpecError(f"{path}: made by an earlier alldetect whose ensembles point at member checkpoints outside "
                         "the folder; rebuild it as a self-contained folder with `alldetect ensemble RUN_DIR... "
                         f"--out {ens_dir}`")
-    if raw.get("version") != SPEC_VERSION:
-        raise SpecError(f"{path}: version {raw.get('version')!r} is not one this alldetect reads ({SPEC_VERSION})")
+    if raw.get("version") not in READABLE_VERSIONS:
+        raise SpecError(f"{path}: version {raw.get('version')!r} is not one this alldetect reads "
+                        f"({', '.join(map(str, READABLE_VERSIONS))})")
     return _validated(raw, path)
 
 
@@ -138,15 +157,20 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
             member_spec(name)
         except AlldetectError as e:
             raise SpecError(f"{path}: field {where}name: {e}") from None
-        weights = need(entry, "weights", str, where)
-        if PurePosixPath(weights).is_absolute() or ".." in PurePosixPath(weights).parts or "\\" in weights:
-            raise SpecError(f"{path}: field {where}weights {weights!r} must be a path inside the folder")
+        weights, hashes = need(entry, "weights", (str, list), where), need(entry, "sha256", (str, list), where)
+        weights, hashes = ([weights], [hashes]) if isinstance(weights, str) else (weights, hashes)  # version 2
+        if not weights or not isinstance(hashes, list) or len(hashes) != len(weights) \
+                or not all(isinstance(v, str) for v in weights + hashes):
+            raise SpecError(f"{path}: field {where}weights/sha256 must be as many file names as hashes")
+        for file in weights:
+            if PurePosixPath(file).is_absolute() or ".." in PurePosixPath(file).parts or "\\" in file:
+                raise SpecError(f"{path}: field {where}weights {file!r} must be a path inside the folder")
         crop = need(entry, "crop", int, where)
         input_size = entry.get("input_size")
         if crop < 1 or input_size is not None and (not isinstance(input_size, int) or input_size < 1):
             raise SpecError(f"{path}: field {where}crop/input_size ({crop!r}, {input_size!r}) must be positive "
                             "whole numbers")
-        members.append(MemberEntry(name, weights, need(entry, "sha256", str, where), crop, input_size,
+        members.append(MemberEntry(name, weights, hashes, crop, input_size,
                                    entry.get("mean") or [], entry.get("std") or [], entry.get("best_epoch"),
                                    entry.get("provenance") or {}))
     if len({(m.crop, m.input_size) for m in members}) > 1:
@@ -159,11 +183,20 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
     if default not in methods:
         raise SpecError(f"{path}: field default_method {default!r} is not one of its methods "
                         f"({', '.join(methods)})")
-    tta = raw.get("tta", False)
-    if not isinstance(tta, bool):
-        raise SpecError(f"{path}: field tta is {tta!r}, not true or false")
-    return EnsembleSpec(members, methods, default, raw.get("data") or {}, raw.get("val_metrics") or {}, tta,
-                        raw.get("bf16"), raw.get("versions") or {})
+    for flag in ("tta", "cross_fitted"):
+        if not isinstance(raw.get(flag, False), bool):
+            raise SpecError(f"{path}: field {flag} is {raw[flag]!r}, not true or false")
+    points = {}
+    for method, point in (raw.get("operating_points") or {}).items():
+        if method not in methods:
+            raise SpecError(f"{path}: field operating_points.{method}: not one of its methods")
+        try:
+            points[method] = OperatingPoint.from_json(point)
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"{path}: field operating_points.{method}: {e}") from None
+    return EnsembleSpec(members, methods, default, raw.get("data") or {}, raw.get("val_metrics") or {},
+                        raw.get("tta", False), raw.get("bf16"), raw.get("versions") or {}, points,
+                        raw.get("cross_fitted", False))
 
 
 def _validated_fit(method: str, raw: object, k: int, path: Path) -> EnsembleFit:
@@ -200,6 +233,7 @@ def _finite(value: object) -> bool:
 
 
 def _kind_name(kind: type | tuple) -> str:
-    return {list: "a list", dict: "an object", str: "a string", int: "a whole number"}.get(kind, str(kind))
+    names = {list: "a list", dict: "an object", str: "a string", int: "a whole number"}
+    return " or ".join(names.get(k, str(k)) for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 

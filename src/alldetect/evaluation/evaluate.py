@@ -10,18 +10,24 @@ import numpy as np
 
 from ..errors import AlldetectError
 from ..formats.labels import THRESHOLD
+from ..formats.operating_point import PAPER_POINT, OperatingPoint
 from ..formats.predictions import Predictions
 from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
+from .operating_point import donor_means
 
 logger = logging.getLogger(__name__)
 CI_METRICS = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa", "sensitivity", "specificity")
+DONOR_METRICS = ("subjects_right", "all_right", "hem_right", "subject_auc")  # fractions of donors, donor AUC
 
 
-def evaluate_predictions(p: Predictions, *, threshold: float = THRESHOLD, ci: int = 0, sensitivity: float | None = None,
-                         subjects: bool = False, source: str = "") -> tuple[dict, list[dict] | None]:
-    """``alldetect evaluate`` for one model's predictions: the metrics at ``threshold``, with ``ci`` subject
-    bootstrap resamples for 95% CIs, the operating point for ``sensitivity``, and the subject-level table.
-    Metrics a one-class set cannot define are NaN with a warning; impossible requests are ``AlldetectError``."""
+def evaluate_predictions(p: Predictions, *, point: OperatingPoint = PAPER_POINT, ci: int = 0,
+                         sensitivity: float | None = None, subjects: bool = False,
+                         source: str = "") -> tuple[dict, list[dict] | None]:
+    """``alldetect evaluate`` for one model's predictions: the metrics at the operating point's cell threshold,
+    with ``ci`` subject bootstrap resamples for 95% CIs, the threshold for ``sensitivity``, and the subject-level
+    table (patients called by the point's rule). Metrics a one-class set cannot define are NaN with a warning;
+    impossible requests are ``AlldetectError``."""
+    threshold = point.cell_threshold
     labelled = p.y >= 0
     if not labelled.any():
         raise AlldetectError(f"{source}: model {p.model!r} has no labelled rows to score")
@@ -46,15 +52,17 @@ def evaluate_predictions(p: Predictions, *, threshold: float = THRESHOLD, ci: in
                                      "specificity": at["specificity"]}
     table = None
     if subjects:
-        table = subject_level(y, prob, names, threshold=threshold)
+        table = subject_level(y, prob, names, point=point)
         result["subjects_right"] = sum(r["correct"] == "yes" for r in table)
         result["subjects"] = len(table)
     return result, table
 
 
-def subject_level(y: np.ndarray, prob: np.ndarray, subjects: list[str], *, threshold: float = THRESHOLD) -> list[dict]:
-    """Per subject: cells, cells flagged ALL, mean P(ALL), and the call. Rule: a subject is called ALL when
-    the mean of its cells' P(ALL) is at least ``threshold``."""
+def subject_level(y: np.ndarray, prob: np.ndarray, subjects: list[str], *,
+                  point: OperatingPoint = PAPER_POINT) -> list[dict]:
+    """Per subject: cells, cells flagged ALL (the point's cell threshold), mean P(ALL), and the call: ALL when the
+    mean of its cells' P(ALL) is at least the point's patient threshold. When the point asks for more than one
+    cell per call, ``enough_cells`` says whether the subject has them."""
     table = []
     subjects_arr = np.asarray(subjects)
     for s in sorted(set(subjects), key=_natural):
@@ -62,11 +70,31 @@ def subject_level(y: np.ndarray, prob: np.ndarray, subjects: list[str], *, thres
         mean = float(prob[mask].mean())
         labels = set(y[mask].tolist()) - {-1}
         truth = ("all" if labels.pop() == 1 else "hem") if len(labels) == 1 else ""
-        call = "all" if mean >= threshold else "hem"
-        table.append({"subject": s, "cells": int(mask.sum()), "flagged_all": int((prob[mask] >= threshold).sum()),
-                      "mean_prob_all": mean, "call": call, "truth": truth,
-                      "correct": "" if not truth else ("yes" if truth == call else "no")})
+        call = "all" if point.patient_all(mean) else "hem"
+        row = {"subject": s, "cells": int(mask.sum()), "flagged_all": int(point.cells_all(prob[mask]).sum()),
+               "mean_prob_all": mean, "call": call, "truth": truth,
+               "correct": "" if not truth else ("yes" if truth == call else "no")}
+        if point.min_cells > 1:
+            row["enough_cells"] = "yes" if mask.sum() >= point.min_cells else "no"
+        table.append(row)
     return table
+
+
+def donor_metrics(y: np.ndarray, prob: np.ndarray, subjects: list[str], *,
+                  point: OperatingPoint = PAPER_POINT) -> dict[str, float]:
+    """Cell metrics at the point's cell threshold (``CI_METRICS``) and donor metrics (``DONOR_METRICS``): the
+    fractions of donors, of ALL patients and of healthy donors called right by the patient rule, and the AUC of
+    ranking donors by their mean P(ALL)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        cells = classification_metrics(y, prob, threshold=point.cell_threshold)
+        means, truth, _ = donor_means(y, prob, subjects)
+        donors = classification_metrics(truth, means, threshold=point.patient_threshold)
+    called_all = means >= point.patient_threshold
+    return {**{k: cells[k] for k in CI_METRICS}, "subjects_right": float(np.mean(called_all == truth)),
+            "all_right": float(np.mean(called_all[truth == 1])) if (truth == 1).any() else np.nan,
+            "hem_right": float(np.mean(~called_all[truth == 0])) if (truth == 0).any() else np.nan,
+            "subject_auc": donors["auc"]}
 
 
 def _natural(s: str) -> tuple:
@@ -76,10 +104,36 @@ def _natural(s: str) -> tuple:
 
 def _resample_indices(groups: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
     """Cluster bootstrap: draw subjects with replacement, keep all their cells."""
+    return [idx for idx, _ in _resample(groups, n_boot, seed)]
+
+
+def _resample(groups: np.ndarray, n_boot: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cluster bootstrap draws: the cells' indices, and for each cell the draw its subject came from (a subject
+    drawn twice counts as two subjects)."""
     rng = np.random.default_rng(seed)
     unique, inverse = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    return [np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))]) for _ in range(n_boot)]
+    draws = []
+    for _ in range(n_boot):
+        chosen = rng.integers(0, len(unique), len(unique))
+        draws.append((np.concatenate([members[g] for g in chosen]),
+                      np.concatenate([np.full(len(members[g]), i) for i, g in enumerate(chosen)])))
+    return draws
+
+
+def donor_bootstrap_ci(y: np.ndarray, prob: np.ndarray, subjects: list[str], *, point: OperatingPoint = PAPER_POINT,
+                       n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile CIs of every ``donor_metrics`` value under a bootstrap over donors (resamples holding one class
+    only are skipped)."""
+    draws: dict[str, list[float]] = {m: [] for m in (*CI_METRICS, *DONOR_METRICS)}
+    for idx, drawn in _resample(np.asarray(subjects), n_boot, seed):
+        if len(set(y[idx].tolist())) < 2:
+            continue
+        for k, v in donor_metrics(y[idx], prob[idx], [str(d) for d in drawn], point=point).items():
+            draws[k].append(v)
+    alpha = (1 - level) / 2
+    return {k: (float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha))) if v else (np.nan, np.nan)
+            for k, v in draws.items()}
 
 
 def bootstrap_ci(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0,

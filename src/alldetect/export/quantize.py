@@ -74,8 +74,9 @@ def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarr
 
 
 def _float_nodes(path: Path, float_members: list[int]) -> list[str]:
-    """Names of the nodes that stay float: each member's softmax and every node it feeds (probabilities and
-    the combiner: uint8 would round P(ALL) to steps of 1/255), and every node of the ``float_members``."""
+    """Names of the nodes that stay float: every softmax and every node it feeds (probabilities, the average of a
+    member's fold models, and the combiner: uint8 would round P(ALL) to steps of 1/255), and every node of the
+    ``float_members``."""
     import onnx
 
     nodes = onnx.load(str(path), load_external_data=False).graph.node
@@ -85,7 +86,8 @@ def _float_nodes(path: Path, float_members: list[int]) -> list[str]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     softmaxes = [_softmax_behind(producer, name) for name in _member_columns(producer)]
-    keep = _reachable(softmaxes, lambda node: (c for out in node.output for c in consumers.get(out, [])))
+    keep = _reachable([node for node in nodes if node.op_type == "Softmax"],
+                      lambda node: (c for out in node.output for c in consumers.get(out, [])))
     keep |= _reachable([softmaxes[k] for k in float_members],
                        lambda node: (producer[i] for i in node.input if i in producer))
     return sorted(keep)

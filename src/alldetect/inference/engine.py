@@ -8,6 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ensemble.combiners import EnsembleFit
+from ..formats.operating_point import OperatingPoint
 
 
 class Scores(NamedTuple):
@@ -16,10 +17,12 @@ class Scores(NamedTuple):
 
 
 class Engine(ABC):
-    """Scores uint8 crops (N, S, S, 3) of ``input_size`` (or ``crop``) pixels. Besides ``combiner``, an engine
-    has ``names`` (its members), ``method``, ``crop``, ``input_size`` and ``default_tta`` (whether the
-    combiners were fitted on test-time-augmented probabilities, so scoring should use TTA too)."""
+    """Scores uint8 crops (N, S, S, 3) of ``input_size`` (or ``crop``) pixels. Besides ``combiner`` and
+    ``operating_point`` (the method's cell and patient calls), an engine has ``names`` (its members), ``method``,
+    ``crop``, ``input_size`` and ``default_tta`` (whether the combiners were fitted on test-time-augmented
+    probabilities, so scoring should use TTA too)."""
     combiner: EnsembleFit
+    operating_point: OperatingPoint
 
     @abstractmethod
     def member_probs(self, crops: np.ndarray, *, tta: bool = False) -> np.ndarray:

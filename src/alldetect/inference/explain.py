@@ -41,7 +41,7 @@ def member_cams(model: EnsembleModel, crops: np.ndarray, classes: list[int]) -> 
     targets = [ClassifierOutputTarget(c) for c in classes]
     maps = []
     for member in model.members:
-        with GradCAM(model=member, target_layers=[member.cam_layer]) as cam:
+        with GradCAM(model=member, target_layers=member.cam_layers) as cam:
             maps.append(cam(input_tensor=x, targets=targets))
     return np.stack(maps).astype(np.float32)
 

@@ -13,6 +13,7 @@ from ..data.transforms import dihedral_views
 from ..ensemble.combiners import EnsembleFit
 from ..ensemble.spec import load_ensemble_spec
 from ..errors import AlldetectError
+from ..formats.operating_point import PAPER_POINT, OperatingPoint
 from .engine import Engine
 
 METADATA_PREFIX = "alldetect."  # of the keys in an exported graph's metadata
@@ -32,6 +33,7 @@ class OnnxEnsemble(Engine):
     input_dtype: str
     precision: str = "fp32"  # of the graph: fp32 or int8
     default_tta: bool = False  # the combiners were fitted on test-time-augmented probabilities
+    operating_point: OperatingPoint = PAPER_POINT
 
     def member_probs(self, crops: np.ndarray, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
         out = np.zeros((len(self.names), len(crops)))
@@ -75,4 +77,4 @@ def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: 
     input_size = int(meta["input_size"]) if meta.get("input_size") else None
     return OnnxEnsemble(session, names, spec.fit(method), method, int(meta["crop"]), input_size,
                         meta.get("input_dtype", "uint8"), meta.get("precision", "fp32"),
-                        spec.tta)
+                        spec.tta, spec.operating_point(method))

@@ -21,7 +21,7 @@ from ..data.transforms import prepare_crop
 from ..errors import DataError, ImageProblem
 from ..evaluation.evaluate import subject_level
 from ..formats.csvfiles import write_csv_atomic
-from ..formats.labels import is_all
+from ..formats.operating_point import OperatingPoint
 from ..formats.manifest import ManifestRow
 from ..formats.predictions import prediction_records
 from .engine import Engine
@@ -83,6 +83,7 @@ class Scored:
     scored: int
     failed: int
     flagged: list[str]                   # cells called ALL
+    operating_point: OperatingPoint      # the calls' thresholds
     patients: list[dict] | None = None   # subject-level calls, when every scored cell names its subject
     patients_csv: Path | None = None
     submission: Path | None = None       # the challenge file, for the unlabelled final-test layout
@@ -105,14 +106,17 @@ def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *,
         spreadsheet_safe=True)
     write_csv_atomic(out_csv, columns, records)
     scored_rows = [rows[i] for i in kept]
-    summary = Scored(out_csv, len(kept), len(rows) - len(kept), [r.path for r, p in zip(scored_rows, ens) if is_all(p)])
+    point = model.operating_point
+    called = point.cells_all(ens)
+    summary = Scored(out_csv, len(kept), len(rows) - len(kept), [r.path for r, c in zip(scored_rows, called) if c],
+                     point)
     if scored_rows and all(r.subject for r in scored_rows):
         y = np.array([r.y for r in scored_rows])
-        patients = subject_level(y, ens, [r.subject for r in scored_rows])
+        patients = subject_level(y, ens, [r.subject for r in scored_rows], point=point)
         patients_file = out_csv.with_name(out_csv.stem + ".patients.csv")
         write_csv_atomic(patients_file, list(patients[0]), patients)
         summary.patients, summary.patients_csv = patients, patients_file
-    final = [(int(Path(r.path).stem), int(is_all(p))) for r, p in zip(scored_rows, ens)
+    final = [(int(Path(r.path).stem), int(c)) for r, c in zip(scored_rows, called)
              if r.source == "final" and Path(r.path).stem.isdigit()]
     if final:
         submission = out_csv.with_name(out_csv.stem + ".submission.txt")

@@ -16,7 +16,9 @@ import torch
 from ..ensemble.combiners import EnsembleFit
 from ..ensemble.folder import load_member
 from ..ensemble.spec import EnsembleSpec, load_ensemble_spec
+from ..formats.operating_point import OperatingPoint
 from ..models import Member
+from ..models.folds import FoldAverage
 from ..models.runtime import resolve_device, score_members
 from .engine import Engine
 
@@ -25,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EnsembleModel(Engine):
-    members: list[Member]
+    members: list[Member | FoldAverage]
     combiner: EnsembleFit
     method: str
     crop: int
@@ -38,6 +40,10 @@ class EnsembleModel(Engine):
     @property
     def names(self) -> list[str]:
         return [m.name for m in self.members]
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        return self.spec.operating_point(self.method)
 
     @property
     def default_tta(self) -> bool:

@@ -72,8 +72,9 @@ class Member(nn.Module):
         return self.net(normalize(images, self.mean, self.std))
 
     @property
-    def cam_layer(self) -> nn.Module:
-        return self.net.get_submodule(member_spec(self.name).cam_layer)
+    def cam_layers(self) -> list[nn.Module]:
+        """Where Grad-CAM looks (a list, as for a member made of several fold models)."""
+        return [self.net.get_submodule(member_spec(self.name).cam_layer)]
 
 
 def create_member(name: str, *, pretrained: bool = False, weights: str | Path | None = None,

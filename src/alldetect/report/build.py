@@ -25,6 +25,7 @@ from ..evaluation.evaluate import bootstrap_ci, paired_bootstrap, subject_level 
 from ..evaluation.metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity  # noqa: E402
 from ..formats.csvfiles import write_csv_atomic  # noqa: E402
 from ..formats.labels import THRESHOLD
+from ..formats.operating_point import PAPER_POINT
 from ..formats.predictions import Predictions, read_predictions  # noqa: E402
 from ..formats.tables import format_table  # noqa: E402
 
@@ -62,21 +63,24 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
                                      metric=metric, n_boot=n_boot, seed=seed) for metric in ("ba", "auc", "wfs")}
     operating = _operating_point(val[spec.default_method], preds[spec.default_method], target_sensitivity)
     known = np.array([bool(s) for s in first.subject])  # images without a parsed subject have no patient
-    subjects = {m: subject_level(y[known], preds[m].prob_all[known], [s for s in first.subject if s])
+    subjects = {m: subject_level(y[known], preds[m].prob_all[known], [s for s in first.subject if s],
+                                 point=spec.operating_point(m) if m in spec.methods else PAPER_POINT)
                 for m in (best_member, spec.default_method)} if known.any() else {}
+    fitted = _fitted_point(spec, y, preds[spec.default_method].prob_all, subjects.get(spec.default_method))
     if subjects:
-        write_csv_atomic(ens_dir / "subjects.csv", ["model", *subjects[best_member][0]],
+        write_csv_atomic(ens_dir / "subjects.csv", ["model", *dict.fromkeys(k for rows in subjects.values()
+                                                                            for k in rows[0])],
                          [{"model": _label(m), **row} for m, rows in subjects.items() for row in rows])
     (ens_dir / "table4.json").write_text(json.dumps(
         {"split": split, "data": spec.data, "tta": spec.tta, "metrics": point, "ci95": cis, "val_metrics": val_point,
-         "best_member": best_member, "best_ensemble": best_ensemble, "gain": gain, "operating_point": operating},
-        indent=2, default=float))
+         "best_member": best_member, "best_ensemble": best_ensemble, "gain": gain, "operating_point": operating,
+         **({"fitted_point": fitted} if fitted else {})}, indent=2, default=float))
 
     _roc_figure(ens_dir / "roc.png", y, preds, order, members)
     _confusion_figure(ens_dir / "confusion.png", {m: point[m] for m in (best_member, best_ensemble)})
     _calibration_figure(ens_dir / "calibration.png", y, preds, members + [spec.default_method, best_ensemble])
     has_curves = training_curves_figure(ens_dir / "training.png", ens_dir, spec)
-    report = _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects,
+    report = _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects, fitted,
                        has_gradcam=(ens_dir / "gradcam" / "gradcam_grid.png").is_file(), has_curves=has_curves)
     (ens_dir / "report.md").write_text(report)
     write_model_card(ens_dir)
@@ -85,6 +89,19 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
 
 def _label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
+
+
+def _fitted_point(spec, y: np.ndarray, prob: np.ndarray, subjects: list[dict] | None) -> dict | None:
+    """The default method's figures at its stored operating point, when one was fitted (not the paper's 0.5)."""
+    point = spec.operating_point()
+    if point.criterion == "paper":
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        m = classification_metrics(y, prob, threshold=point.cell_threshold)
+    labelled = [r for r in subjects or [] if r["truth"]]
+    return {**point.to_json(), "ba": m["ba"], "sensitivity": m["sensitivity"], "specificity": m["specificity"],
+            "subjects_right": sum(r["correct"] == "yes" for r in labelled), "subjects": len(labelled)}
 
 
 def _operating_point(val: Predictions, test: Predictions, sensitivity: float) -> dict:
@@ -97,10 +114,12 @@ def _operating_point(val: Predictions, test: Predictions, sensitivity: float) ->
             "specificity": m["specificity"], "fn": m["fn"], "fp": m["fp"]}
 
 
-def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects,
+def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects, fitted,
               has_gradcam: bool, has_curves: bool) -> str:
     data = spec.data
-    lines = [f"**Data: {data['dataset']}; split: {data['protocol']}; scored on the {split} split.**", "",
+    scored = ("scored out of fold: each donor by the fold models that did not train on it" if spec.cross_fitted
+              else f"scored on the {split} split")
+    lines = [f"**Data: {data['dataset']}; split: {data['protocol']}; {scored}.**", "",
              "# alldetect report", ""]
     if data.get("synthetic"):
         lines += ["> Every number below was measured on synthetic cells. It shows that the pipeline works end to "
@@ -140,7 +159,16 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
               f"{operating['target_sensitivity']:.2f} on validation is {operating['threshold']:.3f}; on {split} it "
               f"gives sensitivity {operating['sensitivity']:.3f} and specificity {operating['specificity']:.3f} "
               f"({operating['fn']} false negatives, {operating['fp']} false positives).", "",
+              *(["## Shipped operating point", "",
+                 f"{_label(spec.default_method)}: {spec.operating_point().describe()}. On the {split} split it gives "
+                 f"BA {fitted['ba']:.3f}, sensitivity {fitted['sensitivity']:.3f} and specificity "
+                 f"{fitted['specificity']:.3f}; {fitted['subjects_right']} of {fitted['subjects']} subjects are "
+                 "called right." + (" The thresholds were fitted on these same out-of-fold predictions, so these "
+                                    "figures are optimistic; judge them on donors of other batches." if
+                                    spec.cross_fitted else ""), ""] if fitted else []),
               "## Subjects", "",
+              f"Subjects are called by each model's operating point ({_label(spec.default_method)}: "
+              f"{spec.operating_point().describe()}; members: the paper's 0.5)." if fitted else
               f"A subject is called ALL when the mean P(ALL) of its cells is at least {THRESHOLD}." if subjects
               else "No subjects could be parsed from the file names, so there is no subject-level result.", ""]
     for m, rows in subjects.items():
@@ -159,7 +187,8 @@ def _pct(n: int, total: int) -> str:
 def training_curves_figure(path: Path, ens_dir: Path, spec) -> bool:
     """One row per member: loss and learning rate per step; validation loss, AUC and BA per epoch; the kept
     epoch marked. Returns False (and draws nothing) when no member has its training record."""
-    records = [(m, _read_csv(ens_dir / m.record_dir / "history.csv"), _read_csv(ens_dir / m.record_dir / "epochs.csv"))
+    records = [(m, _read_csv(ens_dir / m.record_dirs[0] / "history.csv"),  # a cross-fit: its first fold model
+                _read_csv(ens_dir / m.record_dirs[0] / "epochs.csv"))
                for m in spec.members]
     records = [(m, h, e) for m, h, e in records if h and e]
     if not records:

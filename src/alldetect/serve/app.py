@@ -39,7 +39,7 @@ from ..ensemble.folder import model_id as fingerprint
 from ..ensemble.spec import load_ensemble_spec
 from ..errors import ImageProblem
 from ..evaluation.evaluate import subject_level
-from ..formats.labels import THRESHOLD, Label, call
+from ..formats.labels import Label, call
 from ..formats.predictions import prediction_records
 from ..inference.load import load_engine
 from ..inference.onnx_engine import ONNX_NAME
@@ -71,6 +71,7 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
     if choice == "prefer-onnx":
         choice = "onnx" if (ens_dir / ONNX_NAME).is_file() else "auto"
     engine = load_engine(ens_dir, device=settings.device, engine=choice)
+    point = engine.operating_point
     model_id = fingerprint(ens_dir)
     store = PredictionStore(settings.db_path)
     # The models run in one worker thread, never on the event loop: pages and health answer while it scores,
@@ -128,7 +129,9 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         """Members, their weights in the ensemble, the method, and the data the ensemble was trained on."""
         fit = spec.fit(engine.method)
         return {"model_id": model_id, "method": engine.method, "engine": type(engine).__name__,
-                "crop": engine.crop, "threshold": THRESHOLD, "tta": engine.default_tta,
+                "crop": engine.crop, "threshold": point.cell_threshold,
+                "patient_threshold": point.patient_threshold, "min_cells": point.min_cells,
+                "operating_point": point.describe(), "tta": engine.default_tta,
                 "members": [{"name": m.name, "weight": (fit.weights or [None] * len(spec.members))[i],
                              "val_metrics": spec.val_metrics.get(m.name)}
                             for i, m in enumerate(spec.members)],
@@ -158,7 +161,8 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             result = _score(cells, cam)
             recorded = store.record(request_id, model_id, result["cells"])
             return {"request_id": request_id, "model_id": model_id, "method": engine.method,
-                    "threshold": THRESHOLD, "tta": engine.default_tta, **result, "recorded": recorded,
+                    "threshold": point.cell_threshold, "patient_threshold": point.patient_threshold,
+                    "tta": engine.default_tta, **result, "recorded": recorded,
                     "csv_url": f"/api/results/{request_id}.csv"}
         finally:
             release_memory()
@@ -188,13 +192,13 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             out.append({
                 "name": cell.name, "group": cell.group or _subject(cell.name), "sha256": cell.sha256,
                 "prob_all": float(ens[j]) if finite else None,
-                "call": call(ens[j]) if finite else None,
+                "call": call(ens[j], point.cell_threshold) if finite else None,
                 "members": {} if j is None else {n: float(members[k, j]) for k, n in enumerate(engine.names)},
                 "cam_png": overlays[j] if j is not None and j < len(overlays) else None,
                 "error": cell.error or ("" if finite or j is None else "no probability could be computed")})
         scored = [c for c in out if c["prob_all"] is not None]
         patients = subject_level(np.full(len(scored), Label.UNLABELLED), np.array([c["prob_all"] for c in scored]),
-                                 [c["group"] for c in scored], threshold=THRESHOLD) if scored else []
+                                 [c["group"] for c in scored], point=point) if scored else []
         for p in patients:
             del p["truth"], p["correct"]
         return {"cells": out, "patients": patients}

@@ -60,7 +60,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
     check_subject_disjoint(rows)
     cache_dir = cfg.cache_dir or Path(cfg.manifest).resolve().parent / ".alldetect-cache"
     load = dict(crop=cfg.crop, size=cfg.input_size, cache_dir=cache_dir)
-    train, val = load_split(rows, "train", **load), load_split(rows, "val", **load)
+    # keeping the last epoch needs no validation: such a run may train on every donor (a refit)
+    train = load_split(rows, "train", **load)
+    val = load_split(rows, "val", required=SELECTION[cfg.select_metric] != "last", **load)
     test = load_split(rows, "test", required=False, **load)
     if len(set(train.labels.tolist())) < 2:
         raise AlldetectError("the training split holds one class only; both all and hem are needed")
@@ -89,7 +91,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
             ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
         logger.info("resuming %s at step %d of %d", run.path, step, total_steps)
-    run.start(cfg, step, fresh=state is None, problems=train.problems + val.problems + (test.problems if test else []))
+    run.start(cfg, step, fresh=state is None,
+              problems=[p for split in (train, val, test) if split is not None for p in split.problems])
     net: nn.Module = torch.compile(model) if cfg.compile else model
     if dist_info.world_size > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -143,9 +146,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_img_s = epoch_images / max(time.perf_counter() - epoch_started, 1e-9)
-        val_prob = predict_probs(kept, val.images, val.positions, batch_size=cfg.batch_size * 2, device=device,
-                                 precision=cfg.precision, channels_last=cfg.channels_last)
-        scores = _scores(val.labels, val_prob)
+        scores = {} if val is None else _scores(val.labels, predict_probs(
+            kept, val.images, val.positions, batch_size=cfg.batch_size * 2, device=device, precision=cfg.precision,
+            channels_last=cfg.channels_last))
         score = _selection_score(cfg.select_metric, scores, epoch)
         selected = score > best.score
         if selected:
@@ -153,8 +156,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
             run.save_best(kept, cfg, epoch, step)
         run.log_epoch(EPOCH_COLUMNS, {"epoch": epoch, "step": step, **scores, "selected": int(selected),
                                       "train_img_s": f"{train_img_s:.2f}"})
-        logger.info("epoch %d: val loss %.4f, ba %.4f, auc %.4f; kept epoch %d (%s)", epoch, scores["val_loss"],
-                    scores["ba"], scores["auc"], best.epoch, cfg.select_metric)
+        if scores:
+            logger.info("epoch %d: val loss %.4f, ba %.4f, auc %.4f; kept epoch %d (%s)", epoch, scores["val_loss"],
+                        scores["ba"], scores["auc"], best.epoch, cfg.select_metric)
         run.save_last(model, optimizer, cfg, step, best, pending, ema=ema)
     progress.close()
 
@@ -205,7 +209,8 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def _finish(run: RunDir, cfg: TrainConfig, device: torch.device, val: SplitImages, test: SplitImages | None) -> None:
+def _finish(run: RunDir, cfg: TrainConfig, device: torch.device, val: SplitImages | None,
+            test: SplitImages | None) -> None:
     """Score val and test with the selected checkpoint; write predictions and metrics."""
     best = load_checkpoint(run.best)
     model = create_member(cfg.member, pretrained=False).to(device)
