@@ -6,12 +6,17 @@ by cell and by donor, each figure with a 95% bootstrap interval over the test do
     python benchmarks/cross_batch.py ... --input-size 128 --out runs/cross_batch/128
     python benchmarks/cross_batch.py --ensemble runs/x/ensemble --test ../shared/data/cnmc-xfold   # score only
     python benchmarks/cross_batch.py ... --refit    # also: each member trained once on every training donor
+    python benchmarks/cross_batch.py --members efficientnet_lite0 --recipe plus --recipe plus-128=plus:input_size=128
 
 Every member and every combiner is scored at the ensemble's shipped operating point and at the paper's 0.5
 (members have no fitted point: 0.5). With ``--refit``, each member is also trained once on all training donors
 and combined with the combiners and operating points fitted on the cross-fit's out-of-fold predictions, to
-compare shipping the refit with shipping the average of the fold models. Prints one table and writes
-``<out>/cross_batch.json``.
+compare shipping the refit with shipping the average of the fold models.
+
+With ``--recipe`` (repeatable, as in ``cross_subject.py``: ``NAME`` or ``NAME=PROFILE:field=value,...``) it
+measures levers instead, more cheaply: each member is trained once per recipe on every training donor (the
+last epoch kept) and scored on the test donors, alone and averaged (SAP), at 0.5; AUC and subject AUC need no
+threshold. Prints one table and writes ``<out>/cross_batch.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 import alldetect._torchvision  # noqa: F401  (before timm and torchvision)
 from alldetect.data.index import index_folder
-from alldetect.ensemble.spec import load_ensemble_spec
+from alldetect.data.transforms import DIHEDRAL_AUGMENTATIONS
 from alldetect.evaluation.evaluate import donor_bootstrap_ci, donor_metrics
 from alldetect.formats.manifest import write_manifest
 from alldetect.formats.operating_point import PAPER_POINT
@@ -56,6 +61,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--folds", type=int, help="as `alldetect run --folds`")
     parser.add_argument("--refit", action="store_true", help="also train each member once on every training donor")
+    parser.add_argument("--recipe", action="append", help="lever mode, repeatable (see above)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the test donors")
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None)
     parser.add_argument("--device", default="auto")
@@ -67,7 +73,7 @@ def main() -> None:
         logging.getLogger(quiet).setLevel(logging.WARNING)
     if args.quick:
         args.epochs, args.input_size = 1, 32
-    result = run(args)
+    result = run_levers(args) if args.recipe else run(args)
     print(format_table(result["table"]))
     print(f"wall time {result['wall_s'] / 60:.1f} min (training {result['train_s'] / 60:.1f} min); "
           f"{result['test_donors']} test donors; written {args.out / 'cross_batch.json'}")
@@ -88,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - started
     model = load_ensemble(ens_dir, device=args.device)
     spec = model.spec
-    rows = [r for r in index_folder(args.test).rows if r.label]
+    rows = _labelled(args.test)
     errors: dict[str, str] = {}
     crops, kept = load_crops_for(model, rows, errors)
     rows = [rows[i] for i in kept]
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
     probs = {"shipped": {**{n: members[k] for k, n in enumerate(model.names)},
                          **{m: fit.apply(members) for m, fit in spec.methods.items()}}}
     if args.refit:
-        refit = _refit_members(args, cfg, ens_dir, crops, model.default_tta)
+        refit, _, _ = _refit_members(args, cfg, args.out / "refit", None, rows)
         probs["refit"] = {**{n: refit[k] for k, n in enumerate(model.names)},
                           **{m: fit.apply(refit) for m, fit in spec.methods.items()}}
     table, predictions = [], {}
@@ -122,6 +128,38 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_levers(args: argparse.Namespace) -> dict:
+    """Each recipe's members trained once on every training donor and scored on the test donors."""
+    from cross_subject import Recipe  # the sibling yardstick's recipe syntax
+
+    started = time.perf_counter()
+    rows = _labelled(args.test)
+    y, subjects = np.array([int(r.y) for r in rows]), [r.subject for r in rows]
+    table, predictions = [], {}
+    members = args.members.split(",") if args.members else None
+    for recipe in map(Recipe.parse, args.recipe):
+        cfg = PipelineConfig(out=str(args.out / recipe.name), data=str(args.train), profile=None, members=members,
+                             input_size=recipe.overrides.get("input_size", args.input_size), epochs=args.epochs,
+                             pretrained=args.pretrained, device=args.device, seed=args.seed)
+        probs, names, kept = _refit_members(args, cfg, args.out / recipe.name / "refit", recipe, rows)
+        probs = {**dict(zip(names, probs)), **({"sap": probs.mean(axis=0)} if len(names) > 1 else {})}
+        for name, prob in probs.items():
+            predictions[f"{recipe.name}|{name}"] = prob.tolist()
+            table.append(_row(recipe.name, name, "0.5", PAPER_POINT, y[kept], prob,
+                              [subjects[i] for i in kept], args))
+    result = {"train": str(args.train), "test": str(args.test), "recipes": args.recipe,
+              "machine": platform.platform(), "test_donors": len(set(subjects)), "test_cells": len(y),
+              "train_s": time.perf_counter() - started, "wall_s": time.perf_counter() - started, "table": table,
+              "labels": y.tolist(), "subjects": subjects, "predictions": predictions}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cross_batch.json").write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def _labelled(folder: Path) -> list:
+    return [r for r in index_folder(folder).rows if r.label]
+
+
 def _row(variant: str, name: str, label: str, point, y: np.ndarray, prob: np.ndarray, subjects: list[str],
          args: argparse.Namespace) -> dict:
     m = donor_metrics(y, prob, subjects, point=point)
@@ -129,9 +167,10 @@ def _row(variant: str, name: str, label: str, point, y: np.ndarray, prob: np.nda
     donors = {s: int(y[np.asarray(subjects) == s].max()) for s in set(subjects)}
     n_all, n_hem = sum(donors.values()), len(donors) - sum(donors.values())
 
-    def interval(key: str, scale: float = 1.0) -> str:
+    def interval(key: str, donors: int = 0) -> str:
+        """The 95% interval of a metric, or of a count of ``donors`` when given."""
         lo, hi = ci[key]
-        return f"{lo * scale:.2f}-{hi * scale:.2f}"
+        return f"{lo * donors:.0f}-{hi * donors:.0f}" if donors else f"{lo:.2f}-{hi:.2f}"
 
     return {"variant": variant, "model": name, "point": label, "threshold": point.cell_threshold,
             "auc": m["auc"], "auc_ci": interval("auc"), "ba": m["ba"], "ba_ci": interval("ba"),
@@ -144,32 +183,54 @@ def _row(variant: str, name: str, label: str, point, y: np.ndarray, prob: np.nda
             "subj_auc": m["subject_auc"], "subj_auc_ci": interval("subject_auc")}
 
 
-def _refit_members(args: argparse.Namespace, cfg: PipelineConfig | None, ens_dir: Path, crops: np.ndarray,
-                   tta: bool) -> np.ndarray:
-    """Each member trained once on every training donor (no validation: the last epoch is kept, as the
-    cross-fit's fold models keep theirs), scored on the test crops."""
+def _refit_members(args: argparse.Namespace, cfg: PipelineConfig | None, root: Path, recipe,
+                   test_rows: list) -> tuple[np.ndarray, list[str], list[int]]:
+    """Each member of ``cfg``'s recipe (with ``recipe``'s overrides, if any) trained once on every training
+    donor, with no validation (the last epoch is kept, as the cross-fit's fold models keep theirs), scored on
+    the test rows with test-time augmentation when trained with the eight symmetries. Returns (members, cells)
+    P(ALL), the member names and the indices of the test rows that could be read."""
     if cfg is None:
         raise SystemExit("--refit trains: give --train, not --ensemble")
-    recipe = choose_recipe(cfg)
-    spec = load_ensemble_spec(ens_dir)
-    root = args.out / "refit"
-    rows = [r.with_split("train") for r in index_folder(args.train).rows if r.label]
+    chosen = choose_recipe(cfg)
     manifest = root / "manifest.csv"
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    write_manifest(rows, manifest)
+    write_manifest([r.with_split("train") for r in _labelled(args.train)], manifest)
     device = resolve_device(args.device)
-    members = []
-    for name in spec.names:
+    overrides = dict(recipe.overrides) if recipe else {}
+    profile = recipe.profile if recipe else chosen.profile
+    members, configs = [], []
+    for name in chosen.members:
         out = root / name
-        config = profile_config(recipe.profile, member=name, manifest=str(manifest), out=str(out),
-                                input_size=recipe.input_size, epochs=recipe.epochs, pretrained=recipe.pretrained,
-                                seed=args.seed, device=args.device)
+        config = profile_config(profile, **{**dict(member=name, manifest=str(manifest), out=str(out),
+                                                   input_size=chosen.input_size, epochs=chosen.epochs,
+                                                   pretrained=chosen.pretrained, seed=args.seed,
+                                                   device=args.device, select_metric="last",
+                                                   cache_dir=str(args.out / ".cache")), **overrides})
         if not (out / "metrics.json").is_file():
             fit(config, resume=(out / "checkpoints" / "last.pt").is_file())
         member = create_member(name)
         member.load_state_dict(load_checkpoint(out / "checkpoints" / "best.pt")["model"])
         members.append(member.to(device).eval())
-    return score_members(members, crops, device=device, tta=tta)
+        configs.append(config)
+    errors: dict[str, str] = {}
+    crops, kept = load_test_crops(test_rows, configs[0].crop, configs[0].input_size, errors)
+    tta = all(c.augment in DIHEDRAL_AUGMENTATIONS for c in configs)
+    return score_members(members, crops, device=device, tta=tta), list(chosen.members), kept
+
+
+def load_test_crops(rows: list, crop: int, size: int | None, errors: dict[str, str]) -> tuple[np.ndarray, list[int]]:
+    from alldetect.data.images import read_rgb
+    from alldetect.data.transforms import prepare_crop
+    from alldetect.errors import ImageProblem
+
+    crops, kept = [], []
+    for i, row in enumerate(rows):
+        try:
+            crops.append(prepare_crop(read_rgb(row.path)[0], crop, size, name=row.path))
+            kept.append(i)
+        except ImageProblem as e:
+            errors[row.path] = e.reason
+    return np.stack(crops), kept
 
 
 if __name__ == "__main__":

@@ -51,3 +51,40 @@ def running_server(app, host: str = "127.0.0.1"):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def run_command(synth, crop: int, args: list[str], out: Path) -> list[str]:
+    """A command line that runs ``alldetect ARGS --out OUT`` in a fresh interpreter on the synthetic set
+    ``synth`` (a SynthConfig) with ``crop`` px crops, for tests that kill and rerun a real process."""
+    import sys
+
+    script = (
+        "import sys\n"
+        "from alldetect import pipeline\n"
+        "from alldetect.data.synth import SynthConfig\n"
+        f"pipeline.DEMO_SYNTH = SynthConfig(**{synth.__dict__!r})\n"
+        f"pipeline.DEMO_CROP = {crop}\n"
+        "from alldetect.cli import app\n"
+        f"sys.argv = ['alldetect', *{args!r}, '--out', sys.argv[1]]\n"
+        "app()\n")
+    return [sys.executable, "-c", script, str(out)]
+
+
+def kill_when_written(command: list[str], marker: Path, *, timeout: float = 180) -> None:
+    """Start ``command``, SIGKILL it as soon as ``marker`` exists, and check that the kill landed then."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), f"the kill must land once {marker} is written"
+
+
+def history_steps(run_dir: Path) -> list[int]:
+    """The optimizer steps a run's history.csv records, in order."""
+    return [int(line.split(",")[0]) for line in (run_dir / "history.csv").read_text().splitlines()[1:]]

@@ -1,11 +1,7 @@
 """`alldetect run` end to end on a tiny synthetic set, its stage cache, and resume after a kill."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -13,6 +9,8 @@ import pytest
 from alldetect import pipeline
 from alldetect.data.synth import SynthConfig
 from alldetect.pipeline import PipelineConfig, run_pipeline
+
+from helpers import history_steps, kill_when_written, run_command
 
 TINY = SynthConfig(size=96, all_subjects=6, hem_subjects=3, test_all_subjects=2, test_hem_subjects=2,
                    final_subjects=1, cells_per_subject=4)
@@ -55,33 +53,16 @@ def test_run_end_to_end_then_reuses_every_stage(tiny_demo, tmp_path):
 
 def test_killed_run_resumes_without_losing_finished_work(tmp_path):
     """A real `alldetect run` process, SIGKILLed while training its second member, then rerun."""
-    script = (
-        "import sys\n"
-        "from alldetect import pipeline\n"
-        "from alldetect.data.synth import SynthConfig\n"
-        f"pipeline.DEMO_SYNTH = SynthConfig(**{TINY.__dict__!r})\n"
-        "pipeline.DEMO_CROP = 76\n"
-        "from alldetect.cli import app\n"
-        "sys.argv = ['alldetect', 'run', '--out', sys.argv[1], '--members', 'mobilenet,densenet121',\n"
-        "            '--epochs', '2', '--batch-size', '4', '--bootstrap', '50', '--device', 'cpu']\n"
-        "app()\n")
-    command = [sys.executable, "-c", script, str(tmp_path)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = tmp_path / "members" / "densenet121" / "checkpoints" / "last.pt"
-    deadline = time.time() + 180
-    while not second.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert second.exists(), "the kill must land while the second member trains"
+    command = run_command(TINY, 76, ["run", "--members", "mobilenet,densenet121", "--epochs", "2", "--batch-size",
+                                     "4", "--bootstrap", "50", "--device", "cpu"], tmp_path)
+    kill_when_written(command, tmp_path / "members" / "densenet121" / "checkpoints" / "last.pt")
     first_done = (tmp_path / "members" / "mobilenet" / "metrics.json").stat().st_mtime_ns
     stages = json.loads((tmp_path / "stages.json").read_text())
     assert stages["train densenet121"]["done"] is False
 
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     assert (tmp_path / "members" / "mobilenet" / "metrics.json").stat().st_mtime_ns == first_done
-    history = (tmp_path / "members" / "densenet121" / "history.csv").read_text().splitlines()
-    steps = [int(line.split(",")[0]) for line in history[1:]]
+    steps = history_steps(tmp_path / "members" / "densenet121")
     assert steps == list(range(len(steps)))  # resumed: no step lost, none repeated
     assert (tmp_path / "ensemble" / "report.md").is_file()
 
@@ -93,7 +74,7 @@ def test_real_data_on_a_cpu_gets_the_plus_profile_with_the_lite_members_and_says
 
     with caplog.at_level("INFO"):
         chosen = choose_recipe(PipelineConfig(out=str(tmp_path), data=str(tmp_path), device="cpu"))
-    assert (chosen.profile, chosen.members, chosen.input_size) == (Profile.plus, LITE_MEMBERS, 96)
+    assert (chosen.profile, chosen.members, chosen.input_size, chosen.folds) == (Profile.plus, LITE_MEMBERS, 96, 3)
     assert "without a GPU" in caplog.text and "--profile paper" in caplog.text
     asked = choose_recipe(PipelineConfig(out=str(tmp_path), data=str(tmp_path), device="cpu", profile=Profile.paper))
     assert (asked.profile, asked.members, asked.input_size) == (Profile.paper, pipeline.PAPER_MEMBERS, None)

@@ -567,9 +567,10 @@ def run(
         "--export/--no-export", help="Also export the ensemble as ONNX, fp32 and calibrated int8, for fast CPU "
                                      "prediction [paper profile: yes; demo: no, it adds minutes].")] = None,
     folds: Annotated[int | None, typer.Option(
-        min=1, help="Cross-fit: deal the donors into this many folds and train each member once per fold, so "
-                    "every donor trains and is scored out of fold; 1: a held-out validation split [default: plus "
-                    "cross-fits in up to 5 folds with a donor of each class in each; paper and demo split].")]
+        min=1, help="Cross-fit: deal the donors into up to this many folds (each with a donor of each class) and "
+                    "train each member once per fold, so every donor trains and is scored out of fold; 1: a "
+                    "held-out validation split [default: plus cross-fits, in up to 5 folds on a GPU and 3 on a "
+                    "CPU; paper and demo split].")]
     = None,
     operating_point: PointOption = PointChoice.auto,
     sensitivity: SensitivityOption = None,

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .data.index import SYNTHETIC_MARKER, index_folder
-from .data.split import default_folds, fold_splits, paper_split, subject_folds, subject_split
+from .data.split import MOST_FOLDS, default_folds, fold_splits, paper_split, subject_folds, subject_split
 from .data.synth import SynthConfig, generate
 from .ensemble.build import build_ensemble
 from .ensemble.spec import load_ensemble_spec
@@ -55,6 +55,10 @@ DEMO_CROP = 80  # 112 -> 80 keeps the paper's 450 -> 300 proportion of cell to f
 # better than 128 (cell AUC 0.851 against 0.833) and 192 (Lite2: 0.756), and trains 1.7 times faster than 128.
 CPU_MEMBERS = LITE_MEMBERS
 CPU_INPUT_SIZE = 96
+# Cross-fitting costs K trainings per member, each on (K-1)/K of the donors: 3 folds keep about 1,500 cells
+# within the time budget on 2 cores (BENCHMARKS.md); more folds train each model on more donors.
+CPU_FOLDS = 3
+CPU_MINUTES = 25  # measured: 1,507 cells of 36 donors in 24 min 55 s here (BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,8 @@ class PipelineConfig:
     batch_size: int | None = None
     bootstrap: int = 1000
     export: bool | None = None               # None: the paper profile exports, the demo does not
-    folds: int | None = None                 # donor folds of the cross-fit; None: plus cross-fits (at most 5
-                                             # folds, each with a donor of each class), paper and demo do not;
+    folds: int | None = None                 # most donor folds of the cross-fit (fewer when a class has fewer
+                                             # donors); None: plus cross-fits in up to 5, paper and demo do not;
                                              # 1: a held-out validation split
     operating_point: str = "auto"            # see build_ensemble: auto, paper, balanced_accuracy, sensitivity,
     target: float | None = None              # specificity (the last two at least ``target``)
@@ -178,11 +182,12 @@ def choose_recipe(cfg: PipelineConfig) -> PipelineConfig:
         return replace(cfg, profile=Profile.plus, members=cfg.members or PAPER_MEMBERS)
     members = cfg.members or CPU_MEMBERS
     input_size = cfg.input_size or CPU_INPUT_SIZE
+    folds = cfg.folds or CPU_FOLDS
     logger.info("real cells without a GPU: the plus profile with %s (ImageNet weights from pip packages), 300 px "
-                "crops resized to %d px, so that about 1,300 cells train in under 30 minutes on 2 cores; "
-                "for the paper's protocol (five networks at 300 px, hours on a CPU) pass --profile paper",
-                ", ".join(members), input_size)
-    return replace(cfg, profile=Profile.plus, members=members, input_size=input_size)
+                "crops resized to %d px, cross-fitted in %d folds of donors, so that about 1,500 cells train in "
+                "about %d minutes on 2 cores; for the paper's protocol (five networks at 300 px, hours on a CPU) "
+                "pass --profile paper", ", ".join(members), input_size, folds, CPU_MINUTES)
+    return replace(cfg, profile=Profile.plus, members=members, input_size=input_size, folds=folds)
 
 
 def _train_config(cfg: PipelineConfig, member: str, manifest: Path, fold: str = ""):
@@ -232,7 +237,9 @@ def _run_index_and_folds(data_dir: Path, out: Path, cfg: PipelineConfig) -> int:
         logger.warning(warning)
     write_problems(result.problems, (out / "manifest.csv").with_suffix(".problems.csv"))
     rows = [r.with_split("train") if r.label else r for r in result.rows]
-    folds = cfg.folds or default_folds(rows)
+    folds = default_folds(rows, most=cfg.folds or MOST_FOLDS)
+    if cfg.folds and folds < cfg.folds:
+        logger.warning("cross-fitting in %d folds, not %d: every fold needs a donor of each class", folds, cfg.folds)
     assignment = subject_folds(rows, folds, seed=cfg.seed)
     for path, manifest_rows in [(out / "manifest.csv", rows), *((out / "folds" / f"fold{k}.csv",
                                                                  fold_splits(rows, assignment, k))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from alldetect.data.transforms import PaperBatchAugmentation, batch_augmentation, train_augmentation
+from alldetect.data.transforms import PaperBatchAugmentation, augmentation, batch_augmentation, train_augmentation
 
 N = 4000
 
@@ -34,7 +34,7 @@ def test_batched_affine_draws_the_same_rotation_zoom_and_shift_family():
         assert abs(a.mean() - b.mean()) < 0.1 * spread and abs(a.std() - b.std()) < 0.1 * spread, key
 
 
-@pytest.mark.parametrize("name", ["paper", "dihedral"])
+@pytest.mark.parametrize("name", ["paper", "dihedral", "dihedral+stain"])
 def test_batched_flips_dtype_background_and_seed(name):
     augment = batch_augmentation(name)
     image = torch.zeros(3, 32, 32, dtype=torch.uint8)
@@ -54,3 +54,15 @@ def test_batched_flips_dtype_background_and_seed(name):
 
 def test_no_augmentation_is_none():
     assert batch_augmentation("none") is None
+
+
+def test_stain_jitter_changes_the_cells_colour_but_not_the_black_background():
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    image[0, 8:24, 8:24], image[1, 8:24, 8:24], image[2, 8:24, 8:24] = 65, 27, 76  # C-NMC's mean stain
+    for augment in (augmentation("dihedral+stain"), lambda x: batch_augmentation("dihedral+stain")(x[None])[0]):
+        torch.manual_seed(0)
+        outs = torch.stack([augment(image) for _ in range(200)])
+        assert (outs[:, :, 0, 0] == 0).all()
+        cell = outs[:, :, 16, 16].float()
+        assert cell.std(0).min() > 2  # every channel varies between draws
+        assert (cell.mean(0) - torch.tensor([65.0, 27.0, 76.0])).abs().max() < 15  # around the original stain

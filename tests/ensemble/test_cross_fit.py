@@ -4,12 +4,8 @@ as the average of its fold models, used as such by predict, serve, export and th
 
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -33,6 +29,8 @@ from alldetect.models.folds import FoldAverage
 from alldetect.models.runtime import score_members
 from alldetect.pipeline import PipelineConfig, run_pipeline
 from alldetect.training.config import Profile
+
+from helpers import history_steps, kill_when_written, run_command
 
 TINY = SynthConfig(size=96, all_subjects=4, hem_subjects=2, test_all_subjects=1, test_hem_subjects=1,
                    final_subjects=1, cells_per_subject=4)
@@ -126,6 +124,21 @@ def test_fold_average_is_the_mean_of_its_fold_models_probabilities():
     assert len(FoldAverage(folds).cam_layers) == 3
 
 
+def test_fold_averaged_members_export_to_onnx_and_score_as_in_torch(cross_fit):
+    from alldetect.export.ensemble import export_ensemble
+    from alldetect.inference.onnx_engine import load_onnx_ensemble
+    from alldetect.inference.torch_engine import load_ensemble
+
+    ens = cross_fit / "ensemble"
+    result = export_ensemble(ens)
+    crops = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    torch_probs = load_ensemble(ens, device="cpu", precision="fp32").member_probs(crops)
+    graph = load_onnx_ensemble(ens)
+    assert graph.member_probs(crops) == pytest.approx(torch_probs, abs=1e-4)
+    assert graph.operating_point == load_ensemble_spec(ens).operating_point()
+    assert result.fp32.is_file() and "int8" in result.describe_int8()
+
+
 def test_fold_runs_that_validate_the_same_donor_are_refused(cross_fit, tmp_path):
     mobilenet = cross_fit / "members" / "mobilenet"
     twin = tmp_path / "fold0-again"
@@ -182,33 +195,17 @@ def test_predict_serve_evaluate_and_report_call_by_the_stored_operating_point(cr
 
 def test_killed_cross_fit_resumes_the_interrupted_fold_exactly(tmp_path):
     """A real `alldetect run --folds 2` process, SIGKILLed while training the second fold model, then rerun."""
-    script = (
-        "import sys\n"
-        "from alldetect import pipeline\n"
-        "from alldetect.data.synth import SynthConfig\n"
-        f"pipeline.DEMO_SYNTH = SynthConfig(**{TINY.__dict__!r})\n"
-        "pipeline.DEMO_CROP = 64\n"
-        "from alldetect.cli import app\n"
-        "sys.argv = ['alldetect', 'run', '--out', sys.argv[1], '--profile', 'plus', '--folds', '2',\n"
-        "            '--members', 'mobilenet,efficientnet_lite0', '--no-pretrained', '--input-size', '32',\n"
-        "            '--epochs', '3', '--batch-size', '4', '--bootstrap', '20', '--device', 'cpu']\n"
-        "app()\n")
-    command = [sys.executable, "-c", script, str(tmp_path)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = tmp_path / "members" / "mobilenet" / "fold1" / "checkpoints" / "last.pt"
-    deadline = time.time() + 180
-    while not second.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert second.exists(), "the kill must land while the second fold model trains"
+    command = run_command(TINY, 64, ["run", "--profile", "plus", "--folds", "2", "--members",
+                                     "mobilenet,efficientnet_lite0", "--no-pretrained", "--input-size", "32",
+                                     "--epochs", "3", "--batch-size", "4", "--bootstrap", "20", "--device", "cpu"],
+                          tmp_path)
+    kill_when_written(command, tmp_path / "members" / "mobilenet" / "fold1" / "checkpoints" / "last.pt")
     first_done = (tmp_path / "members" / "mobilenet" / "fold0" / "metrics.json").stat().st_mtime_ns
     assert json.loads((tmp_path / "stages.json").read_text())["train mobilenet fold1"]["done"] is False
 
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     assert (tmp_path / "members" / "mobilenet" / "fold0" / "metrics.json").stat().st_mtime_ns == first_done
-    history = (tmp_path / "members" / "mobilenet" / "fold1" / "history.csv").read_text().splitlines()
-    steps = [int(line.split(",")[0]) for line in history[1:]]
+    steps = history_steps(tmp_path / "members" / "mobilenet" / "fold1")
     assert steps == list(range(len(steps)))  # resumed: no step lost, none repeated
     assert load_ensemble_spec(tmp_path / "ensemble").cross_fitted
 

@@ -96,6 +96,8 @@ def test_damaged_or_replaced_weights_are_refused(copied):
     (lambda s: s["methods"]["sap"].update(weights=[-1.0, 1.0]), "non-negative"),
     (lambda s: s["methods"]["sap"].update(weights=["1", 1.0]), "methods.sap.weights must be 2 finite"),
     (lambda s: s["methods"]["sap"].update(weights=[1.0]), "methods.sap.weights must be 2 finite"),
+    (lambda s: s["methods"]["wen_acc"].update(weights=[1e308, 1e308]), "methods.wen_acc.weights .*finite sum"),
+    (lambda s: s["members"][0].update(sha256=["a", "b"]), "members\\[0\\].weights/sha256 must be as many"),
     (lambda s: s["methods"]["stacking"].update(intercept=float("inf")), "methods.stacking.intercept"),
     (lambda s: s["members"][0].update(crop=0), "members\\[0\\].crop/input_size"),
     (lambda s: s["members"][1].update(name="resnet9"), "members\\[1\\].name: unknown member"),

@@ -42,7 +42,9 @@ def test_evaluate_cli_json_and_per_model(member_runs, ensemble_dir):
     r = runner.invoke(app, ["evaluate", str(one), "--json"])
     assert r.exit_code == 0, r.output
     (p,) = read_predictions(one).values()
-    assert json.loads(r.output) == pytest.approx(classification_metrics(p.y, p.prob_all))
+    result = json.loads(r.output)
+    assert result.pop("threshold") == 0.5  # the paper's, for predictions of no ensemble
+    assert result == pytest.approx(classification_metrics(p.y, p.prob_all))
     several = ensemble_dir / "predictions_test.csv"  # every member and every method
     r = runner.invoke(app, ["evaluate", str(several), "--json"])
     assert r.exit_code == 0, r.output

@@ -20,6 +20,11 @@ from ..errors import ImageProblem
 # The paper names flips, rotation, zoom and shift without ranges. Cells have no orientation, so any rotation is
 # valid; shift and zoom of 10% keep the cell inside a 300 px crop.
 PAPER_ROTATION, PAPER_SHIFT, PAPER_ZOOM = 180.0, 0.1, 0.1
+# Stain and illumination differ per donor and batch. Brightness, saturation and hue jitter leave the black
+# background black (contrast jitter would grey it, so it is left out).
+STAIN_BRIGHTNESS, STAIN_SATURATION, STAIN_HUE = 0.15, 0.3, 0.04
+# augmentations that draw from the eight symmetries of the square: scoring averages over all eight (TTA)
+DIHEDRAL_AUGMENTATIONS = ("dihedral", "dihedral+stain")
 
 
 def center_crop(image: np.ndarray, size: int, *, path: str = "<array>") -> np.ndarray:
@@ -68,9 +73,17 @@ def dihedral_augmentation() -> v2.Transform:
     return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()])
 
 
+def stain_jitter() -> v2.Transform:
+    """Random brightness, saturation and hue of the cell, as stain and illumination vary between batches."""
+    return v2.ColorJitter(brightness=STAIN_BRIGHTNESS, saturation=STAIN_SATURATION, hue=STAIN_HUE)
+
+
 def augmentation(name: str) -> v2.Transform | None:
-    """The training augmentation called ``name`` (``TrainConfig.augment``): paper, dihedral or none."""
-    return {"paper": train_augmentation, "dihedral": dihedral_augmentation, "none": lambda: None}[name]()
+    """The training augmentation called ``name`` (``TrainConfig.augment``): paper, dihedral, dihedral+stain or
+    none."""
+    return {"paper": train_augmentation, "dihedral": dihedral_augmentation,
+            "dihedral+stain": lambda: v2.Compose([dihedral_augmentation(), stain_jitter()]),
+            "none": lambda: None}[name]()
 
 
 def batch_augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -82,7 +95,24 @@ def batch_augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | No
         return None
     if name == "dihedral":
         return _dihedral_batch
+    if name == "dihedral+stain":
+        return StainBatchJitter()
     return PaperBatchAugmentation()
+
+
+class StainBatchJitter(torch.nn.Module):
+    """``dihedral+stain`` for a batch: one of the eight symmetries, then kornia's brightness, saturation and hue
+    jitter with ``stain_jitter``'s ranges, a fresh draw per image."""
+
+    def __init__(self):
+        super().__init__()
+        import kornia.augmentation as K
+
+        self.jitter = K.ColorJitter(brightness=STAIN_BRIGHTNESS, saturation=STAIN_SATURATION, hue=STAIN_HUE, p=1.0)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.jitter(_dihedral_batch(batch).float().div_(255.0))
+        return out.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class PaperBatchAugmentation(torch.nn.Module):

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..data.cache import load_crops
+from ..data.transforms import DIHEDRAL_AUGMENTATIONS
 from ..errors import AlldetectError
 from ..formats.predictions import Predictions
 from ..models.runtime import score_members
@@ -55,7 +56,7 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_metho
         stale.unlink()
     entries = [_member_entry(member, out) for member in members]
     if tta is None:
-        tta = all(run.config.get("augment") == "dihedral" for m in members for run in m.folds)
+        tta = all(run.config.get("augment") in DIHEDRAL_AUGMENTATIONS for m in members for run in m.folds)
     splits = run_predictions(members)
     crop, size = entries[0].crop, entries[0].input_size
     with tempfile.TemporaryDirectory() as cache:

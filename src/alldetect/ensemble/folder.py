@@ -120,9 +120,11 @@ def describe_data(manifest: str, *, cross_fitted: int = 1) -> dict:
         protocol = "paper protocol (Table 3): training folds split 70/30 by subject, preliminary test set = test"
     else:
         protocol = "subject-level split, stratified by class"
-    counts = {split: {label: {"images": sum(r.split == split and r.label == label for r in labelled),
-                              "subjects": len({r.subject for r in labelled if r.split == split and r.label == label})}
-                      for label in ("all", "hem")} for split in ("train", "val", "test")}
+    groups = {"every donor, out of fold": ("train", "val")} if cross_fitted > 1 else \
+        {split: (split,) for split in ("train", "val", "test")}
+    counts = {group: {label: {"images": sum(r.split in splits and r.label == label for r in labelled),
+                              "subjects": len({r.subject for r in labelled if r.split in splits and r.label == label})}
+                      for label in ("all", "hem")} for group, splits in groups.items()}
     return {"dataset": dataset, "synthetic": marker is not None, "protocol": protocol, "counts": counts}
 
 

@@ -158,13 +158,14 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
         except AlldetectError as e:
             raise SpecError(f"{path}: field {where}name: {e}") from None
         weights, hashes = need(entry, "weights", (str, list), where), need(entry, "sha256", (str, list), where)
-        weights, hashes = ([weights], [hashes]) if isinstance(weights, str) else (weights, hashes)  # version 2
-        if not weights or not isinstance(hashes, list) or len(hashes) != len(weights) \
-                or not all(isinstance(v, str) for v in weights + hashes):
-            raise SpecError(f"{path}: field {where}weights/sha256 must be as many file names as hashes")
+        weights = [weights] if isinstance(weights, str) else weights  # version 2: one file, one hash
+        hashes = [hashes] if isinstance(hashes, str) else hashes
         for file in weights:
-            if PurePosixPath(file).is_absolute() or ".." in PurePosixPath(file).parts or "\\" in file:
+            if not isinstance(file, str) or PurePosixPath(file).is_absolute() or ".." in PurePosixPath(file).parts \
+                    or "\\" in file:
                 raise SpecError(f"{path}: field {where}weights {file!r} must be a path inside the folder")
+        if not weights or len(hashes) != len(weights) or not all(isinstance(h, str) for h in hashes):
+            raise SpecError(f"{path}: field {where}weights/sha256 must be as many file names as hashes")
         crop = need(entry, "crop", int, where)
         input_size = entry.get("input_size")
         if crop < 1 or input_size is not None and (not isinstance(input_size, int) or input_size < 1):
@@ -208,8 +209,9 @@ def _validated_fit(method: str, raw: object, k: int, path: Path) -> EnsembleFit:
 
     def numbers(key: str, count: int) -> list[float]:
         values = raw.get(key, [])
-        if not isinstance(values, list) or len(values) != count or not all(_finite(v) for v in values):
-            raise SpecError(f"{where}.{key} must be {count} finite number(s), got {values!r}")
+        if not isinstance(values, list) or len(values) != count or not all(_finite(v) for v in values) \
+                or not math.isfinite(sum(abs(v) for v in values)):  # 1e308 twice is finite, its sum is not
+            raise SpecError(f"{where}.{key} must be {count} finite number(s) with a finite sum, got {values!r}")
         return [float(v) for v in values]
 
     if method == "ts_sap":

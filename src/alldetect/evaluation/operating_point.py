@@ -14,7 +14,7 @@ from ..formats.operating_point import OperatingPoint
 from .metrics import check_inputs, threshold_for_sensitivity
 
 CELL_COUNTS = (1, 2, 3, 5, 10, 20, 50)  # patient sizes tried when fitting min_cells
-MIN_CELLS_SLACK = 0.05  # a patient call from n cells may be this much less balanced-accurate than from all cells
+MIN_CELLS_AGREEMENT = 0.9  # how often a call from n random cells must agree with the call from all of them
 DRAWS = 200
 
 
@@ -98,11 +98,11 @@ def patient_threshold(means: np.ndarray, truth: np.ndarray) -> float:
 
 
 def fit_min_cells(y: np.ndarray, prob: np.ndarray, subjects: list[str], threshold: float, *, seed: int = 0) -> int:
-    """The fewest cells (of ``CELL_COUNTS``) whose mean, drawn at random from a donor, gives patient calls within
-    ``MIN_CELLS_SLACK`` balanced accuracy of the calls from all its cells."""
+    """The fewest cells (of ``CELL_COUNTS``) whose mean, drawn at random from a donor, gives the call that all
+    its cells give at least ``MIN_CELLS_AGREEMENT`` of the time (averaged over the donors of each class, then
+    over the two classes)."""
     names = np.asarray(subjects)
     means, truth, counts = donor_means(y, prob, subjects)
-    full = _balanced_accuracy(truth, means >= threshold)
     rng = np.random.default_rng(seed)
     donors = sorted(set(subjects))
     tried = 1
@@ -111,12 +111,11 @@ def fit_min_cells(y: np.ndarray, prob: np.ndarray, subjects: list[str], threshol
         if len(set(truth[enough].tolist())) < 2:
             break
         tried = n
-        right = []
-        for _ in range(DRAWS):
-            drawn = np.array([prob[rng.choice(np.flatnonzero(names == d), n, replace=False)].mean()
-                              for d, keep in zip(donors, enough) if keep])
-            right.append(_balanced_accuracy(truth[enough], drawn >= threshold))
-        if np.mean(right) >= full - MIN_CELLS_SLACK:
+        agreement = np.array([np.mean([(prob[rng.choice(np.flatnonzero(names == d), n, replace=False)].mean()
+                                        >= threshold) == (mean >= threshold) for _ in range(DRAWS)])
+                              for d, mean, keep in zip(donors, means, enough) if keep])
+        kept_truth = truth[enough]
+        if np.mean([agreement[kept_truth == c].mean() for c in (0, 1)]) >= MIN_CELLS_AGREEMENT:
             return n
     return tried
 

@@ -126,12 +126,16 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
                   "end; it says nothing about leukemia detection on real smears.", ""]
     header = ["Classifier", "WP", "WR", "WFS", "ACC", "BA", "AUC", "kappa"]
     lines += ["## Table 4: members and ensembles", "",
-              f"Cell level, ALL positive, threshold {THRESHOLD}; 95% CIs from a bootstrap over subjects.", "",
+              f"Cell level, ALL positive, threshold {THRESHOLD}; 95% CIs from a bootstrap over subjects."
+              + (" Out-of-fold figures: every donor is scored by the fold models that did not train on it."
+                 if spec.cross_fitted else ""), "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table4:
         cells = [f"{row[k]:.3f} ({row[k + '_ci']})" for k in TABLE4_COLUMNS]
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
-    lines += ["", "Weights are fitted on the validation split only. The best member and the best ensemble "
+    fitted_on = ("Weights are fitted on these same out-of-fold predictions, so the ensembles' rows are slightly "
+                 "optimistic." if spec.cross_fitted else "Weights are fitted on the validation split only.")
+    lines += ["", f"{fitted_on} The best member and the best ensemble "
               f"are chosen by validation balanced accuracy: **{_label(best_member)}** and "
               f"**{_label(best_ensemble)}**.", "", "## Is the ensemble better?", ""]
     for metric, g in gain.items():

@@ -17,7 +17,7 @@ class Profile(str, Enum):
 
 OPTIMIZERS = ("adamax", "adamw")
 SCHEDULES = ("triangular2", "cosine")
-AUGMENTATIONS = ("paper", "dihedral", "none")
+AUGMENTATIONS = ("paper", "dihedral", "dihedral+stain", "none")
 AUGMENT_PLACES = ("auto", "loader", "device")
 PRECISIONS = ("auto", "bf16", "fp32")
 # fields that change where or how fast a run goes, never what it learns
@@ -37,7 +37,8 @@ class TrainConfig:
     crop: int = 300                     # pixel-exact center crop of the 450x450 frame
     input_size: int | None = None       # resize after cropping; None feeds the crop itself (paper)
     oversample: bool = True             # replicate minority-class images up to the majority count
-    augment: str = "paper"              # paper: flips, rotation, zoom, shift; dihedral: the 8 symmetries; none
+    augment: str = "paper"              # paper: flips, rotation, zoom, shift; dihedral: the 8 symmetries;
+                                        # dihedral+stain: and brightness/saturation/hue jitter; none
     augment_on: str = "auto"            # loader: per image in DataLoader workers; device: the whole batch on the
                                         # training device (kornia); auto: device on CUDA, loader on a CPU
     # optimisation (paper Sec. 2.2)
