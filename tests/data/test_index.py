@@ -118,3 +118,25 @@ def test_index_is_independent_of_a_copied_location(tmp_path, real_cells):
 def test_indexing_a_single_fold_keeps_its_name(real_cells):
     rows = index_folder(real_cells / "fold_1").rows
     assert {r.source for r in rows} == {"fold_1"}
+
+
+def test_linked_folders_are_followed_once_and_link_loops_are_reported(tmp_path):
+    shared = tmp_path / "shared-drive" / "fold_0"
+    for i in range(3):
+        write_cell(shared / "all" / f"UID_1_1_{i}_all.png")
+        write_cell(shared / "hem" / f"UID_H1_1_{i}_hem.png")
+    data = tmp_path / "data"
+    for i in range(2):
+        write_cell(data / "fold_1" / "all" / f"UID_2_1_{i}_all.png")
+        write_cell(data / "fold_1" / "hem" / f"UID_H2_1_{i}_hem.png")
+    (data / "fold_0").symlink_to(shared, target_is_directory=True)  # a batch reached through a link
+    (data / "fold_1" / "again").symlink_to(data, target_is_directory=True)  # a link back up: a loop
+    result = index_folder(data)
+    assert len(result.rows) == 10 and {r.subject for r in result.rows} == {"1", "H1", "2", "H2"}
+    assert [p.problem for p in result.problems if "already indexed" in p.problem] != []
+
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    (classes / "all").symlink_to(shared / "all", target_is_directory=True)
+    (classes / "hem").symlink_to(shared / "hem", target_is_directory=True)
+    assert Counter(r.label for r in index_folder(classes).rows) == {"all": 3, "hem": 3}

@@ -5,6 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from alldetect.cli import app
+from alldetect.ensemble.spec import load_ensemble_spec
 from alldetect.errors import AlldetectError
 from alldetect.inference.load import load_engine
 from alldetect.inference.onnx_engine import OnnxEnsemble, load_onnx_ensemble
@@ -168,3 +169,19 @@ def test_a_single_network_graph_quantises_too(tmp_path):
     crops = np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)  # two batches of two
     int8 = quantize_graph(path, tmp_path / "mobilenet.int8.onnx", crops, batch_size=2)
     assert "QuantizeLinear" in {node.op_type for node in onnx.load(str(int8)).graph.node}
+
+
+def test_a_replaced_graph_is_refused_naming_the_file(exported, tmp_path):
+    from helpers import write_cell
+
+    ens = tmp_path / "ens"
+    shutil.copytree(exported, ens)
+    assert set(load_ensemble_spec(ens).graphs) == {"ensemble.onnx", "ensemble.int8.onnx"}
+    shutil.copyfile(ens / "ensemble.int8.onnx", ens / "ensemble.onnx")  # a valid graph with the same members
+    with pytest.raises(AlldetectError, match="ensemble.onnx: the graph does not match the hash"):
+        load_onnx_ensemble(ens)
+    cell = write_cell(tmp_path / "UID_5_1_1_all.png", size=80)
+    r = runner.invoke(app, ["predict", str(ens), str(cell), "--engine", "onnx", "--precision", "fp32", "-o",
+                            str(tmp_path / "p.csv")])
+    assert r.exit_code == 1 and "does not match the hash" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "p.csv").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -80,10 +81,11 @@ def index_folder(root: str | Path, *, check_images: bool = True, workers: int = 
 
 
 def _files(root: Path, problems: list[Problem]) -> list[Path]:
-    """Every regular file under ``root`` (hidden ones aside); anything else that is not a folder, and files
-    that are neither images nor known side files, are reported, never dropped without a word."""
+    """Every regular file under ``root`` (hidden ones aside), linked folders followed; anything else that is not
+    a folder, and files that are neither images nor known side files, are reported, never dropped without a
+    word."""
     files = []
-    for path in sorted(root.rglob("*")):
+    for path in _walk(root, problems):
         if any(part.startswith(".") for part in path.relative_to(root).parts) or path.is_dir():
             continue
         if path.is_symlink() and not path.exists():
@@ -97,6 +99,24 @@ def _files(root: Path, problems: list[Problem]) -> list[Path]:
                 problems.append(Problem(str(path), f"not a cell image format this tool reads ({kind}; accepted: "
                                         f"{', '.join(sorted(IMAGE_SUFFIXES))})", "skipped"))
     return files
+
+
+def _walk(root: Path, problems: list[Problem]) -> list[Path]:
+    """Every entry under ``root`` but folders, sorted, following symbolic links to folders (data on shared
+    drives is often reached that way) once each: a link back up the tree, or a second link to a folder already
+    walked, is reported instead of walked again."""
+    entries, walked = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:
+            problems.append(Problem(folder, "a linked folder already indexed through another path (a link loop, "
+                                            "or a second link to it)", "skipped"))
+            subfolders.clear()
+            continue
+        walked.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        entries += [Path(folder) / name for name in names]
+    return sorted(entries)
 
 
 def _side_file(path: Path) -> bool:

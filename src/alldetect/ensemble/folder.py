@@ -20,7 +20,7 @@ from ..formats.predictions import Predictions, write_prediction_blocks
 from ..models import Member, create_member
 from ..models.folds import FoldAverage
 from .combiners import METHODS, EnsembleFit, fit_combiner
-from .spec import SPEC_NAME, EnsembleSpec, MemberEntry, SpecError
+from .spec import SPEC_NAME, EnsembleSpec, MemberEntry, SpecError, load_ensemble_spec
 
 CALIBRATION_NAME = "calibration.npz"
 CALIBRATION_CELLS = 128  # validation crops kept in the folder for int8 calibration and the bf16 check
@@ -84,6 +84,21 @@ def read_calibration(ens_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
             return data["crops"], data["labels"]
     except (OSError, ValueError, KeyError) as e:
         raise SpecError(f"{path}: unreadable ({e})") from None
+
+
+def record_graph(ens_dir: str | Path, graph: Path, *, written: bool) -> None:
+    """Keep ``ensemble.json``'s hash of a graph of the folder in step with the file: recorded when ``written``,
+    forgotten when it is about to be replaced. The ONNX engine refuses a graph whose hash differs (a replaced
+    graph would otherwise be trusted). Graphs outside the folder are not recorded."""
+    ens_dir = Path(ens_dir)
+    if graph.resolve().parent != ens_dir.resolve():
+        return
+    spec = load_ensemble_spec(ens_dir)
+    if written:
+        spec.graphs[graph.name] = sha256_file(graph)
+    else:
+        spec.graphs.pop(graph.name, None)
+    spec.save(ens_dir)
 
 
 def model_id(ens_dir: str | Path) -> str:

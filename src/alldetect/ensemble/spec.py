@@ -74,6 +74,7 @@ class EnsembleSpec:
     versions: dict = field(default_factory=dict)
     operating_points: dict[str, OperatingPoint] = field(default_factory=dict)  # per method; missing: the paper's
     cross_fitted: bool = False    # members trained on K folds of donors; val predictions are out of fold
+    graphs: dict[str, str] = field(default_factory=dict)  # exported ONNX graph in the folder -> its sha256
 
     @property
     def names(self) -> list[str]:
@@ -100,7 +101,8 @@ class EnsembleSpec:
         return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "members": [asdict(m) for m in self.members],
                 "methods": {k: asdict(v) for k, v in self.methods.items()}, "default_method": self.default_method,
                 "operating_points": {k: v.to_json() for k, v in self.operating_points.items()},
-                "cross_fitted": self.cross_fitted, "tta": self.tta, "bf16": self.bf16, "data": self.data,
+                "cross_fitted": self.cross_fitted, "graphs": self.graphs, "tta": self.tta, "bf16": self.bf16,
+                "data": self.data,
                 "val_metrics": self.val_metrics, "versions": self.versions}
 
     def save(self, ens_dir: str | Path) -> None:
@@ -195,9 +197,13 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
             points[method] = OperatingPoint.from_json(point)
         except (TypeError, ValueError) as e:
             raise SpecError(f"{path}: field operating_points.{method}: {e}") from None
+    graphs = raw.get("graphs") or {}
+    if not isinstance(graphs, dict) or not all(isinstance(k, str) and isinstance(v, str) and "/" not in k
+                                               and "\\" not in k for k, v in graphs.items()):
+        raise SpecError(f"{path}: field graphs must map graph file names in the folder to their sha256")
     return EnsembleSpec(members, methods, default, raw.get("data") or {}, raw.get("val_metrics") or {},
                         raw.get("tta", False), raw.get("bf16"), raw.get("versions") or {}, points,
-                        raw.get("cross_fitted", False))
+                        raw.get("cross_fitted", False), graphs)
 
 
 def _validated_fit(method: str, raw: object, k: int, path: Path) -> EnsembleFit:

@@ -43,7 +43,7 @@ def balanced_accuracy_threshold(y: np.ndarray, prob: np.ndarray) -> float:
     """The threshold maximising balanced accuracy (Youden's J), placed halfway to the next lower score so that
     it does not sit on a cell.
 
-    >>> balanced_accuracy_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.7, 0.9]))
+    >>> round(balanced_accuracy_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.7, 0.9])), 6)
     0.65
     """
     fpr, tpr, thresholds = roc_curve(y, prob, drop_intermediate=False)
@@ -57,7 +57,7 @@ def balanced_accuracy_threshold(y: np.ndarray, prob: np.ndarray) -> float:
 def threshold_for_specificity(y: np.ndarray, prob: np.ndarray, specificity: float) -> float:
     """The lowest threshold whose specificity (HEM recall) reaches ``specificity``.
 
-    >>> threshold_for_specificity(np.array([0, 0, 0, 0, 1]), np.array([0.1, 0.2, 0.3, 0.4, 0.9]), 0.75)
+    >>> round(threshold_for_specificity(np.array([0, 0, 0, 0, 1]), np.array([0.1, 0.2, 0.3, 0.4, 0.9]), 0.75), 6)
     0.35
     """
     y, p = check_inputs(y, prob)
@@ -86,7 +86,7 @@ def patient_threshold(means: np.ndarray, truth: np.ndarray) -> float:
     """The threshold on donor means with the best balanced accuracy over donors; among equally good ones, the
     one farthest from every donor's mean.
 
-    >>> patient_threshold(np.array([0.2, 0.3, 0.6, 0.9]), np.array([0, 0, 1, 1]))
+    >>> round(patient_threshold(np.array([0.2, 0.3, 0.6, 0.9]), np.array([0, 0, 1, 1])), 6)
     0.45
     """
     values = np.unique(means)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..ensemble.folder import record_graph
 from ..inference.onnx_engine import ONNX_NAME
 from ..inference.torch_engine import load_ensemble
 from . import INT8_TOLERANCE
@@ -31,7 +32,10 @@ def export_ensemble(ens_dir: str | Path, *, out: str | Path | None = None, metho
     model = load_ensemble(ens_dir, method=method, device="cpu")
     if int8:  # before the export, so that missing calibration cells fail at once
         crops, labels, source = calibration_crops(ens_dir, model, calibration=calibration, cells=calibration_cells)
-    path = export_onnx(model, out or Path(ens_dir) / ONNX_NAME, input_dtype=input_dtype)
+    path = Path(out or Path(ens_dir) / ONNX_NAME)
+    record_graph(ens_dir, path, written=False)
+    export_onnx(model, path, input_dtype=input_dtype)
+    record_graph(ens_dir, path, written=True)
     if not int8:
         return Exported(path, None)
     return Exported(path, quantize_ensemble(ens_dir, path, model, crops, labels, source=source,

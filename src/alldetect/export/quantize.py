@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ensemble.folder import read_calibration
+from ..ensemble.folder import read_calibration, record_graph
 from ..errors import AlldetectError
 from ..evaluation.metrics import roc_auc
 from ..inference.onnx_engine import load_onnx_ensemble
@@ -161,6 +161,7 @@ def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, crops: 
     moves the ensemble's P(ALL) on those cells."""
     fp32_path = Path(fp32_path)
     out = fp32_path.with_suffix(".int8.onnx")
+    record_graph(ens_dir, out, written=False)
     fp32 = load_onnx_ensemble(ens_dir, method=model.method, path=fp32_path).member_probs(crops)
     float_members: list[int] = []
     while True:
@@ -177,6 +178,7 @@ def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, crops: 
         if len(float_members) == len(model.names):
             out.unlink()
             return None
+    record_graph(ens_dir, out, written=True)
     ens32, ens8 = model.combiner.apply(fp32), model.combiner.apply(int8)
     both_classes = labels is not None and len(set(labels.tolist())) == 2
     return Int8Summary(out, len(crops), source, [model.names[k] for k in float_members],

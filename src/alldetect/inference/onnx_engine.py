@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import torch
 
 from ..data.transforms import dihedral_views
 from ..ensemble.combiners import EnsembleFit
-from ..ensemble.spec import load_ensemble_spec
+from ..ensemble.folder import sha256_file
+from ..ensemble.spec import EnsembleSpec, load_ensemble_spec
 from ..errors import AlldetectError
 from ..formats.operating_point import PAPER_POINT, OperatingPoint
 from .engine import Engine
 
+logger = logging.getLogger(__name__)
 METADATA_PREFIX = "alldetect."  # of the keys in an exported graph's metadata
 ONNX_NAME = "ensemble.onnx"
 ONNX_INT8_NAME = "ensemble.int8.onnx"
@@ -59,14 +62,29 @@ def onnx_session(path: str | Path, *, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _check_graph(path: Path, spec: EnsembleSpec) -> None:
+    """The folder's graph runs only if it is the one ``alldetect export`` recorded, as member weights do."""
+    recorded = spec.graphs.get(path.name)
+    if recorded is None:
+        logger.warning("%s: no hash of this graph is recorded in ensemble.json (exported by an earlier alldetect); "
+                       "export again so that a replaced graph is refused", path)
+    elif sha256_file(path) != recorded:
+        raise AlldetectError(f"{path}: the graph does not match the hash recorded in ensemble.json (file damaged, "
+                             f"truncated or replaced); export it again with `alldetect export {path.parent}`")
+
+
 def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: str | Path | None = None,
                        threads: int | None = None, precision: str = "fp32") -> OnnxEnsemble:
-    """Open ``ensemble.onnx`` (or ``ensemble.int8.onnx``) of an ensemble directory; refuse a graph whose
-    members differ from the spec."""
+    """Open ``ensemble.onnx`` (or ``ensemble.int8.onnx``) of an ensemble directory; refuse a graph whose hash
+    differs from the one recorded at export, or whose members differ from the spec. A ``path`` the caller
+    names is opened as it is."""
     spec = load_ensemble_spec(ens_dir)
-    path = Path(path) if path else Path(ens_dir) / (ONNX_INT8_NAME if precision == "int8" else ONNX_NAME)
+    named = path is not None
+    path = Path(path) if named else Path(ens_dir) / (ONNX_INT8_NAME if precision == "int8" else ONNX_NAME)
     if not path.is_file():
         raise AlldetectError(f"{path}: not found; create it with `alldetect export {ens_dir}`")
+    if not named:
+        _check_graph(path, spec)
     session = onnx_session(path, threads=threads)
     meta = {k.removeprefix(METADATA_PREFIX): v for k, v in session.get_modelmeta().custom_metadata_map.items()}
     names = json.loads(meta.get("members", "[]"))
