@@ -51,8 +51,9 @@ DEMO_SYNTH = SynthConfig(size=112, all_subjects=12, hem_subjects=6, test_all_sub
 GRID_CELLS = 4  # Grad-CAM grid rows: half ALL, half HEM
 DEMO_CROP = 80  # 112 -> 80 keeps the paper's 450 -> 300 proportion of cell to frame; InceptionResNet-V2 needs 75
 # Real cells on a machine without a GPU: the plus profile with the three members whose ImageNet weights ship in
-# pip packages, 300 px crops resized to 96 px. Measured on donors never seen (BENCHMARKS.md), 96 px generalises
-# better than 128 (cell AUC 0.851 against 0.833) and 192 (Lite2: 0.756), and trains 1.7 times faster than 128.
+# pip packages, 300 px crops resized to 96 px, which trains 1.7 times faster than 128. Inside one batch 96 px
+# generalised better than 128 (cell AUC 0.851 against 0.833); on donors of other batches 128 did better (0.697
+# against 0.601 for refit members, BENCHMARKS.md) but would take the CPU run past its time budget.
 CPU_MEMBERS = LITE_MEMBERS
 CPU_INPUT_SIZE = 96
 # Cross-fitting costs K trainings per member, each on (K-1)/K of the donors: 3 folds keep about 1,500 cells
