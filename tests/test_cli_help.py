@@ -33,7 +33,7 @@ def test_help_shows_defaults_and_bracketed_notes():
     index = _squeeze(CliRunner().invoke(app, ["index", "--help"], terminal_width=100).output)
     assert _squeeze("[default: manifest.csv]") in index
     train = _squeeze(CliRunner().invoke(app, ["train", "--help"], terminal_width=100).output)
-    assert _squeeze("[paper: 12 = one triangular2 cycle; plus: 8]") in train and "[default:paper]" in train
+    assert _squeeze("[paper: 12 = one triangular2 cycle; plus: 12]") in train and "[default:paper]" in train
 
 
 @pytest.mark.parametrize("args, pretrained", [(["--profile", "demo"], False), (["--profile", "plus"], True),

@@ -242,7 +242,7 @@ def train(
     profile: Annotated[Profile, typer.Option(
         help="paper: the paper's protocol; plus: what generalised to unseen donors (AdamW + warm-up/cosine, "
              "label smoothing, dihedral augmentation, last epoch); demo: small and quick.")] = Profile.paper,
-    epochs: Annotated[int | None, typer.Option(help="Epochs [paper: 12 = one triangular2 cycle; plus: 8].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs [paper: 12 = one triangular2 cycle; plus: 12].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per optimizer step [paper profile: 32].")] = None,
     crop: Annotated[int | None, typer.Option(help="Center-crop side in pixels [paper: 300].")] = None,
     input_size: Annotated[int | None, typer.Option(help="Resize crops to this side (default: no resize).")] = None,
@@ -271,7 +271,7 @@ def train(
     paper profile: Adamax (lr 2e-4, betas 0.9/0.999), triangular2 cyclic lr 1e-7..2e-3 with a step of 6
     epochs, cross-entropy, oversampled and augmented 300x300 center crops; the epoch with the best validation
     balanced accuracy is kept. plus profile: AdamW (lr 1e-4, weight decay 0.05), one epoch of warm-up then
-    cosine, label smoothing 0.1, the eight flips/rotations, 8 epochs, the last epoch kept. Launch with
+    cosine, label smoothing 0.1, the eight flips/rotations, 12 epochs, the last epoch kept. Launch with
     torchrun for several GPUs or nodes.
     """
     from .training import fit, profile_config

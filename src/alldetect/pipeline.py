@@ -59,7 +59,7 @@ CPU_INPUT_SIZE = 96
 # Cross-fitting costs K trainings per member, each on (K-1)/K of the donors: 3 folds keep about 1,500 cells
 # within the time budget on 2 cores (BENCHMARKS.md); more folds train each model on more donors.
 CPU_FOLDS = 3
-CPU_MINUTES = 25  # measured: 1,507 cells of 36 donors in 24 min 55 s here (BENCHMARKS.md)
+CPU_MINUTES = 35  # 1,507 cells of 36 donors: 24 min 55 s at 8 epochs here, 12 epochs projected (BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
