@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import alldetect._torchvision  # noqa: F401  (before timm and torchvision)
+from alldetect.data.cache import load_crops
 from alldetect.data.index import index_folder
 from alldetect.data.transforms import DIHEDRAL_AUGMENTATIONS
 from alldetect.evaluation.evaluate import donor_bootstrap_ci, donor_metrics
@@ -212,25 +213,11 @@ def _refit_members(args: argparse.Namespace, cfg: PipelineConfig | None, root: P
         member.load_state_dict(load_checkpoint(out / "checkpoints" / "best.pt")["model"])
         members.append(member.to(device).eval())
         configs.append(config)
-    errors: dict[str, str] = {}
-    crops, kept = load_test_crops(test_rows, configs[0].crop, configs[0].input_size, errors)
+    loaded = load_crops([r.path for r in test_rows], crop=configs[0].crop, size=configs[0].input_size,
+                        cache_dir=args.out / ".cache")
+    crops, kept = np.asarray(loaded.images)[loaded.usable], np.flatnonzero(loaded.usable).tolist()
     tta = all(c.augment in DIHEDRAL_AUGMENTATIONS for c in configs)
     return score_members(members, crops, device=device, tta=tta), list(chosen.members), kept
-
-
-def load_test_crops(rows: list, crop: int, size: int | None, errors: dict[str, str]) -> tuple[np.ndarray, list[int]]:
-    from alldetect.data.images import read_rgb
-    from alldetect.data.transforms import prepare_crop
-    from alldetect.errors import ImageProblem
-
-    crops, kept = [], []
-    for i, row in enumerate(rows):
-        try:
-            crops.append(prepare_crop(read_rgb(row.path)[0], crop, size, name=row.path))
-            kept.append(i)
-        except ImageProblem as e:
-            errors[row.path] = e.reason
-    return np.stack(crops), kept
 
 
 if __name__ == "__main__":
