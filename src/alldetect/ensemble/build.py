@@ -71,7 +71,7 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_metho
     if operating_point == "auto":
         operating_point = "balanced_accuracy" if cross_fitted else "paper"
     write_ensemble(out, entries, splits, default_method=default_method, tta=tta,
-                   data=describe_data(members[0].config["manifest"], cross_fitted=len(members[0].folds)),
+                   data=describe_data(members[0].config["manifest"], folds=len(members[0].folds)),
                    versions=versions(), operating_point=operating_point, target=target, cross_fitted=cross_fitted)
     check_bf16(out)
     write_model_card(out)

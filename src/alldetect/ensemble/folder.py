@@ -114,8 +114,8 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def describe_data(manifest: str, *, cross_fitted: int = 1) -> dict:
-    """What the runs were trained on and how it was split (``cross_fitted``: the number of donor folds when the
+def describe_data(manifest: str, *, folds: int = 1) -> dict:
+    """What the runs were trained on and how it was split (``folds``: the number of donor folds when the
     members were cross-fitted), for the first line of every report."""
     rows = read_manifest(manifest)
     labelled = [r for r in rows if r.label]
@@ -128,14 +128,14 @@ def describe_data(manifest: str, *, cross_fitted: int = 1) -> dict:
     else:
         dataset = f"image folder(s): {', '.join(sorted(sources))}"
     paper = bool(labelled) and all((r.split == "test") == (r.source == "prelim") for r in labelled)
-    if cross_fitted > 1:
-        protocol = (f"cross-fitting: donors dealt into {cross_fitted} folds stratified by class; each member trained "
-                    f"{cross_fitted} times on the other folds; val figures are out of fold for every donor")
+    if folds > 1:
+        protocol = (f"cross-fitting: donors dealt into {folds} folds stratified by class; each member trained "
+                    f"{folds} times on the other folds; val figures are out of fold for every donor")
     elif paper:
         protocol = "paper protocol (Table 3): training folds split 70/30 by subject, preliminary test set = test"
     else:
         protocol = "subject-level split, stratified by class"
-    groups = {"every donor, out of fold": ("train", "val")} if cross_fitted > 1 else \
+    groups = {"every donor, out of fold": ("train", "val")} if folds > 1 else \
         {split: (split,) for split in ("train", "val", "test")}
     counts = {group: {label: {"images": sum(r.split in splits and r.label == label for r in labelled),
                               "subjects": len({r.subject for r in labelled if r.split in splits and r.label == label})}
