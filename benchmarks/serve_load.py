@@ -1,14 +1,21 @@
 """`alldetect serve` under ordinary and hostile load at once, on loopback.
 
-Starts the real command in its own process (temporary files sent to a watched folder), then: C clients each
-send R requests of real-size cells (1-4 cells of 450x450 BMP per request, retrying after a 503 as told by
-Retry-After); one client sends a stream of hostile requests (chunked uploads over the limit, zip bombs, bad
-zip entries, decompression bombs, too many megapixels, cross-origin posts, foreign Host headers, malformed
-bodies, empty files, float TIFFs); a poller asks /api/health every 50 ms. Prints a table: answers by status,
-unexpected 5xx, health latency percentiles, the server's RSS at the start, peak and end, and the largest
-temporary file ever written.
+Starts the real command in its own process (temporary files sent to a watched folder, its log to a file),
+then: C clients each send R requests of real-size cells (1-4 cells of 450x450 BMP per request, retrying after
+a 503 as told by Retry-After); one client sends a stream of hostile requests (chunked uploads over the limit,
+zip bombs, bad zip entries, decompression bombs, too many megapixels, cross-origin posts, foreign Host
+headers, malformed bodies, empty files, float TIFFs); from another loopback address (127.0.0.2, as an
+attacker elsewhere), S slow clients each hold an upload open sending one body byte per second (reconnecting
+when closed) and a separate process holds H connections that sent half their headers (reopened once a second
+when closed); a poller asks /api/health every 50 ms. Then one Grad-CAM request, with the server's RSS
+before and after. Prints a table: answers by status, upload and health latency percentiles, how long slow and
+half-open connections lived, the server's RSS at the start, peak and end, the largest temporary file ever
+written and the log's size. ``--tamper`` also changes each file an ensemble folder's spec names (a byte of a
+member's weights, a swapped ONNX graph, overflowing combiner weights) and runs ``predict`` on each copy.
 
-    python benchmarks/serve_load.py ENS_DIR [--clients 8] [--requests 25] [--cells DIR]
+    python benchmarks/serve_load.py ENS_DIR [--clients 8] [--requests 25] [--slow-clients 16] [--half-open 2000]
+                                            [--body-timeout 20] [--max-connections 4096] [--tamper]
+                                            [--cells DIR]
 """
 
 from __future__ import annotations
@@ -17,7 +24,11 @@ import argparse
 import collections
 import concurrent.futures
 import io
+import json
+import multiprocessing
 import os
+import selectors
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +42,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+ATTACKER_ADDRESS = "127.0.0.2"  # slow and half-open clients connect from here; the lab from 127.0.0.1
 DEFAULT_CELLS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-dev" / "bmp"
 
 
@@ -41,6 +53,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=25, help="per client")
     parser.add_argument("--cells", type=Path, default=DEFAULT_CELLS, help="folder of real-size cell images")
     parser.add_argument("--max-upload-mb", type=int, default=8)
+    parser.add_argument("--slow-clients", type=int, default=16, help="uploads sending one body byte per second")
+    parser.add_argument("--half-open", type=int, default=2000, help="connections that send half their headers")
+    parser.add_argument("--body-timeout", type=float, default=20, help="the server's --body-timeout (s)")
+    parser.add_argument("--max-connections", type=int, default=4096, help="the server's --max-connections")
+    parser.add_argument("--tamper", action="store_true", help="also refuse tampered copies of the folder")
     args = parser.parse_args()
     cells = [p.read_bytes() for p in sorted(args.cells.rglob("*.bmp"))] or [_synthetic_bmp(i) for i in range(8)]
     limit = args.max_upload_mb * 1024 * 1024
@@ -49,17 +66,23 @@ def main() -> None:
         spool.mkdir()
         port = _free_port()
         env = {**os.environ, "TMPDIR": str(spool)}
-        server = subprocess.Popen([sys.executable, "-m", "alldetect.cli", "-q", "serve", str(args.ens_dir),
-                                   "--port", str(port), "--db", str(Path(tmp) / "db.sqlite"),
-                                   "--max-upload-mb", str(args.max_upload_mb), "--device", "cpu"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = Path(tmp) / "serve.log"
+        with open(log, "wb") as log_file:
+            server = subprocess.Popen([sys.executable, "-m", "alldetect.cli", "serve", str(args.ens_dir),
+                                       "--port", str(port), "--db", str(Path(tmp) / "db.sqlite"),
+                                       "--max-upload-mb", str(args.max_upload_mb), "--device", "cpu",
+                                       "--body-timeout", str(args.body_timeout),
+                                       "--max-connections", str(args.max_connections)],
+                                      env=env, stdout=log_file, stderr=log_file)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(url, server)
+            _wait_ready(url, server, log)
             report = _load(url, server.pid, spool, cells, limit, args)
         finally:
             server.terminate()
             server.wait(timeout=30)
+        report["log_bytes"] = log.stat().st_size
+        report["tampered"] = _tamper(args.ens_dir, cells[0], Path(tmp)) if args.tamper else []
     _print(report, args, limit)
 
 
@@ -67,7 +90,8 @@ def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args)
     httpx.post(f"{url}/api/predict", files=[("files", ("warm.bmp", cells[0]))], timeout=120)  # first-call setup
     time.sleep(1)
     report: dict = {"rss_start": _rss(pid), "rss_peak": 0, "largest_temp": 0, "statuses": collections.Counter(),
-                    "hostile": collections.Counter(), "unexpected": [], "health_ms": [], "retries": 0}
+                    "hostile": collections.Counter(), "unexpected": [], "health_ms": [], "upload_ms": [],
+                    "retries": 0, "slow_lived_s": [], "half_open_closed": 0, "half_open_held": []}
     done = threading.Event()
 
     def watch() -> None:
@@ -96,12 +120,19 @@ def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args)
             for i in range(args.requests):
                 chosen = rng.choice(len(cells), size=int(rng.integers(1, 5)), replace=False)
                 files = [("files", (f"UID_{k}_{i}_{j}_all.bmp", cells[c])) for j, c in enumerate(chosen)]
-                while True:
-                    r = http.post(f"{url}/api/predict", files=files)
-                    if r.status_code != 503:
-                        break
-                    report["retries"] += 1
-                    time.sleep(float(r.headers.get("retry-after", "1")))
+                start = time.perf_counter()
+                try:
+                    while True:
+                        r = http.post(f"{url}/api/predict", files=files)
+                        if r.status_code != 503:
+                            break
+                        report["retries"] += 1
+                        time.sleep(float(r.headers.get("retry-after", "1")))
+                except httpx.TransportError as e:
+                    report["statuses"][type(e).__name__] += 1
+                    report["unexpected"].append(f"cells: {type(e).__name__} {e}")
+                    continue
+                report["upload_ms"].append((time.perf_counter() - start) * 1000)
                 report["statuses"][r.status_code] += 1
                 if r.status_code != 200:
                     report["unexpected"].append(f"cells {r.status_code}: {r.text[:120]}")
@@ -123,19 +154,146 @@ def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args)
                     report["unexpected"].append(f"{name}: {status}, expected {expected}")
                 i += 1
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (watch, health, hostile)]
+    def slow() -> None:
+        while not done.is_set():
+            opened = time.perf_counter()
+            try:
+                with _connect(url, source=ATTACKER_ADDRESS) as sock:
+                    sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/"
+                                 b"form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n")
+                    while not done.is_set():
+                        sock.sendall(b"-")
+                        time.sleep(1)
+                        if _closed(sock):
+                            report["slow_lived_s"].append(time.perf_counter() - opened)
+                            break
+            except OSError:
+                report["slow_lived_s"].append(time.perf_counter() - opened)
+
+    stop, counts = multiprocessing.Event(), multiprocessing.Queue()
+    siege = multiprocessing.Process(target=_half_open, args=(url, args.half_open, stop, counts), daemon=True)
+    if args.half_open:
+        siege.start()
+    threads = [threading.Thread(target=f, daemon=True) for f in (watch, health, hostile, *[slow] * args.slow_clients)]
     for t in threads:
         t.start()
+    time.sleep(3 if args.half_open or args.slow_clients else 0)  # the siege is in place before the lab uploads
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
         list(pool.map(client, range(args.clients)))
     report["wall_s"] = time.perf_counter() - started
     done.set()
+    stop.set()
+    if args.half_open:
+        report["half_open_closed"], report["half_open_held"] = counts.get(timeout=120)
+        siege.join(timeout=60)
     for t in threads:
         t.join(timeout=600)
     time.sleep(2)
     report["rss_end"] = _rss(pid)
+    report["rss_cam"] = [(_rss(pid), _cam_request(url, cells), _rss(pid)) for _ in range(2)]
     return report
+
+
+def _half_open(url: str, n: int, stop, counts) -> None:
+    """Hold ``n`` connections that sent half their request headers, reopening once a second those the server
+    closed; runs in its own process (its bursts of connections must not stall the measuring threads) and from
+    another loopback address, as an attacker elsewhere would. Puts (connections closed, held open per second)."""
+    selector = selectors.DefaultSelector()
+    closed_total, held = 0, []
+
+    def open_one() -> None:
+        nonlocal closed_total
+        try:
+            sock = _connect(url, source=ATTACKER_ADDRESS)
+            sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        except OSError:
+            closed_total += 1
+
+    for _ in range(n):
+        open_one()
+    while not stop.is_set():
+        time.sleep(1)
+        closed = [key.fileobj for key, _ in selector.select(timeout=0) if _closed(key.fileobj)]
+        for sock in closed:
+            selector.unregister(sock)
+            sock.close()
+        closed_total += len(closed)
+        held.append(len(selector.get_map()))
+        for _ in closed:
+            open_one()
+    for key in list(selector.get_map().values()):
+        key.fileobj.close()
+    counts.put((closed_total, held))
+
+
+def _cam_request(url: str, cells: list[bytes]) -> int:
+    files = [("files", (f"cam{i}.bmp", cell)) for i, cell in enumerate(cells[:4])]
+    status = httpx.post(f"{url}/api/predict?cam=true", files=files, timeout=600).status_code
+    time.sleep(2)
+    return status
+
+
+def _connect(url: str, source: str | None = None) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0) if source else None)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server has closed ``sock`` (nothing else is ever sent on it)."""
+    try:
+        return sock.recv(65536, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _tamper(ens_dir: Path, cell: bytes, tmp: Path) -> list[tuple[str, int, str]]:
+    """(what was changed, predict's exit status, its last line) for each file the spec names."""
+    spec = json.loads((ens_dir / "ensemble.json").read_text())
+    weights = [w for m in spec["members"] for w in (m["weights"] if isinstance(m["weights"], list) else [m["weights"]])]
+    (tmp / "cell.bmp").write_bytes(cell)
+
+    def flip(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def swap_graph(path: Path) -> None:  # a valid graph with the same inputs and metadata, other weights
+        other = path.parent / "ensemble.int8.onnx"
+        if other.is_file():
+            path.write_bytes(other.read_bytes())
+        else:
+            flip(path)
+
+    def overflow(path: Path) -> None:
+        raw = json.loads(path.read_text())
+        fit = raw["methods"][raw["default_method"]]
+        fit["weights"] = [1e308] * len(fit["weights"])
+        path.write_text(json.dumps(raw))
+
+    cases = [(f"one byte of {w}", w, flip) for w in weights]
+    swapped = "swapped for the int8 graph" if (ens_dir / "ensemble.int8.onnx").is_file() else "one byte changed"
+    cases += [(f"{g}: {swapped if g == 'ensemble.onnx' else 'one byte changed'}", g,
+               swap_graph if g == "ensemble.onnx" else flip) for g in spec.get("graphs", {})]
+    cases.append(("combiner weights 1e308", "ensemble.json", overflow))
+    results = []
+    for what, name, change in cases:
+        copy = tmp / "tampered"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(ens_dir, copy)
+        change(copy / name)
+        engine = {"ensemble.onnx": ["--engine", "onnx", "--precision", "fp32"],
+                  "ensemble.int8.onnx": ["--precision", "int8"]}.get(name, ["--engine", "torch"])
+        r = subprocess.run([sys.executable, "-m", "alldetect.cli", "predict", str(copy), str(tmp / "cell.bmp"),
+                            "-o", str(tmp / "t.csv"), "--device", "cpu", *engine], capture_output=True, text=True,
+                           check=False)
+        lines = (r.stderr + r.stdout).strip().splitlines()
+        results.append((what, r.returncode, lines[-1] if lines else ""))
+    return results
 
 
 def _attacks(limit: int) -> list[tuple[str, object, tuple]]:
@@ -230,11 +388,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, server: subprocess.Popen) -> None:
+def _wait_ready(url: str, server: subprocess.Popen, log: Path) -> None:
     deadline = time.time() + 300
     while time.time() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"the server exited: {server.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
                 return
@@ -245,11 +403,26 @@ def _wait_ready(url: str, server: subprocess.Popen) -> None:
 
 
 def _print(report: dict, args, limit: int) -> None:
-    health = np.array(report["health_ms"])
+    health, upload = np.array(report["health_ms"]), np.array(report["upload_ms"])
     total = sum(report["statuses"].values())
     print("| what | value |\n|---|---|")
+    print(f"| siege held during the run | {args.slow_clients} slow-body clients (1 byte/s), {args.half_open} "
+          f"half-sent-header connections; server --body-timeout {args.body_timeout:g} s |")
     print(f"| ordinary requests ({args.clients} clients x {args.requests}) | {total} in {report['wall_s']:.0f} s, "
           f"statuses {dict(report['statuses'])}, {report['retries']} retries after 503 |")
+    print(f"| ordinary upload latency (retries included) | p50 {np.percentile(upload, 50):.0f} ms, "
+          f"p95 {np.percentile(upload, 95):.0f} ms, max {upload.max():.0f} ms |")
+    if report["slow_lived_s"]:
+        lived = np.array(report["slow_lived_s"])
+        print(f"| slow-body connections closed by the server | {len(lived)}, after {np.median(lived):.1f} s "
+              f"(median), {lived.max():.1f} s at most |")
+    if report["half_open_held"]:
+        print(f"| half-open connections | {report['half_open_closed']} closed by the server; "
+              f"{np.median(report['half_open_held']):.0f} held open (median of 1 s samples) |")
+    print(f"| server log | {report['log_bytes']:,} bytes |")
+    for i, (before, status, after) in enumerate(report["rss_cam"]):
+        print(f"| Grad-CAM request {i + 1} of 4 cells (status {status}) | RSS {before / 1e6:.0f} MB -> "
+              f"{after / 1e6:.0f} MB ({after / before:.2f}x) |")
     print(f"| hostile requests | {sum(report['hostile'].values())} |")
     print(f"| unexpected answers (5xx other than 503, or a wrong status) | {len(report['unexpected'])} |")
     print(f"| /api/health during load | {len(health)} polls, p50 {np.percentile(health, 50):.1f} ms, "
@@ -262,6 +435,10 @@ def _print(report: dict, args, limit: int) -> None:
         print(f"  {name}: {status} x{n}")
     for line in report["unexpected"][:20]:
         print(f"  unexpected: {line}")
+    if report["tampered"]:
+        print("\n| tampered file | predict exit status | its last line |\n|---|---|---|")
+        for what, code, line in report["tampered"]:
+            print(f"| {what} | {code} | {line[:160]} |")
 
 
 if __name__ == "__main__":

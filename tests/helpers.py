@@ -33,21 +33,31 @@ def tiny_config(manifest: Path, out: Path, **overrides):
 
 
 @contextlib.contextmanager
-def running_server(app, host: str = "127.0.0.1"):
-    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields its base URL and the server."""
-    import uvicorn
+def running_server(app, host: str = "127.0.0.1", limits=None):
+    """Serve ``app`` as `alldetect serve` does (``serve.server.make_server``, connection rules included) in a
+    thread on a free port; yields its base URL and the server."""
+    from alldetect.serve.connections import ConnectionLimits
+    from alldetect.serve.server import make_server
 
-    with socket.socket() as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    server, sockets = make_server(app, host, port, limits or ConnectionLimits(), log_level="warning")
+    with serving(server, sockets):
+        yield f"http://{'[' + host + ']' if ':' in host else host}:{port}", server
+
+
+@contextlib.contextmanager
+def serving(server, sockets=None):
+    """Run a uvicorn ``server`` in a thread until the block ends."""
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     try:
-        yield f"http://{host}:{port}", server
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=10)

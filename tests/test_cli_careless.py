@@ -1,7 +1,9 @@
 """The command line under careless input: one-line errors before any work, no silent misreading, no file
 skipped without a word, no overlay overwriting another."""
 
+import csv
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from alldetect.cli import app
 from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
 from alldetect.errors import ImageProblem
+from alldetect.formats.manifest import read_manifest
 
 from helpers import write_cell
 
@@ -24,6 +27,10 @@ def _one_line_error(result, *fragments):
     assert result.exception is None or isinstance(result.exception, SystemExit)
     for fragment in fragments:
         assert fragment in result.output, result.output
+
+
+def _csv_rows(path) -> list[dict]:
+    return list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
 
 
 def _preds(tmp_path, text: str, encoding="utf-8"):
@@ -101,3 +108,45 @@ def test_overlays_of_cells_with_the_same_file_name_do_not_overwrite_each_other(e
     assert r.exit_code == 0, r.output
     written = sorted(p.name for p in (tmp_path / "cam").glob("cell_row*_mobilenet.png"))
     assert written == ["cell_row1_mobilenet.png", "cell_row2_mobilenet.png"]
+
+
+def test_an_output_name_too_long_for_the_file_system_fails_before_any_work(ensemble_dir, tmp_path, monkeypatch):
+    import alldetect.inference.load
+
+    monkeypatch.setattr(alldetect.inference.load, "load_engine", lambda *a, **k: pytest.fail("work started"))
+    write_cell(tmp_path / "cells" / "a.png", size=80)
+    out = tmp_path / ("p" * 240 + ".csv")  # fits, but its .patients.csv and temporary files would not
+    _one_line_error(runner.invoke(app, ["predict", str(ensemble_dir), str(tmp_path / "cells"), "-o", str(out)]),
+                    "file name is too long")
+
+
+def test_names_that_are_not_utf8_or_hide_characters_are_scored_and_shown_escaped(ensemble_dir, tmp_path):
+    """A Latin-1 name from a shared drive is scored (shown with a \\x escape), a bidi mark cannot disguise a
+    name; a manifest, which must name the file exactly, skips the Latin-1 one and says so."""
+    cells = tmp_path / "cells"
+    write_cell(cells / "good.png", size=80)
+    write_cell(cells / os.fsdecode(b"caf\xe9.png"), size=80)
+    write_cell(cells / "x\u202egnp.png", size=80)
+    r = runner.invoke(app, ["predict", str(ensemble_dir), str(cells), "-o", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    rows = {Path(row["path"]).name: row for row in _csv_rows(tmp_path / "p.csv")}
+    assert set(rows) == {"good.png", "caf\\xe9.png", "x\\u202egnp.png"}
+    assert all(row["prob_all"] for row in rows.values())
+    r = runner.invoke(app, ["index", str(cells), "-o", str(tmp_path / "m.csv")])
+    assert r.exit_code == 0, r.output
+    assert len(read_manifest(tmp_path / "m.csv")) == 2
+    problems = _csv_rows(tmp_path / "m.problems.csv")
+    assert [Path(p["path"]).name for p in problems] == ["caf\\xe9.png"] and "not UTF-8" in problems[0]["problem"]
+
+
+def test_what_the_decoder_did_to_a_cell_is_in_the_csv(ensemble_dir, tmp_path):
+    cells = tmp_path / "cells"
+    write_cell(cells / "plain.png", size=80)
+    rgba = np.dstack([np.asarray(Image.open(cells / "plain.png")), np.full((80, 80), 255, np.uint8)])
+    rgba[:20, :, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(cells / "half.png")
+    r = runner.invoke(app, ["predict", str(ensemble_dir), str(cells), "-o", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    warnings = {Path(row["path"]).name: row["warning"]
+                for row in _csv_rows(tmp_path / "p.csv")}
+    assert "composited onto black" in warnings["half.png"] and warnings["plain.png"] == ""

@@ -13,6 +13,7 @@ from typing import Annotated, Callable
 import typer
 
 from .errors import AlldetectError
+from .formats.csvfiles import TEMPORARY_NAME_EXTRA
 from .export import INT8_TOLERANCE
 from .training.config import Profile
 
@@ -46,6 +47,12 @@ class Engine(str, Enum):
     auto = "auto"
     onnx = "onnx"
     torch = "torch"
+
+
+class History(str, Enum):
+    private = "private"
+    shared = "shared"
+    off = "off"
 
 
 class Precision(str, Enum):
@@ -103,8 +110,10 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def writable_file(path: Path) -> Path:
-    """An output file path checked before any work: not a folder, and its folder can be created and written."""
+def writable_file(path: Path, siblings: tuple[str, ...] = ()) -> Path:
+    """An output file path checked before any work: not a folder, its folder can be created and written, and
+    its name, the names of the ``siblings`` written beside it (suffixes that replace its own) and of their
+    temporary files (``write_csv_atomic``) fit the file system."""
     if path.is_dir():
         raise AlldetectError(f"{path}: is a folder; give the file to write, e.g. {path / 'predictions.csv'}")
     folder = path.parent
@@ -114,6 +123,11 @@ def writable_file(path: Path) -> Path:
         raise AlldetectError(f"{folder}: cannot create the output folder ({e.strerror or e})") from None
     if not os.access(folder, os.W_OK):
         raise AlldetectError(f"{folder}: not writable")
+    longest = max(len(os.fsencode(name)) for name in [path.name, *(path.stem + s for s in siblings)])
+    most = os.pathconf(folder, "PC_NAME_MAX") - TEMPORARY_NAME_EXTRA
+    if longest > most:
+        raise AlldetectError(f"{path}: the file name is too long for this file system ({longest} bytes with what "
+                             f"is written beside it; at most {most}); choose a shorter one")
     return path
 
 
@@ -184,7 +198,7 @@ def index(
     from .formats.problems import log_problems, write_problems
     from .formats.tables import format_table
 
-    writable_file(out)
+    writable_file(out, siblings=(".problems.csv",))
     result = index_folder(data)
     write_manifest(result.rows, out)
     problems_file = out.with_suffix(".problems.csv")
@@ -425,7 +439,7 @@ def predict(
     from .inference.predict import collect_inputs, predict_rows
     from .formats.tables import format_table
 
-    writable_file(out)
+    writable_file(out, siblings=(".patients.csv", ".submission.txt"))
     model = load_engine(ens_dir, method=method, device=device.value, engine=engine.value, precision=precision.value)
     logger.info("engine: %s", type(model).__name__)
     collected = collect_inputs(inputs)
@@ -514,29 +528,44 @@ def serve(
     allow_host: Annotated[list[str] | None, typer.Option(
         help="Another host name clients may use to reach the server (repeatable); requests naming any other "
              "Host are refused [default: the bound address and the loopback names].")] = None,
+    history: Annotated[History, typer.Option(
+        help="What /history shows: private, each browser its own predictions; shared, everyone's; off, "
+             "nothing (every prediction is recorded in --db either way).")] = History.private,
+    header_timeout: Annotated[float, typer.Option(min=1, help="Seconds a connection may take to send a "
+                                                              "request's headers; then it is closed.")] = 10,
+    body_timeout: Annotated[float, typer.Option(min=1, help="Seconds a request's body may take to arrive "
+                                                            "after its headers; then it is closed.")] = 120,
+    max_connections: Annotated[int, typer.Option(min=2, help="Open connections in all (and at most half of them "
+                                                             "from one address); past it the connection waiting "
+                                                             "longest for its headers is closed.")] = 4096,
 ) -> None:
     """A web page and JSON API for the lab: upload cells, see calls, Grad-CAM and a patient summary.
 
     Only same-origin browser requests are answered, and only for the Host names the server was bound to (or
-    named with --allow-host), so a web page elsewhere cannot use or read it.
+    named with --allow-host), so a web page elsewhere cannot use or read it. Slow or half-open connections are
+    closed after the time limits, and a flood of them cannot take every connection.
     """
-    import uvicorn
-
     from .serve import ServeSettings, create_app
+    from .serve.connections import ConnectionLimits
+    from .serve.server import make_server
     from .serve.uploads import Limits
 
     loopback = ("127.0.0.1", "localhost", "::1")
     wildcard = host in ("0.0.0.0", "::", "")
     hosts = tuple(dict.fromkeys([*loopback, *([] if wildcard else [host]), *(allow_host or [])]))
+    connections = ConnectionLimits(header_seconds=header_timeout, body_seconds=body_timeout,
+                                   max_connections=max_connections, max_per_client=max_connections // 2)
     settings = ServeSettings(db_path=str(db), device=device.value, engine=engine.value if engine else "prefer-onnx",
                              limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files),
-                             max_queued=max_queued, allowed_hosts=hosts)
+                             max_queued=max_queued, allowed_hosts=hosts, history=history.value,
+                             connections=connections)
     if host not in loopback:
         logger.warning("serving on %s: anyone who can reach this address can upload images", host)
     if wildcard and not allow_host:
         logger.warning("bound to every address, but only requests naming %s are answered; add --allow-host for "
                        "the names or addresses clients use", ", ".join(loopback))
-    uvicorn.run(create_app(ens_dir, settings), host=host, port=port, log_level="info")
+    server, sockets = make_server(create_app(ens_dir, settings), host, port, connections)
+    server.run(sockets=sockets)
 
 
 @app.command()

@@ -61,8 +61,8 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
         read_rgb(bomb)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
-def test_grayscale_rgba_palette_are_converted_and_reported(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["L", "P", "I;16"])
+def test_grayscale_palette_and_16_bit_are_converted_and_reported(tmp_path, mode):
     path = tmp_path / "cell.png"
     write_cell(path, mode=mode if mode != "I;16" else "L")
     if mode == "I;16":
@@ -78,8 +78,34 @@ def test_rgba_transparent_background_becomes_black(tmp_path):
     rgba[..., :3] = 255  # white, but fully transparent
     rgba[4:6, 4:6, 3] = 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
-    pixels, _ = read_rgb(tmp_path / "x.png")
+    pixels, note = read_rgb(tmp_path / "x.png")
     assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[5, 5].tolist() == [255, 255, 255]
+    assert "96% of pixels (partly) transparent, composited onto black" in note
+
+
+def test_alpha_that_hides_nothing_or_everything_leaves_the_cell_as_it_is(tmp_path):
+    """An opaque alpha channel changes nothing (no note); one that is 0 everywhere (written by tools that mean
+    "no alpha") is ignored with a note instead of blacking the cell out."""
+    write_cell(tmp_path / "cell.png")
+    rgb = np.asarray(Image.open(tmp_path / "cell.png"))
+    for alpha, expected_note in ((255, None), (0, "fully transparent: alpha ignored")):
+        Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], alpha, np.uint8)]), "RGBA").save(tmp_path / "a.png")
+        pixels, note = read_rgb(tmp_path / "a.png")
+        assert np.array_equal(pixels, rgb)
+        assert note == expected_note if expected_note is None else expected_note in note
+
+
+def test_a_multi_page_tiff_and_a_gif_are_refused_with_the_reason(tmp_path):
+    """Which page of a TIFF is the cell is not guessed (a blank first page would be scored); GIF's palette
+    changes the stain's colours. The command line and the web app refuse both alike."""
+    write_cell(tmp_path / "cell.png")
+    cell = Image.open(tmp_path / "cell.png")
+    Image.new("RGB", cell.size).save(tmp_path / "pages.tif", save_all=True, append_images=[cell])
+    with pytest.raises(ImageProblem, match="holds 2 pages; a cell image has one"):
+        read_rgb(tmp_path / "pages.tif")
+    cell.save(tmp_path / "cell.gif")
+    with pytest.raises(ImageProblem, match=r"not an image file .*accepted: BMP, PNG, JPEG, TIFF"):
+        read_rgb(tmp_path / "cell.gif")
 
 
 def test_converted_images_are_kept_and_listed(tmp_path):

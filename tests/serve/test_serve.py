@@ -4,10 +4,12 @@ import concurrent.futures
 import io
 import os
 import shutil
+import socket
 import sqlite3
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -16,7 +18,7 @@ from PIL import Image
 from alldetect.serve import ServeSettings, create_app
 from alldetect.serve.uploads import Limits
 
-from helpers import running_server
+from helpers import running_server, serving
 
 
 def _png(value=90, size=80, mode="RGB") -> bytes:
@@ -194,24 +196,48 @@ def test_concurrent_requests_do_not_mix(served):
             assert name == f"{v}.png" and prob == pytest.approx(expected[v], abs=1e-9)
 
 
-def test_serve_binds_loopback_by_default(ensemble_dir, tmp_path, monkeypatch):
-    """`alldetect serve` with no --host: the server really listens on 127.0.0.1 and nowhere else."""
+def _serve_command(ensemble_dir, tmp_path, monkeypatch, args, while_serving):
+    """Run `alldetect serve ARGS` for real on a free port; ``while_serving(server)`` runs while it listens."""
     import uvicorn
     from typer.testing import CliRunner
 
     from alldetect.cli import app
 
-    bound = {}
+    real_run = uvicorn.Server.run
 
-    def start(app_, host, port, **_kw):
-        with running_server(app_, host) as (_url, server):
-            bound["addresses"] = [s.getsockname()[0] for srv in server.servers for s in srv.sockets]
+    def start(server, sockets=None):
+        monkeypatch.setattr(uvicorn.Server, "run", real_run)
+        with serving(server, sockets):
+            while_serving(server)
 
-    monkeypatch.setattr(uvicorn, "run", start)
+    monkeypatch.setattr(uvicorn.Server, "run", start)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     result = CliRunner().invoke(app, ["serve", str(ensemble_dir), "--db", str(tmp_path / "p.sqlite"),
-                                      "--device", "cpu"])
+                                      "--device", "cpu", "--port", str(port), *args])
     assert result.exit_code == 0, result.output
-    assert bound["addresses"] == ["127.0.0.1"]
+
+
+def test_serve_binds_loopback_by_default(ensemble_dir, tmp_path, monkeypatch):
+    """`alldetect serve` with no --host: the server really listens on 127.0.0.1 and nowhere else."""
+    bound = []
+    _serve_command(ensemble_dir, tmp_path, monkeypatch, [], lambda server: bound.extend(
+        s.getsockname()[0] for srv in server.servers for s in srv.sockets))
+    assert bound == ["127.0.0.1"]
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_host_ipv6_wildcard_answers_on_both_stacks(ensemble_dir, tmp_path, monkeypatch):
+    answered = {}
+
+    def ask(server):
+        port = server.config.port
+        for stack, host in (("ipv4", "127.0.0.1"), ("ipv6", "[::1]")):
+            answered[stack] = httpx.get(f"http://{host}:{port}/api/health", timeout=10).status_code
+
+    _serve_command(ensemble_dir, tmp_path, monkeypatch, ["--host", "::"], ask)
+    assert answered == {"ipv4": 200, "ipv6": 200}
 
 
 # ---- the page in a real browser --------------------------------------------------------------------------

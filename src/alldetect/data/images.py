@@ -15,14 +15,17 @@ from ..errors import ImageProblem
 # decompression bomb; refuse it before decoding (Pillow's own limit is ~179 MP, far too lax here).
 MAX_PIXELS = 25_000_000
 EMPTY_FILE = "empty file (0 bytes)"
+# What a cell image may be, decided by content. GIF is not among them: its 256-colour palette changes the
+# stain's colours.
+IMAGE_FORMATS = ("BMP", "PNG", "JPEG", "TIFF")
 
 
 def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """Decode an image file to an ``(H, W, 3)`` uint8 RGB array.
 
     Returns the array and a note when the file was not plain RGB and had to be converted
-    (grayscale, palette, RGBA composited on black, 16-bit), else None. Raises ``ImageProblem`` for an
-    empty, missing, corrupt, truncated, non-image or oversized file.
+    (grayscale, palette, transparency, 16-bit), else None. Raises ``ImageProblem`` for an empty, missing,
+    corrupt, truncated, non-image, multi-page or oversized file.
     """
     path = Path(path)
     try:
@@ -36,26 +39,28 @@ def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndar
     return decode_rgb(path, name=str(path), max_pixels=max_pixels)
 
 
-def decode_rgb(source: Path | BinaryIO, *, name: str, max_pixels: int = MAX_PIXELS,
-               formats: tuple[str, ...] | None = None) -> tuple[np.ndarray, str | None]:
-    """``read_rgb`` for a path or an open binary stream (e.g. an upload); ``name`` labels errors.
-    ``formats`` (Pillow names such as "PNG") restricts what is accepted, decided by content, not name."""
+def decode_rgb(source: Path | BinaryIO, *, name: str, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
+    """``read_rgb`` for a path or an open binary stream (e.g. an upload); ``name`` labels errors."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source, formats=formats) as img:
+            with Image.open(source, formats=IMAGE_FORMATS) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageProblem(
                         name, f"{width}x{height} pixels exceeds the {max_pixels:,}-pixel limit "
                         "(not a single-cell image, or a decompression bomb)")
+                pages = getattr(img, "n_frames", 1)
+                if pages > 1:  # which page is the cell is not ours to guess
+                    raise ImageProblem(name, f"holds {pages} pages; a cell image has one: save the page to score "
+                                             "as its own file")
                 img.load()
                 return _to_rgb(img, name)
     except ImageProblem:
         raise
     except UnidentifiedImageError:
-        raise ImageProblem(name, "not an image file Pillow can identify"
-                           + (f" (accepted: {', '.join(formats)})" if formats else "")) from None
+        raise ImageProblem(name, f"not an image file Pillow can identify (accepted: {', '.join(IMAGE_FORMATS)})") \
+            from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageProblem(name, "refused as a possible decompression bomb") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -67,10 +72,7 @@ def _to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, str | None]:
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8), None
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        rgb = Image.alpha_composite(black, rgba).convert("RGB")
-        return np.asarray(rgb, dtype=np.uint8), f"{mode} image composited on black and converted to RGB"
+        return _without_alpha(np.asarray(img.convert("RGBA"), dtype=np.uint8), mode)
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         top = max(arr.max(), 1.0)
@@ -89,3 +91,17 @@ def _to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, str | None]:
         source = "0-1" if scale > 1 else "0-255"
         return np.repeat(gray[..., None], 3, axis=2), f"floating-point image scaled from {source} to 8 bits, as RGB"
     return np.asarray(img.convert("RGB"), dtype=np.uint8), f"{mode} image converted to RGB"
+
+
+def _without_alpha(rgba: np.ndarray, mode: str) -> tuple[np.ndarray, str | None]:
+    """Transparent pixels become C-NMC's black background; an alpha channel that hides nothing is dropped, and
+    one that hides everything (some tools write 0 for "no alpha") is ignored rather than blacking out the cell."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb), None
+    if alpha.max() == 0:
+        return np.ascontiguousarray(rgb), f"{mode} image fully transparent: alpha ignored, its colours scored"
+    weight = alpha[..., None].astype(np.float32) / 255
+    composited = np.round(rgb * weight).astype(np.uint8)
+    share = float((alpha < 255).mean())
+    return composited, f"{mode} image: {share:.0%} of pixels (partly) transparent, composited onto black"

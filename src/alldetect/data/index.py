@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DataError, ImageProblem
-from ..formats.manifest import ManifestRow
+from ..formats.manifest import ManifestRow, nameable
 from ..formats.problems import Problem
 from .images import read_rgb
 from .names import IMAGE_SUFFIXES, is_image_file, parse_cell_name
@@ -47,8 +47,10 @@ class IndexResult:
     synthetic: dict | None = None  # the generator's parameters when the folder was made by `alldetect synth`
 
 
-def index_folder(root: str | Path, *, check_images: bool = True, workers: int = 4) -> IndexResult:
-    """Index every image under ``root``; see the module docstring for the layouts understood."""
+def index_folder(root: str | Path, *, check_images: bool = True, for_manifest: bool = True,
+                 workers: int = 4) -> IndexResult:
+    """Index every image under ``root``; see the module docstring for the layouts understood. ``for_manifest``
+    skips (and reports) the files a manifest cannot name."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
@@ -70,6 +72,9 @@ def index_folder(root: str | Path, *, check_images: bool = True, workers: int = 
                 rows[path] = row
     skipped = {Path(p.path) for p in problems if p.action == "skipped"}
     candidates = [rows[p] for p in images if p in rows and p not in skipped]
+    if for_manifest:
+        candidates, unnamed = nameable(candidates)
+        problems += unnamed
     if check_images:
         candidates = _drop_unreadable(candidates, problems, workers)
     if not candidates:

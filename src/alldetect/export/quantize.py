@@ -10,6 +10,7 @@ reports how far its probabilities move from the fp32 graph.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -63,14 +64,28 @@ def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarr
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out), Cells(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=_float_nodes(prepared, float_members),
-                        extra_options={"CalibStridedMinMax": 1, "QDQOpTypePerChannelSupportToAxis": {
-                            "BatchNormalization": 0}})  # its scale is one value per channel
+        with _root_info_silenced():
+            quantize_static(str(prepared), str(out), Cells(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=_float_nodes(prepared, float_members),
+                            extra_options={"CalibStridedMinMax": 1, "QDQOpTypePerChannelSupportToAxis": {
+                                "BatchNormalization": 0}})  # its scale is one value per channel
     meta = graph_metadata(fp32_path) | {"precision": "int8", "float_members": json.dumps(list(float_members))}
     set_graph_metadata(out, meta)
     return out
+
+
+@contextlib.contextmanager
+def _root_info_silenced():
+    """onnxruntime's quantiser logs a line per rescaled weight channel (a thousand for a small ensemble) with
+    the root logger's ``logging.info``; its warnings still show."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _float_nodes(path: Path, float_members: list[int]) -> list[str]:

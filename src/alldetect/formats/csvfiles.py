@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def read_csv_checked(path: str | Path, required: tuple[str, ...], *, kind: str) 
     return rows
 
 
+TEMPORARY_NAME_EXTRA = len("..") + len(".tmp") + 8  # what write_csv_atomic's temporary name adds (mkstemp: 8)
+
+
 def write_csv_atomic(path: str | Path, columns: tuple[str, ...] | list[str], records: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +62,30 @@ def write_csv_atomic(path: str | Path, columns: tuple[str, ...] | list[str], rec
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# Characters that do not show as themselves: C0/C1 controls, zero-width and bidirectional marks (a name can be
+# disguised with them, e.g. U+202E reverses what follows) and the surrogates Python uses for the bytes of a
+# file name that is not UTF-8.
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+                     "\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every hidden character written as its escape, so a name reads as what it is and can be
+    written as UTF-8 (an undecodable byte of a file name shows as ``\xe9``, a bidi mark as ``\u202e``).
+
+    >>> printable("caf\udce9.bmp"), printable("cell\u202egnp.exe"), printable("UID_1_2_3_all.bmp")
+    ('caf\\xe9.bmp', 'cell\\u202egnp.exe', 'UID_1_2_3_all.bmp')
+    """
+    return _HIDDEN.sub(_escape, text)
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the undecodable byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def formula_safe(text: str) -> str:

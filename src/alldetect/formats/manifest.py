@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import DataError
 from .csvfiles import read_csv_checked, write_csv_atomic
 from .labels import LABEL_NAMES, Label
+from .problems import Problem
 
 REQUIRED_COLUMNS = ("path", "label", "subject", "split")
 OPTIONAL_COLUMNS = ("image", "cell", "source")
@@ -42,6 +43,20 @@ COLUMNS = tuple(f.name for f in fields(ManifestRow))
 def write_manifest(rows: list[ManifestRow], path: str | Path) -> None:
     """Write rows atomically (a half-written manifest never replaces a good one)."""
     write_csv_atomic(path, COLUMNS, [asdict(r) for r in rows])
+
+
+def nameable(rows: list[ManifestRow]) -> tuple[list[ManifestRow], list[Problem]]:
+    """Rows a manifest can name, and a problem for each it cannot: a path that is not UTF-8 (bytes of another
+    encoding, e.g. Latin-1 names from a shared drive) has no UTF-8 text that opens the file again."""
+    kept, problems = [], []
+    for row in rows:
+        try:
+            row.path.encode("utf-8")
+            kept.append(row)
+        except UnicodeEncodeError:
+            problems.append(Problem(row.path, "file name is not UTF-8 text (shown with \\x escapes): "
+                                                         "a manifest cannot name it; rename the file", "skipped"))
+    return kept, problems
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .csvfiles import formula_safe, read_csv_checked, write_csv_atomic
+from .csvfiles import formula_safe, printable, read_csv_checked, write_csv_atomic
 from .labels import Label
 
 logger = logging.getLogger(__name__)
@@ -47,25 +47,26 @@ def write_prediction_blocks(path: str | Path, paths: list[str], labels: list[str
 
 def prediction_records(paths: list[str], labels: list[str], blocks: dict[str, np.ndarray], *,
                        subjects: list[str] | None = None, extra: dict[str, np.ndarray] | None = None,
-                       errors: list[str] | None = None,
+                       errors: list[str] | None = None, warnings: list[str] | None = None,
                        spreadsheet_safe: bool = False) -> tuple[list[str], list[dict]]:
     """Contract columns and rows; a NaN probability (an image that could not be scored) is left empty and
-    ``errors`` adds an ``error`` column saying why. ``spreadsheet_safe`` neutralises names a spreadsheet would
-    run as a formula (for files made from names users supplied)."""
-    if spreadsheet_safe:
-        paths, subjects = [formula_safe(p) for p in paths], [formula_safe(s) for s in subjects or [""] * len(paths)]
-        errors = None if errors is None else [formula_safe(e) for e in errors]
-    subjects = subjects or [""] * len(paths)
+    ``errors`` adds an ``error`` column saying why, ``warnings`` a ``warning`` column (what was done to a cell
+    to score it). ``spreadsheet_safe``, for files made from names users supplied, writes names ``printable``
+    (a file name that is not UTF-8 or holds bidi marks can neither break nor disguise a row) and neutralises
+    those a spreadsheet would run as a formula."""
+    clean = (lambda t: formula_safe(printable(t))) if spreadsheet_safe else str
+    paths, subjects = [clean(p) for p in paths], [clean(s) for s in subjects or [""] * len(paths)]
+    notes = {"error": errors, "warning": warnings}
+    notes = {column: [clean(t) for t in texts] for column, texts in notes.items() if texts is not None}
     extra = extra or {}
     records = []
     for model, prob_all in blocks.items():
         for i, p in enumerate(paths):
             record = {"path": p, "label": labels[i], "prob_all": _number(prob_all[i]), "model": model,
                       "subject": subjects[i], **{k: _number(v[i]) for k, v in extra.items()}}
-            if errors is not None:
-                record["error"] = errors[i]
+            record.update({column: texts[i] for column, texts in notes.items()})
             records.append(record)
-    columns = ["path", "label", "prob_all", "model", "subject", *extra, *(["error"] if errors is not None else [])]
+    columns = ["path", "label", "prob_all", "model", "subject", *extra, *notes]
     return columns, records
 
 

@@ -8,7 +8,7 @@ the challenge submission file (one 0/1 per line, in file-number order).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 class Inputs:
     rows: list[ManifestRow]            # every input image, readable or not
     errors: dict[str, str]             # path -> why it cannot be scored
+    warnings: dict[str, str] = field(default_factory=dict)  # path -> what was done to it to score it
 
 
 def collect_inputs(inputs: list[str | Path]) -> Inputs:
@@ -41,7 +42,7 @@ def collect_inputs(inputs: list[str | Path]) -> Inputs:
     errors: dict[str, str] = {}
     for item in map(Path, inputs):
         if item.is_dir():
-            result = index_folder(item, check_images=False)
+            result = index_folder(item, check_images=False, for_manifest=False)
             rows += result.rows
             for p in result.problems:
                 if p.action == "skipped":
@@ -59,19 +60,23 @@ def collect_inputs(inputs: list[str | Path]) -> Inputs:
     return Inputs(rows, errors)
 
 
-def load_crops_for(model: Engine, rows: list[ManifestRow],
-                   errors: dict[str, str]) -> tuple[np.ndarray, list[int]]:
-    """uint8 crops of the readable rows (and their indices); failures are added to ``errors``."""
+def load_crops_for(model: Engine, rows: list[ManifestRow], errors: dict[str, str],
+                   warnings: dict[str, str] | None = None) -> tuple[np.ndarray, list[int]]:
+    """uint8 crops of the readable rows (and their indices); failures are added to ``errors``, conversions
+    (transparency, grey levels, palettes) to ``warnings``."""
     side = model.input_size or model.crop
     crops, kept = [], []
     for i, row in enumerate(tqdm(rows, desc="reading cells", unit="img", leave=False, disable=None)):
         if row.path in errors:
             continue
         try:
-            crops.append(prepare_crop(read_rgb(row.path)[0], model.crop, model.input_size, name=row.path))
+            rgb, note = read_rgb(row.path)
+            crops.append(prepare_crop(rgb, model.crop, model.input_size, name=row.path))
         except ImageProblem as e:
             errors[row.path] = e.reason
             continue
+        if note and warnings is not None:
+            warnings[row.path] = note
         kept.append(i)
     return (np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)), kept
 
@@ -95,13 +100,14 @@ def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *,
     ensemble was fitted (``model.default_tta``); the ``model`` column says ``<method>+tta`` when TTA is used."""
     out_csv = Path(out_csv)
     tta = model.default_tta if tta is None else tta
-    rows, errors = inputs.rows, dict(inputs.errors)
-    crops, kept = load_crops_for(model, rows, errors)
+    rows, errors, warnings = inputs.rows, dict(inputs.errors), dict(inputs.warnings)
+    crops, kept = load_crops_for(model, rows, errors, warnings)
     ens, members = _batched(model, crops, tta, batch_size)
     name = f"{model.method}+tta" if tta else model.method
     columns, records = prediction_records(
         [r.path for r in rows], [r.label for r in rows], {name: _scatter(ens, kept, len(rows))},
         subjects=[r.subject for r in rows], errors=[errors.get(r.path, "") for r in rows],
+        warnings=[warnings.get(r.path, "") for r in rows],
         extra={f"prob_{m}": _scatter(members[k], kept, len(rows)) for k, m in enumerate(model.names)},
         spreadsheet_safe=True)
     write_csv_atomic(out_csv, columns, records)

@@ -11,10 +11,14 @@ import base64
 import csv
 import ctypes
 import ctypes.util
+import gc
+import hashlib
 import html
 import io
 import json
 import logging
+import re
+import secrets
 import sys
 import time
 import uuid
@@ -31,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from ..data.names import parse_cell_name
 from ..data.transforms import prepare_crop
@@ -43,6 +48,9 @@ from ..formats.labels import Label, call
 from ..formats.predictions import prediction_records
 from ..inference.load import load_engine
 from ..inference.onnx_engine import ONNX_NAME
+from ..inference.explain import cell_cams, overlay  # imported with the app: a first Grad-CAM adds no modules
+from ..inference.torch_engine import EnsembleModel, load_ensemble
+from .connections import ConnectionLimits
 from .store import PredictionStore
 from .uploads import Limits, UploadedCell, UploadRejected, decode_cell, expand_uploads
 
@@ -57,8 +65,15 @@ class ServeSettings:
     device: str = "auto"
     engine: str = "prefer-onnx"  # the exported ONNX graph when there is one, else the `auto` choice
     max_cam_cells: int = 32      # Grad-CAM is the slow part: at most this many overlays per request
-    max_queued: int = 16         # requests read or waiting for the scoring thread; more get 503 with Retry-After
+    max_queued: int = 16         # requests read and waiting for the scoring thread; more get 503 with Retry-After
+    max_receiving: int = 64      # request bodies being received at once (each holds up to the upload limit)
     allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any; `serve` sets them)
+    history: str = "private"     # /history shows: each client its own requests (private), all (shared), nothing (off)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+
+
+HISTORY_CHOICES = ("private", "shared", "off")
+CLIENT_COOKIE = "alldetect_client"  # a random token per browser: whose requests /history shows
 
 
 MULTIPART_OVERHEAD = 256 * 1024  # part headers and boundaries on top of the uploaded files themselves
@@ -70,6 +85,8 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
     choice = settings.engine
     if choice == "prefer-onnx":
         choice = "onnx" if (ens_dir / ONNX_NAME).is_file() else "auto"
+    if settings.history not in HISTORY_CHOICES:
+        raise ValueError(f"history must be one of {HISTORY_CHOICES}, not {settings.history!r}")
     engine = load_engine(ens_dir, device=settings.device, engine=choice)
     point = engine.operating_point
     model_id = fingerprint(ens_dir)
@@ -77,14 +94,14 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
     # The models run in one worker thread, never on the event loop: pages and health answer while it scores,
     # and one batch at a time keeps memory bounded.
     scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alldetect-score")
-    queued = [0]
-    cam_model: dict = {}
+    queued, receiving = [0], [0]
     app = FastAPI(title="alldetect", version="1", description="ALL detection in single-cell images with a "
                   "weighted ensemble of CNNs. Research software, not a medical device.")
 
     @app.middleware("http")
     async def same_origin_only(request: Request, call_next):
-        """Refuse Host names the server was not bound to (DNS rebinding) and cross-site writes (CSRF)."""
+        """Refuse Host names the server was not bound to (DNS rebinding) and cross-site writes (CSRF); give each
+        browser a client token, so that its history is its own."""
         host = request.headers.get("host", "")
         if settings.allowed_hosts is not None and _hostname(host) not in settings.allowed_hosts:
             return JSONResponse({"detail": f"host {host!r} is not served here; start `alldetect serve` with "
@@ -93,7 +110,15 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None and \
                 urlsplit(origin).netloc.lower() != host.lower():
             return JSONResponse({"detail": f"cross-origin request from {origin!r} refused"}, status_code=403)
-        return await call_next(request)
+        token = request.cookies.get(CLIENT_COOKIE, "")
+        fresh = _TOKEN.fullmatch(token) is None
+        if fresh:
+            token = secrets.token_urlsafe(32)
+        request.state.client = hashlib.sha256(token.encode()).hexdigest()  # the record keeps no usable token
+        response = await call_next(request)
+        if fresh:
+            response.set_cookie(CLIENT_COOKIE, token, httponly=True, samesite="strict", max_age=365 * 86400)
+        return response
 
     @app.exception_handler(UploadRejected)
     async def rejected(_request: Request, exc: UploadRejected) -> JSONResponse:
@@ -143,23 +168,31 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         of one patient's cells. ``cam=true`` adds a Grad-CAM overlay of each cell (PNG, base64)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise UploadRejected(400, "send the images as multipart/form-data in the field 'files'")
+        if receiving[0] >= settings.max_receiving:
+            raise UploadRejected(503, f"busy: {receiving[0]} uploads are arriving; retry shortly", retry_after=5)
+        receiving[0] += 1
+        try:
+            files = await _read_files(request, settings.limits)
+        finally:
+            receiving[0] -= 1
+        # A queue place is taken once the body is in: a client that sends slowly holds none.
         if queued[0] >= settings.max_queued:
             raise UploadRejected(503, f"busy: {queued[0]} requests are waiting to be scored; retry shortly",
                                  retry_after=5)
-        queued[0] += 1  # counted from the first byte read: waiting uploads hold memory too
+        queued[0] += 1
         try:
-            files = await _read_files(request, settings.limits)
-            return await asyncio.get_running_loop().run_in_executor(scorer, _work, files, cam)
+            return await asyncio.get_running_loop().run_in_executor(scorer, _work, files, cam,
+                                                                    request.state.client)
         finally:
             queued[0] -= 1
 
-    def _work(files: list[tuple[str, bytes]], cam: bool) -> dict:
+    def _work(files: list[tuple[str, bytes]], cam: bool, client: str) -> dict:
         try:
             cells = expand_uploads(files, settings.limits)
             files.clear()  # the cells hold what is still needed
             request_id = uuid.uuid4().hex
             result = _score(cells, cam)
-            recorded = store.record(request_id, model_id, result["cells"])
+            recorded = store.record(request_id, model_id, result["cells"], client=client)
             return {"request_id": request_id, "model_id": model_id, "method": engine.method,
                     "threshold": point.cell_threshold, "patient_threshold": point.patient_threshold,
                     "tta": engine.default_tta, **result, "recorded": recorded,
@@ -173,8 +206,8 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         for i, cell in enumerate(cells):  # one frame decoded at a time; only its crop is kept
             if not cell.error:
                 try:
-                    crops.append(prepare_crop(decode_cell(cell, settings.limits), engine.crop, engine.input_size,
-                                              name=cell.name))
+                    rgb, cell.warning = decode_cell(cell, settings.limits)
+                    crops.append(prepare_crop(rgb, engine.crop, engine.input_size, name=cell.name))
                     kept.append(i)
                 except ImageProblem as e:
                     cell.error = e.reason
@@ -195,7 +228,8 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
                 "call": call(ens[j], point.cell_threshold) if finite else None,
                 "members": {} if j is None else {n: float(members[k, j]) for k, n in enumerate(engine.names)},
                 "cam_png": overlays[j] if j is not None and j < len(overlays) else None,
-                "error": cell.error or ("" if finite or j is None else "no probability could be computed")})
+                "error": cell.error or ("" if finite or j is None else "no probability could be computed"),
+                "warning": cell.warning or ""})
         scored = [c for c in out if c["prob_all"] is not None]
         patients = subject_level(np.full(len(scored), Label.UNLABELLED), np.array([c["prob_all"] for c in scored]),
                                  [c["group"] for c in scored], point=point) if scored else []
@@ -204,13 +238,15 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         return {"cells": out, "patients": patients}
 
     def _cams(batch: np.ndarray) -> list[str]:
-        from ..inference.explain import cell_cams, overlay
-        from ..inference.torch_engine import load_ensemble
-
-        if "model" not in cam_model:
-            cam_model["model"] = load_ensemble(ens_dir, method=engine.method, device=settings.device)
+        """Grad-CAM needs the torch members: the engine's own, or (beside an ONNX engine) a copy loaded for
+        this request and let go after it, so that only one ensemble stays in memory."""
+        model = engine if isinstance(engine, EnsembleModel) else \
+            load_ensemble(ens_dir, method=engine.method, device=settings.device)
+        maps = cell_cams(model, batch).ensemble
+        del model
+        gc.collect()
         encoded = []
-        for crop, m in zip(batch, cell_cams(cam_model["model"], batch).ensemble):
+        for crop, m in zip(batch, maps):
             buffer = io.BytesIO()
             Image.fromarray(overlay(crop, m)).save(buffer, format="PNG")
             encoded.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
@@ -240,8 +276,13 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
                         headers={"Content-Disposition": f'attachment; filename="alldetect-{request_id}.csv"'})
 
     @app.get("/history", response_class=HTMLResponse, include_in_schema=False)
-    def history() -> str:
-        rows = store.recent()
+    def history(request: Request) -> str:
+        """Recent predictions: this browser's own (private), everyone's (shared) or none (off)."""
+        if settings.history == "off":
+            raise HTTPException(404, "the prediction history is not shown on this server (serve --history off)")
+        private = settings.history == "private"
+        rows = store.recent(client=request.state.client if private else None)
+        scope = "this browser's predictions" if private else "every client's predictions"
         body = "".join(
             f"<tr><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['time']))}</td>"
             f"<td>{html.escape(r['file_name'])}</td><td><code>{r['sha256'][:16]}</code></td>"
@@ -249,7 +290,7 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             f"<td>{html.escape(r['model_id'])}</td><td>{html.escape(r['error'])}</td></tr>" for r in rows)
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>alldetect history</title>"
                 f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd}}"
-                f"</style></head><body><h1>Prediction history</h1><p><a href='/'>back</a></p><table><tr><th>time"
+                f"</style></head><body><h1>Prediction history</h1><p>{scope}. <a href='/'>back</a></p><table><tr><th>time"
                 f"</th><th>file</th><th>sha256</th><th>P(ALL)</th><th>model</th><th>error</th></tr>{body}</table>"
                 f"</body></html>")
 
@@ -258,7 +299,17 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
 
 async def _read_files(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
     """The uploaded files, kept in memory, the size limit enforced on the bytes as they arrive (a request
-    without Content-Length, or one that lies about it, is cut off at the limit, never spooled whole)."""
+    without Content-Length, or one that lies about it, is cut off at the limit, never spooled whole). A client
+    that hangs up is one log line."""
+    try:
+        return await _parse_files(request, limits)
+    except ClientDisconnect:
+        client = request.client.host if request.client else "a client"
+        logger.warning("%s hung up while sending an upload; nothing was scored", client)
+        raise UploadRejected(400, "the client disconnected before the upload was complete") from None
+
+
+async def _parse_files(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
     allowed = limits.max_request_bytes + MULTIPART_OVERHEAD
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > allowed:
@@ -285,6 +336,9 @@ async def _read_files(request: Request, limits: Limits) -> list[tuple[str, bytes
     files = [(PurePosixPath(u.filename or "upload").name, await u.read()) for u in uploads]
     await form.close()
     return files
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def _hostname(host: str) -> str:

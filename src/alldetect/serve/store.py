@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     member_probs TEXT NOT NULL,
     model_id TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
-    subject TEXT NOT NULL DEFAULT ''
+    subject TEXT NOT NULL DEFAULT '',
+    client TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id);
 """
@@ -54,21 +55,24 @@ class PredictionStore:
         with closing(self._connect()) as db, db:
             db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
-            if "subject" not in columns:  # a record from before subjects were kept
-                db.execute("ALTER TABLE predictions ADD COLUMN subject TEXT NOT NULL DEFAULT ''")
+            for added in ("subject", "client"):  # a record from before these were kept
+                if added not in columns:
+                    db.execute(f"ALTER TABLE predictions ADD COLUMN {added} TEXT NOT NULL DEFAULT ''")
 
-    def record(self, request_id: str, model_id: str, cells: list[dict]) -> bool:
-        """Record a request's cells; False (and a logged error) when the record cannot be written."""
+    def record(self, request_id: str, model_id: str, cells: list[dict], *, client: str = "") -> bool:
+        """Record a request's cells (``client``: who sent it, for a private history); False (and a logged error)
+        when the record cannot be written."""
         now = time.time()
         rows = [(now, request_id, c["name"], c["sha256"], c["prob_all"], json.dumps(c["members"]), model_id,
-                 c["error"], c["group"]) for c in cells]
+                 c["error"], c["group"], client) for c in cells]
         for attempt in range(2):
             try:
                 if attempt:
                     self._create()  # the file was deleted or emptied under us
                 with closing(self._connect()) as db, db:
                     db.executemany("INSERT INTO predictions (time, request_id, file_name, sha256, prob_all, "
-                                   "member_probs, model_id, error, subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                                   "member_probs, model_id, error, subject, client) "
+                                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 return True
             except (OSError, sqlite3.Error) as e:
                 failure = e
@@ -93,8 +97,11 @@ class PredictionStore:
     def request(self, request_id: str) -> list[dict]:
         return self._select("WHERE request_id = ? ORDER BY id", (request_id,))
 
-    def recent(self, limit: int = 200) -> list[dict]:
-        return self._select("ORDER BY id DESC LIMIT ?", (limit,))
+    def recent(self, limit: int = 200, *, client: str | None = None) -> list[dict]:
+        """The latest predictions, of one client or (None) of all."""
+        if client is None:
+            return self._select("ORDER BY id DESC LIMIT ?", (limit,))
+        return self._select("WHERE client = ? ORDER BY id DESC LIMIT ?", (client, limit))
 
     def _select(self, clause: str, params: tuple) -> list[dict]:
         try:

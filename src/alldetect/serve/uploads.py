@@ -14,10 +14,10 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image
 
-from ..data.images import EMPTY_FILE, decode_rgb
+from ..data.images import EMPTY_FILE, IMAGE_FORMATS, decode_rgb
 from ..errors import first_line
+from ..formats.csvfiles import printable
 
-IMAGE_FORMATS = ("BMP", "PNG", "JPEG", "TIFF")
 ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -46,6 +46,7 @@ class UploadedCell:
     sha256: str
     data: bytes | None          # the encoded image; dropped once the cell is cropped
     error: str = ""
+    warning: str | None = None  # what was done to the image to score it (transparency, grey levels)
 
 
 def expand_uploads(files: list[tuple[str, bytes]], limits: Limits) -> list[UploadedCell]:
@@ -72,13 +73,15 @@ def expand_uploads(files: list[tuple[str, bytes]], limits: Limits) -> list[Uploa
     return cells
 
 
-def decode_cell(cell: UploadedCell, limits: Limits) -> np.ndarray:
-    """The cell's RGB pixels; raises ``ImageProblem`` naming the cell."""
-    return decode_rgb(io.BytesIO(cell.data), name=cell.name, max_pixels=limits.max_pixels, formats=IMAGE_FORMATS)[0]
+def decode_cell(cell: UploadedCell, limits: Limits) -> tuple[np.ndarray, str | None]:
+    """The cell's RGB pixels and what was done to them (see ``decode_rgb``); raises ``ImageProblem`` naming the
+    cell."""
+    return decode_rgb(io.BytesIO(cell.data), name=cell.name, max_pixels=limits.max_pixels)
 
 
 def _cell(name: str, group: str, data: bytes, error: str = "") -> UploadedCell:
-    return UploadedCell(name, group, hashlib.sha256(data).hexdigest(), data,
+    """A cell named as it will be shown everywhere: hidden characters escaped (see ``printable``)."""
+    return UploadedCell(printable(name), printable(group), hashlib.sha256(data).hexdigest(), data,
                         error or (EMPTY_FILE if not data else ""))
 
 

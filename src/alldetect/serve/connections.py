@@ -1,0 +1,233 @@
+"""Connection rules below the app, where a slow or half-open client costs the server nothing but a socket:
+time limits on request headers and bodies, a cap on open connections in all and per client (the oldest
+connection still waiting for its headers makes room), and a refused request's remaining body dropped for
+at most a moment (the connection then serves on if the body ended, else it is closed) instead of read to its
+end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import socket
+from dataclasses import dataclass
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+logger = logging.getLogger(__name__)
+FD_MARGIN = 64           # descriptors kept free for model files, the record and the listening socket
+LINGER_SECONDS = 1.0     # after an early answer, the rest of the client's body is dropped this long, then closed
+LINGER_BYTES = 4 << 20   # ... or until this much has been discarded
+SUMMARY_SECONDS = 60     # closed idle connections are logged as one line per this many seconds
+EVICTABLE_AFTER = 1.0    # a connection waiting for headers this long may be closed to make room
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    header_seconds: float = 10      # a connection must send a request's headers within this time
+    body_seconds: float = 120       # ... and its whole body within this time after the headers
+    max_connections: int = 4096     # open connections in all (kept under the process's descriptor limit)
+    max_per_client: int = 2048      # open connections from one address
+
+    def effective_max(self) -> int:
+        """``max_connections``, or fewer when the process may not open that many files; the soft limit is
+        raised towards the hard one first (a server holding thousands of idle sockets needs it)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = self.max_connections + FD_MARGIN
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        most = self.max_connections if soft == resource.RLIM_INFINITY else max(1, min(self.max_connections,
+                                                                                       soft - FD_MARGIN))
+        if most < self.max_connections:
+            logger.warning("the file-descriptor limit (%d) allows at most %d open connections, not %d", soft, most,
+                           self.max_connections)
+        return most
+
+
+class ConnectionGuard:
+    """Bookkeeping shared by every connection of one server: which are open and which are waiting for request
+    headers, per client address, and counts for the periodic log line. A waiting connection can be closed to
+    make room once it has waited ``EVICTABLE_AFTER`` seconds: a client sends its headers well within that, so
+    a flood of new connections closes the flood's older ones, never a request on its way in."""
+
+    def __init__(self, limits: ConnectionLimits):
+        self.limits = limits
+        self.max_connections = limits.effective_max()
+        self.open = 0
+        self.per_client: dict[str, set[GuardedH11Protocol]] = {}
+        self.waiting: dict[str, dict[GuardedH11Protocol, float]] = {}  # per address, oldest first -> since when
+        self.closed = {"headers": 0, "evicted": 0, "refused": 0}
+        self._next_summary = 0.0
+
+    def admit(self, conn: GuardedH11Protocol) -> bool:
+        """Register a new connection; False when it must be closed at once (no room, none evictable). Room is
+        made by closing a connection waiting for headers: of the new one's own address when that address is at
+        its cap, else of the address holding the most connections."""
+        mine = self.per_client.setdefault(conn.address, set())
+        full = len(mine) >= self.limits.max_per_client and not self._evict(conn.address)
+        if not full and self.open >= self.max_connections:
+            greediest = max(self.per_client, key=lambda address: len(self.per_client[address]))
+            full = not self._evict(greediest) and not any(self._evict(a) for a in list(self.waiting))
+        if full:
+            self.count("refused")
+            if not mine:
+                del self.per_client[conn.address]
+            return False
+        self.open += 1
+        mine.add(conn)
+        return True
+
+    def wait(self, conn: GuardedH11Protocol) -> None:
+        """``conn`` now waits for a request's headers."""
+        waiting = self.waiting.setdefault(conn.address, {})
+        waiting.pop(conn, None)
+        waiting[conn] = conn.loop.time()
+
+    def stop_waiting(self, conn: GuardedH11Protocol) -> None:
+        waiting = self.waiting.get(conn.address, {})
+        waiting.pop(conn, None)
+        if not waiting:
+            self.waiting.pop(conn.address, None)
+
+    def is_waiting(self, conn: GuardedH11Protocol) -> bool:
+        return conn in self.waiting.get(conn.address, {})
+
+    def forget(self, conn: GuardedH11Protocol) -> None:
+        self.stop_waiting(conn)
+        mine = self.per_client.get(conn.address, set())
+        if conn in mine:
+            mine.discard(conn)
+            self.open -= 1
+        if not mine:
+            self.per_client.pop(conn.address, None)
+
+    def count(self, reason: str) -> None:
+        self.closed[reason] += 1
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_summary:
+            self._next_summary = now + SUMMARY_SECONDS
+            logger.warning(
+                "connection guard: closed %d connections that sent no request headers within %gs, evicted %d "
+                "waiting ones to make room and refused %d (%d open, at most %d in all and %d per client)",
+                self.closed["headers"], self.limits.header_seconds, self.closed["evicted"], self.closed["refused"],
+                self.open, self.max_connections, self.limits.max_per_client)
+            self.closed = dict.fromkeys(self.closed, 0)
+
+    def _evict(self, address: str) -> bool:
+        """Close the longest-waiting connection of ``address`` that has waited long enough, passing over a
+        kept-alive one whose next request has arrived but is not parsed yet (it is about to be served)."""
+        waiting = self.waiting.get(address, {})
+        deadline = asyncio.get_running_loop().time() - EVICTABLE_AFTER
+        for conn, since in waiting.items():
+            if since > deadline:
+                return False
+            if not (conn.served and conn.has_unread_bytes()):
+                self.count("evicted")
+                conn.close_now()
+                self.forget(conn)
+                return True
+        return False
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the rules of this module; ``guarded_protocol`` binds it to one guard."""
+
+    guard: ConnectionGuard
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        self.address = peer[0] if peer else ""
+        self._timer: asyncio.TimerHandle | None = None
+        self._discarded: int | None = None  # bytes thrown away after an early answer; None: not lingering
+        self.served = False  # has answered a request (so, kept alive, it waits for the next one)
+        self.refused = not self.guard.admit(self)
+        if self.refused:  # as cheaply as possible: a flood of these is what the guard is for
+            transport.abort()
+            return
+        super().connection_made(transport)
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        self._cancel_timer()
+        self.guard.forget(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarded is not None:
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES:
+                self.close_now()
+                return
+        waiting_for_headers = self.guard.is_waiting(self)
+        super().data_received(data)  # after an early answer h11 drops the rest of the body
+        state = self.conn.their_state
+        if self._discarded is not None and state is not h11.SEND_BODY:  # the refused body ended in time
+            self._discarded = None
+            self._cancel_timer()
+            if state is h11.IDLE:
+                self._await_headers()
+        elif waiting_for_headers and state is not h11.IDLE:
+            self.guard.stop_waiting(self)
+            self._cancel_timer()
+            if state is h11.SEND_BODY:
+                self._timer = self.loop.call_later(self.guard.limits.body_seconds, self._body_too_slow)
+        elif not waiting_for_headers and state is not h11.SEND_BODY and self._timer is not None:
+            self._cancel_timer()  # the body is complete
+
+    def on_response_complete(self) -> None:
+        unread_body = self.conn.their_state is h11.SEND_BODY
+        self.served = True
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if unread_body:  # answered before the body was read (a refusal): its rest is dropped for a moment only
+            self._cancel_timer()
+            self._discarded = 0
+            self._timer = self.loop.call_later(LINGER_SECONDS, self.close_now)
+        elif self.conn.their_state is h11.IDLE:
+            self._await_headers()
+
+    def has_unread_bytes(self) -> bool:
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            with socket.socket(fileno=os.dup(sock.fileno())) as peek:
+                return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing waiting (EAGAIN), or the socket is gone
+            return False
+
+    def close_now(self) -> None:
+        self._cancel_timer()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _await_headers(self) -> None:
+        self.guard.wait(self)
+        self._cancel_timer()
+        self._timer = self.loop.call_later(self.guard.limits.header_seconds, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self.guard.count("headers")
+        self.close_now()
+
+    def _body_too_slow(self) -> None:
+        logger.warning("%s: closed the connection: the request body did not arrive within %gs", self.address,
+                       self.guard.limits.body_seconds)
+        self.close_now()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
+    """A protocol class for ``uvicorn.Config(http=...)`` whose connections share one new guard."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": ConnectionGuard(limits)})
