@@ -8,11 +8,17 @@ Per member and for the whole ensemble, cells per second at 300x300, batch 16, fo
   (e) onnxruntime int8: (c) quantised statically (int8 weights per channel, uint8 activations; VNNI).
 Then the engines `alldetect predict` ships, each running the whole ensemble as it does on a batch of crops:
 torch with bf16 (EnsembleModel), the exported fp32 graph and its int8 copy (OnnxEnsemble).
+Then the domain check (``data.domain``: the measures of each cell's crop and the checks) on synthetic cells
+of the same size, as a share of each shipped engine's time per cell.
 Ratios are against (a) measured in the same run. Weights are random, and (e)'s activation ranges come from
 random pixels: speed depends on neither. With --accuracy ENS_DIR, also the AUC change of bf16 and of int8
 (calibrated on that ensemble's validation cells, as `alldetect export` does) against fp32 on its test split.
 
+With --domain-check ENS_DIR, only the domain check against that ensemble folder's engine (as `predict` loads
+it, with and without TTA) on the same cells, in one run.
+
     python benchmarks/infer_throughput.py [--size 300] [--batch 16] [--repeats 2] [--accuracy runs/demo/ensemble]
+    python benchmarks/infer_throughput.py --domain-check ENS_DIR
 """
 
 from __future__ import annotations
@@ -61,7 +67,10 @@ def main() -> None:
     parser.add_argument("--members", default=",".join(PAPER_MEMBERS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--accuracy", type=Path, help="ensemble directory whose test set measures bf16's AUC change")
+    parser.add_argument("--domain-check", type=Path, help="only: the domain check against this ensemble's engine")
     args = parser.parse_args()
+    if args.domain_check:
+        return print_domain_check_share(args.domain_check, args.batch, args.repeats)
     device = torch.device(args.device)
     batch_u8 = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
     rows, totals = [], {}
@@ -117,6 +126,9 @@ def main() -> None:
     print(f"\nShipped engines, whole ensemble in one call (naive (a) above: {naive:.2f} cells/s)\n")
     print(format_table([{"engine": k, "cells/s": f"{v:.2f}", "/ naive": f"{v / naive:.2f}x"}
                         for k, v in shipped.items()], markdown=True))
+    check = domain_check_rate(args.size, args.batch, args.repeats)
+    print(f"\nDomain check: {check:.1f} cells/s, "
+          + ", ".join(f"{v / check:.1%} of {k}'s time (with TTA {v / check / 8:.1%})" for k, v in shipped.items()))
     if args.accuracy:
         print_accuracy(args.accuracy, args.device)
 
@@ -141,6 +153,37 @@ def shipped_engines(members: list[str], size: int, batch: int, repeats: int) -> 
                                   "uint8")
             out[name] = batch / timed(lambda: engine.predict(crops), repeats)
     return out
+
+
+def domain_check_rate(size: int, batch: int, repeats: int) -> float:
+    """Cells/s of the domain check (measures of each crop, then the checks) on synthetic cells of ``size``."""
+    from alldetect.data.cell_measures import cell_measures
+    from alldetect.data.domain import fit_domain
+    from alldetect.data.out_of_domain import synthetic_cell
+
+    rng = np.random.default_rng(0)
+    crops = np.stack([synthetic_cell(size, rng) for _ in range(max(batch, 40))])
+    reference = fit_domain(cell_measures(crops), [str(i % 8) for i in range(len(crops))], size)
+    return batch / timed(lambda: reference.check(cell_measures(crops[:batch])), repeats)
+
+
+def print_domain_check_share(ens_dir: Path, batch: int, repeats: int) -> None:
+    """The domain check's cells/s on synthetic cells at the folder's crop, against its engine with and without
+    TTA on the same cells at the model's input size."""
+    from alldetect.data.out_of_domain import synthetic_cell
+    from alldetect.data.transforms import model_input
+    from alldetect.inference.load import load_engine
+
+    engine = load_engine(ens_dir, device="cpu")
+    rng = np.random.default_rng(0)
+    crops = np.stack([model_input(synthetic_cell(engine.crop, rng), engine.input_size) for _ in range(batch)])
+    check = domain_check_rate(engine.crop, batch, repeats)
+    rows = [{"what": f"domain check ({engine.crop} px crops)", "cells/s": f"{check:.1f}", "check's share": "-"}]
+    for tta in (False, True):
+        rate = batch / timed(lambda: engine.predict(crops, tta=tta), repeats)
+        rows.append({"what": f"{type(engine).__name__} of {ens_dir}{' with TTA' if tta else ''}",
+                     "cells/s": f"{rate:.1f}", "check's share": f"{rate / check:.1%}"})
+    print(format_table(rows, markdown=True))
 
 
 def print_accuracy(ens_dir: Path, device: str) -> None:

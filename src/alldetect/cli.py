@@ -8,7 +8,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 
@@ -16,6 +16,9 @@ from .errors import AlldetectError
 from .formats.csvfiles import TEMPORARY_NAME_EXTRA
 from .export import INT8_TOLERANCE
 from .training.config import Profile
+
+if TYPE_CHECKING:
+    from .data.transforms import FrameGeometry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Acute lymphoblastic leukemia detection in white-blood-cell images with a weighted "
@@ -76,6 +79,17 @@ SensitivityOption = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Instead: the highest cell threshold that keeps at least this sensitivity.")]
 SpecificityOption = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Instead: the lowest cell threshold that keeps at least this specificity.")]
+DomainCheckOption = Annotated[bool, typer.Option(
+    "--domain-check/--no-domain-check", help="Check every cell against what the ensemble's training cells look like "
+                                             "and flag those unlike them (a patient with most cells flagged gets no "
+                                             "call): a guard, not a guarantee.")]
+FrameSizeOption = Annotated[int | None, typer.Option(
+    min=1, help="Rescale each image's shorter side to this many pixels before the center crop: for frames of "
+                "another size or magnification than C-NMC's 450x450 (e.g. 450 for 257x257 frames of a cell as "
+                "large in its frame).")]
+NoCropOption = Annotated[bool, typer.Option(
+    "--no-crop", help="Each image already is the cell's crop: resize it whole to the crop instead of cutting out "
+                      "the center.")]
 
 
 def operating_criterion(choice: PointChoice, sensitivity: float | None,
@@ -108,6 +122,16 @@ def user_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def frame_geometry(frame_size: int | None, no_crop: bool) -> FrameGeometry:
+    """The ``FrameGeometry`` of --frame-size / --no-crop."""
+    from .data.transforms import FrameGeometry
+
+    if frame_size and no_crop:
+        raise AlldetectError("--frame-size and --no-crop exclude each other: rescale frames, or take each image "
+                             "as the crop")
+    return FrameGeometry(frame_size, no_crop)
 
 
 def writable_file(path: Path, siblings: tuple[str, ...] = ()) -> Path:
@@ -326,7 +350,11 @@ def evaluate(
         min=0.0, max=1.0, help="Also report the operating point that reaches this sensitivity.")] = None,
     subjects: Annotated[bool, typer.Option(help="Also print subject-level results.")] = False,
 ) -> None:
-    """Metrics per model: WP, WR, WFS, ACC, BA, AUC, kappa, sensitivity, specificity and confusion counts."""
+    """Metrics per model: WP, WR, WFS, ACC, BA, AUC, kappa, sensitivity, specificity and confusion counts.
+
+    When the predictions carry the domain check (in_domain, from `predict`), the figures are on the cells inside
+    it and coverage is the share of cells they cover.
+    """
     import json
 
     from .evaluation.evaluate import evaluate_predictions
@@ -346,9 +374,12 @@ def evaluate(
             points[model] = OperatingPoint(threshold, threshold)
         else:
             points[model] = spec.operating_point(method) if spec and method in spec.methods else PAPER_POINT
-        results[model], table = evaluate_predictions(p, point=points[model], ci=ci, sensitivity=sensitivity,
-                                                     subjects=subjects, source=str(predictions))
+        results[model], table = evaluate_predictions(p.inside(), point=points[model], ci=ci,
+                                                     sensitivity=sensitivity, subjects=subjects,
+                                                     source=str(predictions))
         results[model]["threshold"] = points[model].cell_threshold
+        if p.in_domain is not None:  # figures on the cells inside the domain, their share beside them
+            results[model]["coverage"] = float(p.in_domain.mean())
         if table is not None:
             subject_tables[model] = table
     if as_json:
@@ -430,22 +461,31 @@ def predict(
     precision: Annotated[Precision, typer.Option(help="auto: as the engine's choice; bf16 runs on torch, int8 on "
                                                       "the exported int8 graph.")] = Precision.auto,
     batch_size: Annotated[int, typer.Option(help="Cells per batch.")] = 32,
+    domain_check: DomainCheckOption = True,
+    frame_size: FrameSizeOption = None,
+    no_crop: NoCropOption = False,
 ) -> None:
     """P(ALL) per cell from every member and the ensemble; a patient summary when subjects are known.
 
-    Unreadable files get a row with an error; the exit status is 1 if any file failed.
+    Unreadable files get a row with an error; the exit status is 1 if any file failed. Cells unlike the
+    training cells are flagged (in_domain no, with the reason): a guard, not a guarantee.
     """
+    from .formats.tables import format_table
     from .inference.load import load_engine
     from .inference.predict import collect_inputs, predict_rows
-    from .formats.tables import format_table
 
+    geometry = frame_geometry(frame_size, no_crop)
     writable_file(out, siblings=(".patients.csv", ".submission.txt"))
     model = load_engine(ens_dir, method=method, device=device.value, engine=engine.value, precision=precision.value)
     logger.info("engine: %s", type(model).__name__)
     collected = collect_inputs(inputs)
-    summary = predict_rows(model, collected, out, tta=tta, batch_size=batch_size)
+    summary = predict_rows(model, collected, out, tta=tta, batch_size=batch_size, domain_check=domain_check,
+                           geometry=geometry)
     typer.echo(f"wrote {summary.csv}: {summary.scored} cells scored, {summary.failed} failed; "
                f"{len(summary.flagged)} called ALL")
+    if summary.out_of_domain:
+        logger.warning("%d of %d cells are unlike the cells this ensemble was trained on (in_domain no; see "
+                       "domain_note): their P(ALL) is not to be trusted", summary.out_of_domain, summary.scored)
     typer.echo(f"operating point: {summary.operating_point.describe()}")
     if summary.patients:
         typer.echo(f"patients: {summary.patients_csv}")
@@ -538,6 +578,9 @@ def serve(
     max_connections: Annotated[int, typer.Option(min=2, help="Open connections in all (and at most half of them "
                                                              "from one address); past it the connection waiting "
                                                              "longest for its headers is closed.")] = 4096,
+    domain_check: DomainCheckOption = True,
+    frame_size: FrameSizeOption = None,
+    no_crop: NoCropOption = False,
 ) -> None:
     """A web page and JSON API for the lab: upload cells, see calls, Grad-CAM and a patient summary.
 
@@ -558,7 +601,8 @@ def serve(
     settings = ServeSettings(db_path=str(db), device=device.value, engine=engine.value if engine else "prefer-onnx",
                              limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files),
                              max_queued=max_queued, allowed_hosts=hosts, history=history.value,
-                             connections=connections)
+                             connections=connections, domain_check=domain_check,
+                             geometry=frame_geometry(frame_size, no_crop))
     if host not in loopback:
         logger.warning("serving on %s: anyone who can reach this address can upload images", host)
     if wildcard and not allow_host:

@@ -19,3 +19,18 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "SMOKE" in report and "Projected five members x 12 epochs" in report
     assert (tmp_path / "out" / "gpu_check.json").is_file()
+
+
+def test_domain_check_benchmark_prints_every_case(tmp_path):
+    """benchmarks/domain_check.py on the shipped real cells: the reference from one C-NMC folder, the cases from
+    the other."""
+    import sys
+
+    fixtures = ROOT / "tests" / "fixtures" / "cnmc"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "domain_check.py"), "--train",
+                           str(fixtures / "fold_1"), "--test", str(fixtures / "bmp")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for case in ("real cells of new donors", "smear background", "rescaled 0.5x", "noise frame"):
+        assert f"| {case} |" in done.stdout
+    assert "measures and check" in done.stdout

@@ -43,7 +43,8 @@ def _zip(entries: dict[str, bytes]) -> bytes:
 def served(ensemble_dir, tmp_path_factory):
     db = tmp_path_factory.mktemp("serve") / "predictions.sqlite"
     settings = ServeSettings(db_path=str(db), device="cpu",
-                             limits=Limits(max_request_bytes=2_000_000, max_files=20, max_unzipped_bytes=3_000_000))
+                             limits=Limits(max_request_bytes=2_000_000, max_files=20, max_unzipped_bytes=3_000_000),
+                             domain_check=False)  # discs on black are not cells: test_domain_check checks that
     return TestClient(create_app(ensemble_dir, settings)), db
 
 
@@ -273,7 +274,11 @@ def test_page_in_headless_chromium(live_server, tmp_path):
         page.click("#submit")
         page.wait_for_selector("#results:not([hidden])", timeout=60_000)
         shown = page.inner_text("tr[data-testid='cell-0'] td.prob")
+        verdict = page.inner_text("tr[data-testid='cell-0'] [data-testid='outside-0']")
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
-    assert float(shown) == pytest.approx(api["cells"][0]["prob_all"], abs=1e-4)
+    assert float(shown) == pytest.approx(api["cells"][0]["prob_all"], abs=1e-4)  # the flag never hides it
+    # a disc on black is not like the training cells: shown as outside, with the reason, instead of ALL/HEM
+    assert api["cells"][0]["call"] == "OUTSIDE"
+    assert "outside what this model was trained on" in verdict and api["cells"][0]["domain_note"] in verdict
     assert (tmp_path / "page.png").stat().st_size > 10_000

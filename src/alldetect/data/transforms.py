@@ -7,6 +7,7 @@ own mean/std happen last, on the device, so the same uint8 batch can feed every 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,12 +40,45 @@ def center_crop(image: np.ndarray, size: int, *, path: str = "<array>") -> np.nd
     return image[top:top + size, left:left + size]
 
 
-def prepare_crop(pixels: np.ndarray, crop: int, input_size: int | None, *, name: str) -> np.ndarray:
-    """The model's input from a decoded cell: the pixel-exact center crop, resized if the model wants it."""
-    pixels = center_crop(pixels, crop, path=name)
-    if input_size and input_size != crop:
-        pixels = np.asarray(Image.fromarray(pixels).resize((input_size, input_size), Image.BILINEAR))
-    return pixels
+@dataclass(frozen=True)
+class FrameGeometry:
+    """How an image becomes the crop the model sees at its own scale: C-NMC's 450x450 frames are center-cropped
+    as they are; frames of another size or magnification can first be rescaled to ``frame_size`` pixels a
+    side, and an image that already is the cell's crop (``as_crop``) is resized to the crop whole."""
+    frame_size: int | None = None
+    as_crop: bool = False
+
+    def crop(self, pixels: np.ndarray, crop: int, *, name: str) -> np.ndarray:
+        if self.as_crop:
+            return _resized(pixels, crop, crop)
+        if self.frame_size:
+            height, width = pixels.shape[:2]
+            scale = self.frame_size / min(height, width)
+            pixels = _resized(pixels, round(width * scale), round(height * scale))
+        return center_crop(pixels, crop, path=name)
+
+    def describe(self, crop: int) -> str:
+        """What the geometry does, for the CSV ("" for C-NMC's own)."""
+        if self.as_crop:
+            return f"whole image resized to the {crop}x{crop} crop"
+        return f"shorter side rescaled to {self.frame_size}, then the {crop}x{crop} center crop" if self.frame_size \
+            else ""
+
+
+def prepare_crop(pixels: np.ndarray, crop: int, input_size: int | None, *, name: str,
+                 geometry: FrameGeometry = FrameGeometry()) -> np.ndarray:
+    """The model's input from a decoded cell: the pixel-exact center crop (see ``FrameGeometry`` for other
+    frames), resized if the model wants it."""
+    return model_input(geometry.crop(pixels, crop, name=name), input_size)
+
+
+def model_input(crop: np.ndarray, input_size: int | None) -> np.ndarray:
+    """A crop at the model's input size."""
+    return crop if not input_size or input_size == crop.shape[0] else _resized(crop, input_size, input_size)
+
+
+def _resized(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
 
 
 def train_augmentation(*, rotation: float = PAPER_ROTATION, shift: float = PAPER_SHIFT,

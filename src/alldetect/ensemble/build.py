@@ -10,9 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from safetensors.torch import save_file
 
 from ..data.cache import load_crops
+from ..data.cell_measures import cell_measures
+from ..data.domain import DomainReference, fit_domain
+from ..data.images import read_rgb
+from ..data.transforms import center_crop
+from ..errors import ImageProblem
+from ..formats.manifest import read_manifest
 from ..data.transforms import DIHEDRAL_AUGMENTATIONS
 from ..errors import AlldetectError
 from ..formats.predictions import Predictions
@@ -21,12 +28,13 @@ from ..training.checkpoint import load_checkpoint
 from ..training.run_dir import versions
 from .card import write_model_card
 from .folder import (CALIBRATION_CELLS, calibration_sample, describe_data, load_member, read_calibration,
-                     sha256_file, write_calibration, write_ensemble)
+                     record_domain, sha256_file, write_calibration, write_ensemble)
 from .runs import MemberRuns, copy_training_record, read_runs, run_predictions
 from .spec import DEFAULT_METHOD, EnsembleSpec, MemberEntry, load_ensemble_spec
 
 logger = logging.getLogger(__name__)
 BF16_TOLERANCE = 0.05  # largest mean change of a member's P(ALL), bf16 against fp32, on validation cells
+DOMAIN_CELLS = 4000    # most training cells the domain reference is fitted on (drawn evenly when there are more)
 
 
 def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_method: str = DEFAULT_METHOD,
@@ -73,6 +81,7 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_metho
     write_ensemble(out, entries, splits, default_method=default_method, tta=tta,
                    data=describe_data(members[0].config["manifest"], folds=len(members[0].folds)),
                    versions=versions(), operating_point=operating_point, target=target, cross_fitted=cross_fitted)
+    record_domain(out, training_domain(members[0].config["manifest"], crop))
     check_bf16(out)
     write_model_card(out)
     return load_ensemble_spec(out)
@@ -147,3 +156,21 @@ def check_bf16(ens_dir: str | Path, *, cells: int = 64, tolerance: float = BF16_
     spec.bf16 = verdict
     spec.save(ens_dir)
     return verdict
+
+
+def training_domain(manifest: str | Path, crop: int) -> DomainReference:
+    """The domain reference of the labelled training and validation cells of ``manifest``, measured on their
+    ``crop`` px center crops."""
+    rows = [r for r in read_manifest(manifest) if r.label and r.split in ("train", "val")]
+    rows = rows[::max(1, -(-len(rows) // DOMAIN_CELLS))]
+    measures, donors = [], []
+    for row in tqdm(rows, desc="domain reference", unit="cell", leave=False, disable=None):
+        try:
+            measures.append(cell_measures(center_crop(read_rgb(row.path)[0], crop, path=row.path)[None])[0])
+        except ImageProblem as e:
+            logger.warning("%s: left out of the domain reference (%s)", e.path, e.reason)
+            continue
+        donors.append(row.subject or row.path)
+    if len(measures) < 2:
+        raise AlldetectError(f"{manifest}: fewer than two readable training cells to fit the domain reference on")
+    return fit_domain(np.stack(measures), donors, crop)

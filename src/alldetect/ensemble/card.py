@@ -9,13 +9,13 @@ from pathlib import Path
 
 from ..formats.labels import THRESHOLD
 from ..formats.tables import format_table
-from .folder import model_id
+from .folder import load_domain, model_id
 from .spec import EnsembleSpec, load_ensemble_spec
 
 CARD_NAME = "MODEL_CARD.md"
 CARD_METRICS = ("auc", "ba", "wfs", "sensitivity", "specificity")
 SECTIONS = ("What it does and for whom", "Not a medical device", "Training data", "Preprocessing",
-            "Members and ensemble", "Results", "Limitations", "How to use it", "Versions")
+            "Members and ensemble", "Results", "Domain check", "Limitations", "How to use it", "Versions")
 CNMC_CITATION = ("Gupta A., Gupta R. (2019). ALL Challenge dataset of ISBI 2019 [Data set]. The Cancer Imaging "
                  "Archive. https://doi.org/10.7937/tcia.2019.dc64i46r (licence: CC BY 3.0)")
 
@@ -34,6 +34,7 @@ def write_model_card(ens_dir: str | Path) -> Path:
         "Preprocessing": _preprocessing(spec),
         "Members and ensemble": _members(spec),
         "Results": _results(spec, results),
+        "Domain check": _domain(ens_dir, spec),
         "Limitations": [
             "- Stain and scanner shift: cells from another lab, stain batch or microscope than the training donors "
             "score differently: trained on the donors of one C-NMC batch, the ensemble lost about 0.2 cell AUC on "
@@ -99,6 +100,23 @@ def _data(spec: EnsembleSpec) -> list[str]:
                 for split, c in counts.items()]
         lines += ["", format_table(rows, markdown=True)]
     return lines
+
+
+def _domain(ens_dir: Path, spec: EnsembleSpec) -> list[str]:
+    reference = load_domain(ens_dir, spec)
+    if reference is None:
+        return ["None: this folder was built before domain checks; rebuild it with `alldetect ensemble`."]
+    return [f"Every cell scored is checked against what the training cells look like ({reference.fitted_on}): "
+            "a black background around the cell (C-NMC's segmentation), its size, the colours of its stain, and "
+            "all measures together. A cell unlike them is flagged `in_domain: no` with the reason, beside its "
+            "P(ALL), which is kept; a patient with most cells flagged gets no call, and the web page shows such "
+            "cells as outside what this model was trained on. The thresholds flag "
+            f"{reference.flagged_out_of_fold:.1%} of the training donors' own cells (each checked against a "
+            "reference fitted without its donor).",
+            "",
+            "It is a guard, not a guarantee: a flagged cell's probability should not be trusted, but an unflagged "
+            "cell is not proven to be like the training cells; images of another lab, stain or microscope can "
+            "pass the check and still score worse (see Limitations)."]
 
 
 def _preprocessing(spec: EnsembleSpec) -> list[str]:

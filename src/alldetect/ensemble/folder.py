@@ -1,15 +1,17 @@
 """Writing and reading the parts of an ensemble folder besides the spec: fitted predictions, member weights,
-calibration crops, a description of the training data."""
+calibration crops, the domain reference, a description of the training data."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from ..data.domain import DomainReference
 from ..data.index import synthetic_marker
 from ..errors import AlldetectError, first_line
 from ..evaluation.metrics import classification_metrics
@@ -24,6 +26,7 @@ from .spec import SPEC_NAME, EnsembleSpec, MemberEntry, SpecError, load_ensemble
 
 CALIBRATION_NAME = "calibration.npz"
 CALIBRATION_CELLS = 128  # validation crops kept in the folder for int8 calibration and the bf16 check
+DOMAIN_NAME = "domain.json"
 
 
 def write_ensemble(out: Path, members: list[MemberEntry], splits: dict[str, list[Predictions]], *,
@@ -99,6 +102,35 @@ def record_graph(ens_dir: str | Path, graph: Path, *, written: bool) -> None:
     else:
         spec.graphs.pop(graph.name, None)
     spec.save(ens_dir)
+
+
+def record_domain(ens_dir: str | Path, reference: DomainReference) -> None:
+    """Write the domain reference into the folder and its hash into the spec."""
+    ens_dir = Path(ens_dir)
+    path = ens_dir / DOMAIN_NAME
+    path.write_text(json.dumps(reference.to_json(), indent=1))
+    spec = load_ensemble_spec(ens_dir)
+    spec.domain = sha256_file(path)
+    spec.save(ens_dir)
+
+
+def load_domain(ens_dir: str | Path, spec: EnsembleSpec) -> DomainReference | None:
+    """The folder's domain reference, after checking it is the file the spec recorded; None for a folder built
+    without one."""
+    if spec.domain is None:
+        return None
+    path = Path(ens_dir) / DOMAIN_NAME
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SpecError(f"{path}: the domain reference is not readable ({e.strerror or e})") from None
+    if hashlib.sha256(data).hexdigest() != spec.domain:
+        raise SpecError(f"{path}: does not match the hash recorded in ensemble.json (file damaged or replaced); "
+                        "copy the ensemble folder again")
+    try:
+        return DomainReference.from_json(json.loads(data))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"{path}: not a domain reference this alldetect reads ({first_line(e)})") from None
 
 
 def model_id(ens_dir: str | Path) -> str:

@@ -7,6 +7,7 @@
                                   for each fold model, and scores as their average
     members/<name>[/fold<k>]/{config.json,history.csv,epochs.csv,metrics.json}   training records (curves, card)
     calibration.npz               a sample of validation crops (int8 calibration, bf16 check)
+    domain.json                   what the training cells look like: the domain check's reference (hashed)
     predictions_{val,test}.csv    every member and every method (the ``model`` column tells them apart); for a
                                   cross-fitted ensemble, val holds the out-of-fold predictions of every donor
     MODEL_CARD.md, report.md, figures, ONNX graphs when exported
@@ -75,6 +76,7 @@ class EnsembleSpec:
     operating_points: dict[str, OperatingPoint] = field(default_factory=dict)  # per method; missing: the paper's
     cross_fitted: bool = False    # members trained on K folds of donors; val predictions are out of fold
     graphs: dict[str, str] = field(default_factory=dict)  # exported ONNX graph in the folder -> its sha256
+    domain: str | None = None     # sha256 of domain.json, the domain check's reference; None: no check
 
     @property
     def names(self) -> list[str]:
@@ -101,7 +103,8 @@ class EnsembleSpec:
         return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "members": [asdict(m) for m in self.members],
                 "methods": {k: asdict(v) for k, v in self.methods.items()}, "default_method": self.default_method,
                 "operating_points": {k: v.to_json() for k, v in self.operating_points.items()},
-                "cross_fitted": self.cross_fitted, "graphs": self.graphs, "tta": self.tta, "bf16": self.bf16,
+                "cross_fitted": self.cross_fitted, "graphs": self.graphs, "domain": self.domain, "tta": self.tta,
+                "bf16": self.bf16,
                 "data": self.data,
                 "val_metrics": self.val_metrics, "versions": self.versions}
 
@@ -201,9 +204,12 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
     if not isinstance(graphs, dict) or not all(isinstance(k, str) and isinstance(v, str) and "/" not in k
                                                and "\\" not in k for k, v in graphs.items()):
         raise SpecError(f"{path}: field graphs must map graph file names in the folder to their sha256")
+    domain = raw.get("domain")
+    if domain is not None and not isinstance(domain, str):
+        raise SpecError(f"{path}: field domain is {domain!r}, not the sha256 of domain.json")
     return EnsembleSpec(members, methods, default, raw.get("data") or {}, raw.get("val_metrics") or {},
                         raw.get("tta", False), raw.get("bf16"), raw.get("versions") or {}, points,
-                        raw.get("cross_fitted", False), graphs)
+                        raw.get("cross_fitted", False), graphs, domain)
 
 
 def _validated_fit(method: str, raw: object, k: int, path: Path) -> EnsembleFit:

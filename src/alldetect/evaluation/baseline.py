@@ -13,32 +13,10 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ..data.cell_measures import hand_features
 from ..data.images import read_rgb
 from ..formats.labels import is_all
 from ..formats.manifest import ManifestRow
-
-FEATURES = ("diameter", "mean_r", "mean_g", "mean_b", "intensity_std", "fine_texture", "outline_irregularity")
-
-
-def hand_features(image: np.ndarray) -> np.ndarray:
-    """Seven features of one cell on black: size, colour, texture and outline (see ``FEATURES``)."""
-    gray = image.astype(np.float64).mean(axis=2)
-    mask = gray > 10
-    area = max(int(mask.sum()), 1)
-    interior = mask.copy()
-    for axis in (0, 1):
-        for step in (1, -1):
-            interior &= np.roll(mask, step, axis=axis)
-    laplacian = 4 * gray - sum(np.roll(gray, s, axis=a) for a in (0, 1) for s in (1, -1))
-    inside = image[mask].astype(np.float64)
-    return np.array([
-        np.sqrt(4 * area / np.pi) / image.shape[0],
-        *inside.mean(axis=0),
-        gray[mask].std(),
-        laplacian[interior].std() if interior.any() else 0.0,
-        (mask & ~interior).sum() / np.sqrt(area),
-    ])
-
 
 def evaluate_baseline(rows: list[ManifestRow], *, train_split: str = "train",
                       test_split: str = "test") -> dict[str, float]:

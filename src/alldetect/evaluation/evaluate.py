@@ -59,23 +59,30 @@ def evaluate_predictions(p: Predictions, *, point: OperatingPoint = PAPER_POINT,
 
 
 def subject_level(y: np.ndarray, prob: np.ndarray, subjects: list[str], *,
-                  point: OperatingPoint = PAPER_POINT) -> list[dict]:
+                  point: OperatingPoint = PAPER_POINT, in_domain: np.ndarray | None = None) -> list[dict]:
     """Per subject: cells, cells flagged ALL (the point's cell threshold), mean P(ALL), and the call: ALL when the
     mean of its cells' P(ALL) is at least the point's patient threshold. When the point asks for more than one
-    cell per call, ``enough_cells`` says whether the subject has them."""
+    cell per call, ``enough_cells`` says whether the subject has them. With ``in_domain`` (the domain check's
+    verdict per cell), ``out_of_domain`` counts the cells outside it, the figures come from the cells inside,
+    and a subject with most of its cells outside gets no call ("")."""
     table = []
     subjects_arr = np.asarray(subjects)
+    inside = np.ones(len(prob), bool) if in_domain is None else np.asarray(in_domain, bool)
     for s in sorted(set(subjects), key=_natural):
         mask = subjects_arr == s
-        mean = float(prob[mask].mean())
+        used = mask & inside
         labels = set(y[mask].tolist()) - {-1}
         truth = ("all" if labels.pop() == 1 else "hem") if len(labels) == 1 else ""
-        call = "all" if point.patient_all(mean) else "hem"
-        row = {"subject": s, "cells": int(mask.sum()), "flagged_all": int(point.cells_all(prob[mask]).sum()),
+        callable_ = used.sum() * 2 > mask.sum()
+        mean = float(prob[used].mean()) if used.any() else float("nan")
+        call = ("all" if point.patient_all(mean) else "hem") if callable_ else ""
+        row = {"subject": s, "cells": int(mask.sum()), "flagged_all": int(point.cells_all(prob[used]).sum()),
                "mean_prob_all": mean, "call": call, "truth": truth,
-               "correct": "" if not truth else ("yes" if truth == call else "no")}
+               "correct": "" if not truth or not call else ("yes" if truth == call else "no")}
+        if in_domain is not None:
+            row["out_of_domain"] = int((mask & ~inside).sum())
         if point.min_cells > 1:
-            row["enough_cells"] = "yes" if mask.sum() >= point.min_cells else "no"
+            row["enough_cells"] = "yes" if used.sum() >= point.min_cells else "no"
         table.append(row)
     return table
 

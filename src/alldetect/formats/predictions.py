@@ -29,6 +29,15 @@ class Predictions:
     prob_all: np.ndarray
     model: str = ""
     subject: list[str] | None = None
+    in_domain: np.ndarray | None = None  # the domain check's verdict per cell, when the file has one
+
+    def inside(self) -> Predictions:
+        """The cells the domain check left in (all of them when there was no check)."""
+        if self.in_domain is None:
+            return self
+        keep = self.in_domain
+        return Predictions([p for p, k in zip(self.path, keep) if k], self.y[keep], self.prob_all[keep], self.model,
+                           None if self.subject is None else [s for s, k in zip(self.subject, keep) if k])
 
 
 def write_predictions(path: str | Path, paths: list[str], labels: list[str], prob_all: np.ndarray, *,
@@ -48,16 +57,17 @@ def write_prediction_blocks(path: str | Path, paths: list[str], labels: list[str
 def prediction_records(paths: list[str], labels: list[str], blocks: dict[str, np.ndarray], *,
                        subjects: list[str] | None = None, extra: dict[str, np.ndarray] | None = None,
                        errors: list[str] | None = None, warnings: list[str] | None = None,
+                       texts: dict[str, list[str]] | None = None,
                        spreadsheet_safe: bool = False) -> tuple[list[str], list[dict]]:
     """Contract columns and rows; a NaN probability (an image that could not be scored) is left empty and
     ``errors`` adds an ``error`` column saying why, ``warnings`` a ``warning`` column (what was done to a cell
-    to score it). ``spreadsheet_safe``, for files made from names users supplied, writes names ``printable``
+    to score it), ``texts`` more text columns (e.g. the domain check's). ``spreadsheet_safe``, for files made from names users supplied, writes names ``printable``
     (a file name that is not UTF-8 or holds bidi marks can neither break nor disguise a row) and neutralises
     those a spreadsheet would run as a formula."""
     clean = (lambda t: formula_safe(printable(t))) if spreadsheet_safe else str
     paths, subjects = [clean(p) for p in paths], [clean(s) for s in subjects or [""] * len(paths)]
-    notes = {"error": errors, "warning": warnings}
-    notes = {column: [clean(t) for t in texts] for column, texts in notes.items() if texts is not None}
+    notes = {"error": errors, "warning": warnings, **(texts or {})}
+    notes = {column: [clean(t) for t in values] for column, values in notes.items() if values is not None}
     extra = extra or {}
     records = []
     for model, prob_all in blocks.items():
@@ -77,7 +87,7 @@ def _number(value: float) -> str:
 def read_predictions(path: str | Path) -> dict[str, Predictions]:
     """Read a predictions CSV, keyed by ``model`` (one key, the file stem, when the column is absent)."""
     path = Path(path)
-    groups: dict[str, list[tuple[str, int, float, str]]] = {}
+    groups: dict[str, list[tuple[str, int, float, str, str]]] = {}
     failed = 0
     for line, row in read_csv_checked(path, REQUIRED, kind="predictions"):
         if (row.get("error") or "").strip():
@@ -94,10 +104,21 @@ def read_predictions(path: str | Path) -> dict[str, Predictions]:
         if math.isnan(prob) or not 0.0 <= prob <= 1.0:
             raise DataError(f"{path}:{line}: prob_all {prob} is not a probability in [0, 1]")
         model = (row.get("model") or "").strip() or path.stem
-        groups.setdefault(model, []).append((row["path"], int(label), prob, (row.get("subject") or "")))
+        groups.setdefault(model, []).append((row["path"], int(label), prob, (row.get("subject") or ""),
+                                             (row.get("in_domain") or "").strip()))
     if failed:
         logger.warning("%s: %d row(s) with an error and no probability were left out", path, failed)
     if not groups:
         raise DataError(f"{path}: no predictions")
     return {m: Predictions([r[0] for r in rs], np.array([r[1] for r in rs]), np.array([r[2] for r in rs]), m,
-                           [r[3] for r in rs]) for m, rs in groups.items()}
+                           [r[3] for r in rs], _verdicts(path, [r[4] for r in rs])) for m, rs in groups.items()}
+
+
+def _verdicts(path: Path, values: list[str]) -> np.ndarray | None:
+    """The ``in_domain`` column (``yes``/``no``) as booleans; None when the file has no domain check."""
+    if not any(values):
+        return None
+    unknown = sorted(set(values) - {"yes", "no"})
+    if unknown:
+        raise DataError(f"{path}: in_domain {unknown[0]!r} is not yes or no")
+    return np.array([v == "yes" for v in values])

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..data.domain import DomainReference
 from ..ensemble.combiners import EnsembleFit
 from ..formats.operating_point import OperatingPoint
 
@@ -19,10 +20,11 @@ class Scores(NamedTuple):
 class Engine(ABC):
     """Scores uint8 crops (N, S, S, 3) of ``input_size`` (or ``crop``) pixels. Besides ``combiner`` and
     ``operating_point`` (the method's cell and patient calls), an engine has ``names`` (its members), ``method``,
-    ``crop``, ``input_size`` and ``default_tta`` (whether the combiners were fitted on test-time-augmented
-    probabilities, so scoring should use TTA too)."""
+    ``crop``, ``input_size``, ``default_tta`` (whether the combiners were fitted on test-time-augmented
+    probabilities, so scoring should use TTA too) and ``domain`` (the domain check's reference, or None)."""
     combiner: EnsembleFit
     operating_point: OperatingPoint
+    domain: DomainReference | None
 
     @abstractmethod
     def member_probs(self, crops: np.ndarray, *, tta: bool = False) -> np.ndarray:

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.domain import DomainReference
 from ..data.transforms import dihedral_views
 from ..ensemble.combiners import EnsembleFit
-from ..ensemble.folder import sha256_file
+from ..ensemble.folder import load_domain, sha256_file
 from ..ensemble.spec import EnsembleSpec, load_ensemble_spec
 from ..errors import AlldetectError
 from ..formats.operating_point import PAPER_POINT, OperatingPoint
@@ -37,6 +38,7 @@ class OnnxEnsemble(Engine):
     precision: str = "fp32"  # of the graph: fp32 or int8
     default_tta: bool = False  # the combiners were fitted on test-time-augmented probabilities
     operating_point: OperatingPoint = PAPER_POINT
+    domain: DomainReference | None = None  # what the training cells look like (None: no domain check)
 
     def member_probs(self, crops: np.ndarray, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
         out = np.zeros((len(self.names), len(crops)))
@@ -95,4 +97,4 @@ def load_onnx_ensemble(ens_dir: str | Path, *, method: str | None = None, path: 
     input_size = int(meta["input_size"]) if meta.get("input_size") else None
     return OnnxEnsemble(session, names, spec.fit(method), method, int(meta["crop"]), input_size,
                         meta.get("input_dtype", "uint8"), meta.get("precision", "fp32"),
-                        spec.tta, spec.operating_point(method))
+                        spec.tta, spec.operating_point(method), load_domain(ens_dir, spec))

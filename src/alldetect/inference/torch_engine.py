@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..ensemble.combiners import EnsembleFit
-from ..ensemble.folder import load_member
+from ..data.domain import DomainReference
+from ..ensemble.folder import load_domain, load_member
 from ..ensemble.spec import EnsembleSpec, load_ensemble_spec
 from ..formats.operating_point import OperatingPoint
 from ..models import Member
@@ -36,6 +37,7 @@ class EnsembleModel(Engine):
     device: torch.device
     precision: str = "auto"  # see inference_autocast
     fp32_members: frozenset[str] = frozenset()  # members that bf16 moves too far: always run in fp32
+    domain: DomainReference | None = None  # what the training cells look like (None: no domain check)
 
     @property
     def names(self) -> list[str]:
@@ -78,6 +80,7 @@ def load_ensemble(ens_dir: str | Path, *, method: str | None = None, device: str
     members = [load_member(Path(ens_dir), entry).to(dev).to(memory_format=torch.channels_last).eval()
                for entry in spec.members]
     fp32 = frozenset((spec.bf16 or {}).get("fp32_members", []))
-    return EnsembleModel(members, combiner, method, spec.crop, spec.input_size, spec, dev, precision, fp32)
+    return EnsembleModel(members, combiner, method, spec.crop, spec.input_size, spec, dev, precision, fp32,
+                         load_domain(ens_dir, spec))
 
 

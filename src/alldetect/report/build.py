@@ -18,11 +18,16 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from ..data.cell_measures import cell_measures  # noqa: E402
+from ..data.images import read_rgb  # noqa: E402
+from ..data.transforms import center_crop  # noqa: E402
 from ..ensemble.card import write_model_card  # noqa: E402
+from ..ensemble.folder import load_domain  # noqa: E402
 from ..ensemble.combiners import METHOD_LABELS, METHODS  # noqa: E402
 from ..ensemble.spec import load_ensemble_spec  # noqa: E402
 from ..evaluation.evaluate import bootstrap_ci, paired_bootstrap, subject_level  # noqa: E402
 from ..evaluation.metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity  # noqa: E402
+from ..errors import ImageProblem  # noqa: E402
 from ..formats.csvfiles import write_csv_atomic  # noqa: E402
 from ..formats.labels import THRESHOLD
 from ..formats.operating_point import PAPER_POINT
@@ -82,9 +87,49 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
     has_curves = training_curves_figure(ens_dir / "training.png", ens_dir, spec)
     report = _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects, fitted,
                        has_gradcam=(ens_dir / "gradcam" / "gradcam_grid.png").is_file(), has_curves=has_curves)
+    report += "\n" + "\n".join(_domain_section(ens_dir, spec, split, preds[spec.default_method]))
     (ens_dir / "report.md").write_text(report)
     write_model_card(ens_dir)
     return ens_dir / "report.md"
+
+
+def _domain_section(ens_dir: Path, spec, split: str, preds: Predictions) -> list[str]:
+    """The domain check on the report's cells: how many it flags, and the default method's figures on the cells
+    inside beside those on all cells."""
+    reference = load_domain(ens_dir, spec)
+    lines = ["## Domain check", ""]
+    if reference is None:
+        return lines + ["This ensemble has no domain reference (built by an earlier alldetect).", ""]
+    lines += [f"The reference was fitted on {reference.fitted_on}; it flags {reference.flagged_out_of_fold:.1%} of "
+              "those cells when each donor is checked against a reference fitted without it. The check is a guard, "
+              "not a guarantee: a flagged cell is unlike the training cells, an unflagged one is not proven alike.",
+              ""]
+    inside, readable = [], []
+    for i, path in enumerate(preds.path):
+        try:
+            crop = center_crop(read_rgb(path)[0], reference.side, path=path)
+        except ImageProblem:
+            continue
+        readable.append(i)
+        inside.append(bool(reference.check(cell_measures(crop[None])).in_domain[0]))
+    if not readable:
+        return lines + [f"The {split} cells' images are not where the predictions name them, so they were not "
+                        "checked here.", ""]
+    idx, inside = np.array(readable), np.array(inside)
+    y, prob = preds.y[idx], preds.prob_all[idx]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        every = classification_metrics(y, prob, threshold=spec.operating_point().cell_threshold)
+        within = classification_metrics(y[inside], prob[inside], threshold=spec.operating_point().cell_threshold) \
+            if inside.any() else None
+    rows = [{"cells": f"all {len(idx)}", "coverage": "100%", **{k: every[k] for k in ("ba", "auc", "sensitivity",
+                                                                                       "specificity")}}]
+    if within is not None:
+        rows.append({"cells": f"in domain {int(inside.sum())}", "coverage": f"{inside.mean():.1%}",
+                     **{k: within[k] for k in ("ba", "auc", "sensitivity", "specificity")}})
+    return lines + [f"On the {split} split the check flags {int((~inside).sum())} of {len(idx)} cells. "
+                    f"{_label(spec.default_method)} at the shipped operating point:", "",
+                    format_table(rows, markdown=True), ""]
 
 
 def _label(method: str) -> str:

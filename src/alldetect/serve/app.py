@@ -38,7 +38,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from ..data.names import parse_cell_name
-from ..data.transforms import prepare_crop
+from ..data.cell_measures import cell_measures
+from ..data.transforms import FrameGeometry, model_input
 from ..ensemble.card import CARD_NAME
 from ..ensemble.folder import model_id as fingerprint
 from ..ensemble.spec import load_ensemble_spec
@@ -69,11 +70,14 @@ class ServeSettings:
     max_receiving: int = 64      # request bodies being received at once (each holds up to the upload limit)
     allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any; `serve` sets them)
     history: str = "private"     # /history shows: each client its own requests (private), all (shared), nothing (off)
+    domain_check: bool = True    # flag cells unlike the training cells (when the ensemble has a domain reference)
+    geometry: FrameGeometry = FrameGeometry()  # how an uploaded image becomes the crop (see --frame-size, --no-crop)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 HISTORY_CHOICES = ("private", "shared", "off")
 CLIENT_COOKIE = "alldetect_client"  # a random token per browser: whose requests /history shows
+OUTSIDE = "OUTSIDE"  # the call of a cell the domain check flags: outside what this model was trained on
 
 
 MULTIPART_OVERHEAD = 256 * 1024  # part headers and boundaries on top of the uploaded files themselves
@@ -89,6 +93,10 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         raise ValueError(f"history must be one of {HISTORY_CHOICES}, not {settings.history!r}")
     engine = load_engine(ens_dir, device=settings.device, engine=choice)
     point = engine.operating_point
+    check_domain = settings.domain_check and engine.domain is not None
+    if settings.domain_check and not check_domain:
+        logger.warning("%s has no domain reference (built by an earlier alldetect): uploaded cells are not checked "
+                       "against its training cells; rebuild it with `alldetect ensemble`", ens_dir)
     model_id = fingerprint(ens_dir)
     store = PredictionStore(settings.db_path)
     # The models run in one worker thread, never on the event loop: pages and health answer while it scores,
@@ -157,6 +165,8 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
                 "crop": engine.crop, "threshold": point.cell_threshold,
                 "patient_threshold": point.patient_threshold, "min_cells": point.min_cells,
                 "operating_point": point.describe(), "tta": engine.default_tta,
+                "domain_check": None if not check_domain else {
+                    "fitted_on": engine.domain.fitted_on, "flagged_out_of_fold": engine.domain.flagged_out_of_fold},
                 "members": [{"name": m.name, "weight": (fit.weights or [None] * len(spec.members))[i],
                              "val_metrics": spec.val_metrics.get(m.name)}
                             for i, m in enumerate(spec.members)],
@@ -202,12 +212,15 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
 
     def _score(cells: list[UploadedCell], cam: bool) -> dict:
         side = engine.input_size or engine.crop
-        crops, kept = [], []
+        crops, kept, measures = [], [], []
         for i, cell in enumerate(cells):  # one frame decoded at a time; only its crop is kept
             if not cell.error:
                 try:
                     rgb, cell.warning = decode_cell(cell, settings.limits)
-                    crops.append(prepare_crop(rgb, engine.crop, engine.input_size, name=cell.name))
+                    crop = settings.geometry.crop(rgb, engine.crop, name=cell.name)
+                    crops.append(model_input(crop, engine.input_size))
+                    if check_domain:
+                        measures.append(cell_measures(crop[None])[0])
                     kept.append(i)
                 except ImageProblem as e:
                     cell.error = e.reason
@@ -216,25 +229,32 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
         del crops
         ens, members = (engine.predict(batch, tta=engine.default_tta) if len(batch)
                         else (np.zeros(0), np.zeros((len(engine.names), 0))))
+        verdict = engine.domain.check(np.stack(measures)) if check_domain and measures else None
         overlays = _cams(batch[: settings.max_cam_cells]) if cam and len(batch) else []
         out = []
         position = {cell_index: j for j, cell_index in enumerate(kept)}
         for i, cell in enumerate(cells):
             j = position.get(i)
             finite = j is not None and bool(np.isfinite(ens[j]))
+            inside = None if verdict is None or j is None else bool(verdict.in_domain[j])
             out.append({
                 "name": cell.name, "group": cell.group or _subject(cell.name), "sha256": cell.sha256,
                 "prob_all": float(ens[j]) if finite else None,
-                "call": call(ens[j], point.cell_threshold) if finite else None,
+                "call": (OUTSIDE if inside is False else call(ens[j], point.cell_threshold)) if finite else None,
+                "in_domain": inside, "domain_note": "" if inside is not False else verdict.notes[j],
                 "members": {} if j is None else {n: float(members[k, j]) for k, n in enumerate(engine.names)},
                 "cam_png": overlays[j] if j is not None and j < len(overlays) else None,
                 "error": cell.error or ("" if finite or j is None else "no probability could be computed"),
                 "warning": cell.warning or ""})
         scored = [c for c in out if c["prob_all"] is not None]
         patients = subject_level(np.full(len(scored), Label.UNLABELLED), np.array([c["prob_all"] for c in scored]),
-                                 [c["group"] for c in scored], point=point) if scored else []
+                                 [c["group"] for c in scored], point=point,
+                                 in_domain=None if verdict is None else
+                                 np.array([c["in_domain"] is not False for c in scored])) if scored else []
         for p in patients:
             del p["truth"], p["correct"]
+            if not np.isfinite(p["mean_prob_all"]):  # every cell outside the domain: no mean to show
+                p["mean_prob_all"] = None
         return {"cells": out, "patients": patients}
 
     def _cams(batch: np.ndarray) -> list[str]:
@@ -260,11 +280,15 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             raise HTTPException(404, f"no request {request_id!r}")
         nan = float("nan")
         members = [json.loads(r["member_probs"]) for r in rows]
+        notes = [r["domain_note"] for r in rows]
+        texts = {} if all(n is None for n in notes) else {
+            "in_domain": ["" if n is None else "no" if n else "yes" for n in notes],
+            "domain_note": [n or "" for n in notes]}
         columns, records = prediction_records(
             [r["file_name"] for r in rows], [""] * len(rows),
             {engine.method: np.array([nan if r["prob_all"] is None else r["prob_all"] for r in rows])},
             subjects=[r["subject"] or _subject(r["file_name"]) for r in rows], errors=[r["error"] for r in rows],
-            extra={f"prob_{n}": np.array([m.get(n, nan) for m in members]) for n in engine.names},
+            texts=texts, extra={f"prob_{n}": np.array([m.get(n, nan) for m in members]) for n in engine.names},
             spreadsheet_safe=True)
         for record, r in zip(records, rows):
             record["sha256"] = r["sha256"]

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     model_id TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
     subject TEXT NOT NULL DEFAULT '',
-    client TEXT NOT NULL DEFAULT ''
+    client TEXT NOT NULL DEFAULT '',
+    domain_note TEXT
 );
 CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id);
 """
@@ -55,24 +56,26 @@ class PredictionStore:
         with closing(self._connect()) as db, db:
             db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
-            for added in ("subject", "client"):  # a record from before these were kept
+            for added, kind in (("subject", "NOT NULL DEFAULT ''"), ("client", "NOT NULL DEFAULT ''"),
+                                ("domain_note", "")):  # a record from before these were kept
                 if added not in columns:
-                    db.execute(f"ALTER TABLE predictions ADD COLUMN {added} TEXT NOT NULL DEFAULT ''")
+                    db.execute(f"ALTER TABLE predictions ADD COLUMN {added} TEXT {kind}")
 
     def record(self, request_id: str, model_id: str, cells: list[dict], *, client: str = "") -> bool:
         """Record a request's cells (``client``: who sent it, for a private history); False (and a logged error)
         when the record cannot be written."""
         now = time.time()
         rows = [(now, request_id, c["name"], c["sha256"], c["prob_all"], json.dumps(c["members"]), model_id,
-                 c["error"], c["group"], client) for c in cells]
+                 c["error"], c["group"], client, None if c.get("in_domain") is None else c["domain_note"])
+                for c in cells]
         for attempt in range(2):
             try:
                 if attempt:
                     self._create()  # the file was deleted or emptied under us
                 with closing(self._connect()) as db, db:
                     db.executemany("INSERT INTO predictions (time, request_id, file_name, sha256, prob_all, "
-                                   "member_probs, model_id, error, subject, client) "
-                                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                                   "member_probs, model_id, error, subject, client, domain_note) "
+                                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 return True
             except (OSError, sqlite3.Error) as e:
                 failure = e
