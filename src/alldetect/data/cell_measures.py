@@ -19,14 +19,20 @@ def hand_features(image: np.ndarray) -> np.ndarray:
 
 
 def cell_measures(crops: np.ndarray) -> np.ndarray:
-    """(N, len(MEASURES)) measures of uint8 crops (N, S, S, 3): ``black_border`` (the share of the outer ring
-    that is black background: 1.0 for a segmented cell in the middle of its frame, near 0 on a slide's natural
-    background), ``HAND_FEATURES``, and ``SHAPE_AND_STAIN``: the spread of 4x4-pixel block means inside the cell
-    (chromatin's coarse texture), the spread of red minus blue inside it (how evenly stained), and how much
-    darker the cell's rim is than its inside."""
+    """(N, len(MEASURES)) measures of uint8 crops (N, S, S, 3), taken at half their side (means of 2x2 pixels:
+    a quarter of the cost, and on real cells they tell the same cells apart): ``black_border`` (the share of
+    the outer ring that is black background: 1.0 for a segmented cell in the middle of its frame, near 0 on a
+    slide's natural background), ``HAND_FEATURES``, and ``SHAPE_AND_STAIN``: the spread of 4x4-pixel block means
+    inside the cell (chromatin's coarse texture), the spread of red minus blue inside it (how evenly stained),
+    and how much darker the cell's rim is than its inside."""
     if len(crops) == 0:
         return np.zeros((0, len(MEASURES)))
-    return np.stack([_Cell(c).measures() for c in crops])
+    return np.stack([_Cell(_halved(c)).measures() for c in crops])
+
+
+def _halved(image: np.ndarray) -> np.ndarray:
+    even = image[:image.shape[0] // 2 * 2, :image.shape[1] // 2 * 2].astype(np.float32)
+    return (even[0::2, 0::2] + even[1::2, 0::2] + even[0::2, 1::2] + even[1::2, 1::2]) / 4
 
 
 class _Cell:

@@ -1,7 +1,7 @@
 """The domain check: is a cell like the cells the model learnt from? A guard, not a guarantee.
 
-A ``DomainReference`` holds what the training cells look like (``cell_measures`` of their center crops at
-the crop's own scale, before any resizing): how black the border around the cell is, the cell's diameter,
+A ``DomainReference`` holds what the training cells look like (``cell_measures`` of their center crops, not
+of the model's resized input): how black the border around the cell is, the cell's diameter,
 its colours, and all measures together (a Mahalanobis distance). Thresholds are fitted on the training
 donors' cells, each scored against a reference fitted without its donor, so that about ``TARGET_FLAGGED`` of
 them would be flagged. A cell that fails a check is out of domain, with a note naming what failed.
