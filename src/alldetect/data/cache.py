@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..errors import ImageProblem
 from ..formats.problems import Problem
 from .images import read_rgb
-from .transforms import prepare_crop
+from .transforms import input_side, prepare_crop
 
 logger = logging.getLogger(__name__)
 _FORMAT_VERSION = 1
@@ -40,7 +40,7 @@ class CropCache:
 def load_crops(paths: list[str], *, crop: int, size: int | None = None, cache_dir: str | Path,
                workers: int = 4) -> CropCache:
     """Center-crop every image to ``crop`` (and resize to ``size`` if given), through the disk cache."""
-    side = size or crop
+    side = input_side(crop, size)
     key = _cache_key(paths, crop, side)
     cache_dir = Path(cache_dir)
     data_file, meta_file = cache_dir / f"crops-{side}-{key}.npy", cache_dir / f"crops-{side}-{key}.json"

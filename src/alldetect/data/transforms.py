@@ -72,9 +72,15 @@ def prepare_crop(pixels: np.ndarray, crop: int, input_size: int | None, *, name:
     return model_input(geometry.crop(pixels, crop, name=name), input_size)
 
 
+def input_side(crop: int, input_size: int | None) -> int:
+    """The side of the model's input: the crop, resized to ``input_size`` when there is one."""
+    return input_size or crop
+
+
 def model_input(crop: np.ndarray, input_size: int | None) -> np.ndarray:
     """A crop at the model's input size."""
-    return crop if not input_size or input_size == crop.shape[0] else _resized(crop, input_size, input_size)
+    side = input_side(crop.shape[0], input_size)
+    return crop if side == crop.shape[0] else _resized(crop, side, side)
 
 
 def _resized(pixels: np.ndarray, width: int, height: int) -> np.ndarray:

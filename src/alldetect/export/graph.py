@@ -56,8 +56,7 @@ def export_onnx(model: EnsembleModel, out: str | Path, *, input_dtype: str = "ui
         raise AlldetectError(f"input dtype must be uint8 or float32, not {input_dtype!r}")
     out = Path(out)
     graph = EnsembleGraph(model).cpu().float().eval()
-    side = model.input_size or model.crop
-    example = torch.zeros(2, side, side, 3, dtype=torch.uint8 if input_dtype == "uint8" else torch.float32)
+    example = torch.zeros(2, model.side, model.side, 3, dtype=torch.uint8 if input_dtype == "uint8" else torch.float32)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # inside torch.export

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..data.domain import DomainReference
+from ..data.transforms import input_side
 from ..ensemble.combiners import EnsembleFit
 from ..formats.operating_point import OperatingPoint
 
@@ -25,6 +26,11 @@ class Engine(ABC):
     combiner: EnsembleFit
     operating_point: OperatingPoint
     domain: DomainReference | None
+
+    @property
+    def side(self) -> int:
+        """The side of the crops the engine scores."""
+        return input_side(self.crop, self.input_size)
 
     @abstractmethod
     def member_probs(self, crops: np.ndarray, *, tta: bool = False) -> np.ndarray:

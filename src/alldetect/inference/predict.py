@@ -7,24 +7,24 @@ the challenge submission file (one 0/1 per line, in file-number order).
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..data.images import read_rgb
 from ..data.index import index_folder
 from ..data.names import is_image_file, parse_cell_name
-from ..data.cell_measures import MEASURES, cell_measures
-from ..data.transforms import FrameGeometry, model_input
-from ..errors import DataError, ImageProblem
+from ..data.transforms import FrameGeometry
+from ..errors import DataError
 from ..evaluation.evaluate import subject_level
 from ..formats.csvfiles import write_csv_atomic
-from ..formats.operating_point import OperatingPoint
 from ..formats.manifest import ManifestRow
+from ..formats.operating_point import OperatingPoint
 from ..formats.predictions import prediction_records
+from .cells import read_cells, score_cells
 from .engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 class Inputs:
     rows: list[ManifestRow]            # every input image, readable or not
     errors: dict[str, str]             # path -> why it cannot be scored
-    warnings: dict[str, str] = field(default_factory=dict)  # path -> what was done to it to score it
 
 
 def collect_inputs(inputs: list[str | Path]) -> Inputs:
@@ -61,45 +60,15 @@ def collect_inputs(inputs: list[str | Path]) -> Inputs:
     return Inputs(rows, errors)
 
 
-@dataclass
-class Cells:
-    """The readable rows' model inputs, their row indices and, when asked for, their ``cell_measures``."""
-    crops: np.ndarray
-    kept: list[int]
-    measures: np.ndarray | None = None
-
-
-def read_cells(model: Engine, rows: list[ManifestRow], errors: dict[str, str],
-               warnings: dict[str, str] | None = None, *, geometry: FrameGeometry = FrameGeometry(),
-               measure: bool = False) -> Cells:
-    """uint8 model inputs of the readable rows; failures are added to ``errors``, conversions (transparency,
-    grey levels, palettes) to ``warnings``. ``measure``: also the measures of each crop at its own scale, for
-    the domain check."""
-    side = model.input_size or model.crop
-    crops, kept, measures = [], [], []
-    for i, row in enumerate(tqdm(rows, desc="reading cells", unit="img", leave=False, disable=None)):
-        if row.path in errors:
-            continue
-        try:
-            rgb, note = read_rgb(row.path)
-            crop = geometry.crop(rgb, model.crop, name=row.path)
-        except ImageProblem as e:
-            errors[row.path] = e.reason
-            continue
-        crops.append(model_input(crop, model.input_size))
-        if measure:
-            measures.append(cell_measures(crop[None])[0])
-        if note and warnings is not None:
-            warnings[row.path] = note
-        kept.append(i)
-    return Cells(np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8), kept,
-                 (np.stack(measures) if measures else np.zeros((0, len(MEASURES)))) if measure else None)
-
-
 def load_crops_for(model: Engine, rows: list[ManifestRow], errors: dict[str, str]) -> tuple[np.ndarray, list[int]]:
-    """``read_cells``' crops and row indices."""
-    cells = read_cells(model, rows, errors)
-    return cells.crops, cells.kept
+    """uint8 model inputs of the readable rows and their indices; failures are added to ``errors``."""
+    read = read_cells(model, _decoders(rows, errors), [r.path for r in rows])
+    errors.update({rows[i].path: e for i, e in enumerate(read.errors) if e})
+    return read.crops, read.kept
+
+
+def _decoders(rows: list[ManifestRow], errors: dict[str, str]) -> list:
+    return [errors.get(r.path) or functools.partial(read_rgb, r.path) for r in rows]
 
 
 @dataclass
@@ -125,38 +94,35 @@ def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *, tta: boo
     when outside, a ``domain_note``; the patient summary counts them (see ``subject_level``)."""
     out_csv = Path(out_csv)
     tta = model.default_tta if tta is None else tta
-    rows, errors, warnings = inputs.rows, dict(inputs.errors), dict(inputs.warnings)
-    check = domain_check and model.domain is not None
-    if domain_check and not check:
+    rows = inputs.rows
+    if domain_check and model.domain is None:
         logger.warning("this ensemble folder has no domain reference (built by an earlier alldetect): cells are "
                        "not checked against its training cells; rebuild it with `alldetect ensemble`")
-    cells = read_cells(model, rows, errors, warnings, geometry=geometry, measure=check)
+    cells = score_cells(model, _decoders(rows, inputs.errors), [r.path for r in rows], tta=tta,
+                        batch_size=batch_size, domain_check=domain_check, geometry=geometry)
     kept = cells.kept
-    ens, members = _batched(model, cells.crops, tta, batch_size)
-    verdict = model.domain.check(cells.measures) if check else None
-    name = f"{model.method}+tta" if tta else model.method
     texts = {}
-    if verdict is not None:
-        texts["in_domain"] = _scatter_text(["yes" if v else "no" for v in verdict.in_domain], kept, len(rows))
-        texts["domain_note"] = _scatter_text(verdict.notes, kept, len(rows))
+    if cells.in_domain is not None:
+        texts["in_domain"] = _on_scored(["yes" if v else "no" for v in cells.in_domain], kept)
+        texts["domain_note"] = cells.domain_notes
     if geometry != FrameGeometry():
-        texts["geometry"] = _scatter_text([geometry.describe(model.crop)] * len(kept), kept, len(rows))
+        texts["geometry"] = _on_scored([geometry.describe(model.crop)] * len(rows), kept)
+    name = f"{model.method}+tta" if tta else model.method
     columns, records = prediction_records(
-        [r.path for r in rows], [r.label for r in rows], {name: _scatter(ens, kept, len(rows))},
-        subjects=[r.subject for r in rows], errors=[errors.get(r.path, "") for r in rows],
-        warnings=[warnings.get(r.path, "") for r in rows], texts=texts,
-        extra={f"prob_{m}": _scatter(members[k], kept, len(rows)) for k, m in enumerate(model.names)},
-        spreadsheet_safe=True)
+        [r.path for r in rows], [r.label for r in rows], {name: cells.prob}, subjects=[r.subject for r in rows],
+        errors=cells.errors, warnings=cells.warnings,
+        texts=texts, extra={f"prob_{m}": cells.members[k] for k, m in enumerate(model.names)}, spreadsheet_safe=True)
     write_csv_atomic(out_csv, columns, records)
     scored_rows = [rows[i] for i in kept]
+    ens = cells.prob[kept]
+    in_domain = None if cells.in_domain is None else cells.in_domain[kept]
     point = model.operating_point
     called = point.cells_all(ens)
     summary = Scored(out_csv, len(kept), len(rows) - len(kept), [r.path for r, c in zip(scored_rows, called) if c],
-                     point, out_of_domain=None if verdict is None else int((~verdict.in_domain).sum()))
+                     point, out_of_domain=None if in_domain is None else int((~in_domain).sum()))
     if scored_rows and all(r.subject for r in scored_rows):
         y = np.array([r.y for r in scored_rows])
-        patients = subject_level(y, ens, [r.subject for r in scored_rows], point=point,
-                                 in_domain=None if verdict is None else verdict.in_domain)
+        patients = subject_level(y, ens, [r.subject for r in scored_rows], point=point, in_domain=in_domain)
         patients_file = out_csv.with_name(out_csv.stem + ".patients.csv")
         write_csv_atomic(patients_file, list(patients[0]), patients)
         summary.patients, summary.patients_csv = patients, patients_file
@@ -169,28 +135,7 @@ def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *, tta: boo
     return summary
 
 
-def _scatter_text(values: list[str], kept: list[int], n: int) -> list[str]:
-    out = [""] * n
-    for i, value in zip(kept, values):
-        out[i] = value
-    return out
-
-
-def _scatter(values: np.ndarray, kept: list[int], n: int) -> np.ndarray:
-    """Values of the scored rows placed at their row indices; NaN for rows that could not be scored."""
-    out = np.full(n, np.nan)
-    out[kept] = values
-    return out
-
-
-def _batched(model: Engine, crops: np.ndarray, tta: bool,
-             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    if len(crops) == 0:
-        return np.zeros(0), np.zeros((len(model.names), 0))
-    ens_parts, member_parts = [], []
-    for start in tqdm(range(0, len(crops), batch_size), desc="scoring" + (" (TTA)" if tta else ""), unit="batch",
-                      leave=False, disable=None):
-        ens, members = model.predict(crops[start:start + batch_size], tta=tta)
-        ens_parts.append(ens)
-        member_parts.append(members)
-    return np.concatenate(ens_parts), np.concatenate(member_parts, axis=1)
+def _on_scored(values: list[str], kept: list[int]) -> list[str]:
+    """``values`` on the scored rows, "" on the others."""
+    scored = set(kept)
+    return [v if i in scored else "" for i, v in enumerate(values)]

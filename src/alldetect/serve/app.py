@@ -38,17 +38,16 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from ..data.names import parse_cell_name
-from ..data.cell_measures import cell_measures
-from ..data.transforms import FrameGeometry, model_input
+from ..data.transforms import FrameGeometry
 from ..ensemble.card import CARD_NAME
 from ..ensemble.folder import model_id as fingerprint
 from ..ensemble.spec import load_ensemble_spec
-from ..errors import ImageProblem
 from ..evaluation.evaluate import subject_level
 from ..formats.labels import Label, call
 from ..formats.predictions import prediction_records
 from ..inference.load import load_engine
 from ..inference.onnx_engine import ONNX_NAME
+from ..inference.cells import score_cells
 from ..inference.explain import cell_cams, overlay  # imported with the app: a first Grad-CAM adds no modules
 from ..inference.torch_engine import EnsembleModel, load_ensemble
 from .connections import ConnectionLimits
@@ -211,45 +210,37 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             release_memory()
 
     def _score(cells: list[UploadedCell], cam: bool) -> dict:
-        side = engine.input_size or engine.crop
-        crops, kept, measures = [], [], []
-        for i, cell in enumerate(cells):  # one frame decoded at a time; only its crop is kept
-            if not cell.error:
+        def decoder(cell: UploadedCell):
+            def decode():
                 try:
-                    rgb, cell.warning = decode_cell(cell, settings.limits)
-                    crop = settings.geometry.crop(rgb, engine.crop, name=cell.name)
-                    crops.append(model_input(crop, engine.input_size))
-                    if check_domain:
-                        measures.append(cell_measures(crop[None])[0])
-                    kept.append(i)
-                except ImageProblem as e:
-                    cell.error = e.reason
-            cell.data = None
-        batch = np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
-        del crops
-        ens, members = (engine.predict(batch, tta=engine.default_tta) if len(batch)
-                        else (np.zeros(0), np.zeros((len(engine.names), 0))))
-        verdict = engine.domain.check(np.stack(measures)) if check_domain and measures else None
-        overlays = _cams(batch[: settings.max_cam_cells]) if cam and len(batch) else []
+                    return decode_cell(cell, settings.limits)
+                finally:
+                    cell.data = None  # one frame decoded at a time; only its crop is kept
+            return decode
+
+        scores = score_cells(engine, [cell.error or decoder(cell) for cell in cells], [c.name for c in cells],
+                             tta=engine.default_tta, domain_check=settings.domain_check, geometry=settings.geometry)
+        overlays = _cams(scores.crops[: settings.max_cam_cells]) if cam and len(scores.crops) else []
+        position = {cell_index: j for j, cell_index in enumerate(scores.kept)}
         out = []
-        position = {cell_index: j for j, cell_index in enumerate(kept)}
         for i, cell in enumerate(cells):
             j = position.get(i)
-            finite = j is not None and bool(np.isfinite(ens[j]))
-            inside = None if verdict is None or j is None else bool(verdict.in_domain[j])
+            prob = scores.prob[i]
+            finite = j is not None and bool(np.isfinite(prob))
+            inside = None if scores.in_domain is None or j is None else bool(scores.in_domain[i])
             out.append({
                 "name": cell.name, "group": cell.group or _subject(cell.name), "sha256": cell.sha256,
-                "prob_all": float(ens[j]) if finite else None,
-                "call": (OUTSIDE if inside is False else call(ens[j], point.cell_threshold)) if finite else None,
-                "in_domain": inside, "domain_note": "" if inside is not False else verdict.notes[j],
-                "members": {} if j is None else {n: float(members[k, j]) for k, n in enumerate(engine.names)},
+                "prob_all": float(prob) if finite else None,
+                "call": (OUTSIDE if inside is False else call(prob, point.cell_threshold)) if finite else None,
+                "in_domain": inside, "domain_note": scores.domain_notes[i],
+                "members": {} if j is None else {n: float(scores.members[k, i]) for k, n in enumerate(engine.names)},
                 "cam_png": overlays[j] if j is not None and j < len(overlays) else None,
-                "error": cell.error or ("" if finite or j is None else "no probability could be computed"),
-                "warning": cell.warning or ""})
+                "error": scores.errors[i] or ("" if finite or j is None else "no probability could be computed"),
+                "warning": scores.warnings[i]})
         scored = [c for c in out if c["prob_all"] is not None]
         patients = subject_level(np.full(len(scored), Label.UNLABELLED), np.array([c["prob_all"] for c in scored]),
                                  [c["group"] for c in scored], point=point,
-                                 in_domain=None if verdict is None else
+                                 in_domain=None if scores.in_domain is None else
                                  np.array([c["in_domain"] is not False for c in scored])) if scored else []
         for p in patients:
             del p["truth"], p["correct"]

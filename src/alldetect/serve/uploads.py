@@ -46,7 +46,6 @@ class UploadedCell:
     sha256: str
     data: bytes | None          # the encoded image; dropped once the cell is cropped
     error: str = ""
-    warning: str | None = None  # what was done to the image to score it (transparency, grey levels)
 
 
 def expand_uploads(files: list[tuple[str, bytes]], limits: Limits) -> list[UploadedCell]:
