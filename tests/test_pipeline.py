@@ -23,7 +23,7 @@ def tiny_demo(monkeypatch):
 
 
 def _cfg(out):
-    return PipelineConfig(out=str(out), members=("mobilenet", "densenet121", "inception_resnet_v2"), epochs=1,
+    return PipelineConfig(out=str(out), members=("mobilenet", "densenet121", "efficientnet_lite0"), epochs=1,
                           batch_size=8, bootstrap=50, device="cpu")
 
 
