@@ -122,7 +122,7 @@ def _domain_section(ens_dir: Path, spec, split: str, preds: Predictions) -> list
         every = classification_metrics(y, prob, threshold=spec.operating_point().cell_threshold)
         within = classification_metrics(y[inside], prob[inside], threshold=spec.operating_point().cell_threshold) \
             if inside.any() else None
-    rows = [{"cells": f"all {len(idx)}", "coverage": "100%", **{k: every[k] for k in ("ba", "auc", "sensitivity",
+    rows = [{"cells": f"all {len(idx)}", "coverage": f"{1:.1%}", **{k: every[k] for k in ("ba", "auc", "sensitivity",
                                                                                        "specificity")}}]
     if within is not None:
         rows.append({"cells": f"in domain {int(inside.sum())}", "coverage": f"{inside.mean():.1%}",
