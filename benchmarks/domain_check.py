@@ -61,7 +61,8 @@ def main() -> None:
     started = time.perf_counter()
     reference.check(cell_measures(crops))
     check = time.perf_counter() - started
-    print(f"\nper cell: crop {prepare / len(frames) * 1e3:.2f} ms, measures and check {check / len(frames) * 1e3:.2f} ms")
+    print(f"\nper cell: crop {prepare / len(frames) * 1e3:.2f} ms, "
+          f"measures and check {check / len(frames) * 1e3:.2f} ms")
 
 
 def _crops(frames: list[np.ndarray], args) -> np.ndarray:

@@ -61,9 +61,9 @@ def prediction_records(paths: list[str], labels: list[str], blocks: dict[str, np
                        spreadsheet_safe: bool = False) -> tuple[list[str], list[dict]]:
     """Contract columns and rows; a NaN probability (an image that could not be scored) is left empty and
     ``errors`` adds an ``error`` column saying why, ``warnings`` a ``warning`` column (what was done to a cell
-    to score it), ``texts`` more text columns (e.g. the domain check's). ``spreadsheet_safe``, for files made from names users supplied, writes names ``printable``
-    (a file name that is not UTF-8 or holds bidi marks can neither break nor disguise a row) and neutralises
-    those a spreadsheet would run as a formula."""
+    to score it), ``texts`` more text columns (e.g. the domain check's). ``spreadsheet_safe``, for files made
+    from names users supplied, writes names ``printable`` (a file name that is not UTF-8 or holds bidi marks
+    can neither break nor disguise a row) and neutralises those a spreadsheet would run as a formula."""
     clean = (lambda t: formula_safe(printable(t))) if spreadsheet_safe else str
     paths, subjects = [clean(p) for p in paths], [clean(s) for s in subjects or [""] * len(paths)]
     notes = {"error": errors, "warning": warnings, **(texts or {})}

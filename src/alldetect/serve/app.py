@@ -305,7 +305,8 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             f"<td>{html.escape(r['model_id'])}</td><td>{html.escape(r['error'])}</td></tr>" for r in rows)
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>alldetect history</title>"
                 f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd}}"
-                f"</style></head><body><h1>Prediction history</h1><p>{scope}. <a href='/'>back</a></p><table><tr><th>time"
+                f"</style></head><body><h1>Prediction history</h1><p>{scope}. <a href='/'>back</a></p>"
+                f"<table><tr><th>time"
                 f"</th><th>file</th><th>sha256</th><th>P(ALL)</th><th>model</th><th>error</th></tr>{body}</table>"
                 f"</body></html>")
 
