@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from alldetect.data.cell_measures import cell_measures
-from alldetect.data.domain import fit_domain
+from alldetect.data.domain import fit_domain, measure_images
 from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
 from alldetect.data.out_of_domain import CASES
@@ -37,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     train = [r for r in index_folder(args.train).rows if r.label]
     test = [r for r in index_folder(args.test).rows if r.label]
-    reference = fit_domain(cell_measures(_crops([read_rgb(r.path)[0] for r in train], args)),
-                           [r.subject for r in train], args.crop)
+    measures, readable, _problems = measure_images([r.path for r in train], args.crop)
+    reference = fit_domain(measures, [train[i].subject for i in readable], args.crop)
     print(f"reference: {reference.fitted_on} of {args.train}; flagged out of fold by donor: "
           f"{reference.flagged_out_of_fold:.1%}\n")
     frames = [read_rgb(r.path)[0] for r in test]
@@ -48,10 +48,7 @@ def main() -> None:
     print(f"| cells ({len(frames)} of {len({r.subject for r in test})} donors of {args.test.name}) | flagged | "
           f"most common reason |\n|---|---|---|")
     for name, case in rows:
-        started = time.perf_counter()
-        crops = _crops(case, args)
-        verdict = reference.check(cell_measures(crops))
-        seconds = (time.perf_counter() - started) / len(case)
+        verdict = reference.check(cell_measures(_crops(case, args)))
         reasons = collections.Counter(n.split(";")[0] for n in verdict.notes if n)
         common = reasons.most_common(1)[0][0] if reasons else "-"
         print(f"| {name} | {1 - verdict.in_domain.mean():.1%} | {common} |")

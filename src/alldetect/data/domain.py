@@ -9,12 +9,17 @@ them would be flagged. A cell that fails a check is out of domain, with a note n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from sklearn.covariance import LedoitWolf
+from tqdm import tqdm
 
-from .cell_measures import HAND_FEATURES, MEASURES, SHAPE_AND_STAIN
+from ..errors import ImageProblem
+from .cell_measures import HAND_FEATURES, MEASURES, SHAPE_AND_STAIN, cell_measures
+from .images import read_rgb
+from .transforms import center_crop
 
 DOMAIN_VERSION = 1
 TARGET_FLAGGED = 0.02       # share of the training donors' own cells (out of fold) the checks flag together
@@ -113,6 +118,20 @@ class DomainReference:
 def _size_note(ratio: float) -> str:
     return (f"cell is {ratio:.1f}x larger than training cells" if ratio >= 1
             else f"cell is {1 / ratio:.1f}x smaller than training cells")
+
+
+def measure_images(paths: Sequence[str], crop: int) -> tuple[np.ndarray, list[int], list[ImageProblem]]:
+    """``cell_measures`` of the ``crop`` px center crops of the images at ``paths``, one image in memory at a
+    time: the measures of those that could be read, their indices, and the problems of the others."""
+    measures, readable, problems = [], [], []
+    for i, path in enumerate(tqdm(paths, desc="measuring cells", unit="cell", leave=False, disable=None)):
+        try:
+            measures.append(cell_measures(center_crop(read_rgb(path)[0], crop, path=path)[None])[0])
+        except ImageProblem as e:
+            problems.append(e)
+            continue
+        readable.append(i)
+    return (np.stack(measures) if measures else np.zeros((0, len(MEASURES)))), readable, problems
 
 
 def fit_domain(measures: np.ndarray, donors: list[str], side: int, *,

@@ -10,18 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from safetensors.torch import save_file
 
 from ..data.cache import load_crops
-from ..data.cell_measures import cell_measures
-from ..data.domain import DomainReference, fit_domain
-from ..data.images import read_rgb
-from ..data.transforms import center_crop
-from ..errors import ImageProblem
-from ..formats.manifest import read_manifest
+from ..data.domain import DomainReference, fit_domain, measure_images
 from ..data.transforms import DIHEDRAL_AUGMENTATIONS
 from ..errors import AlldetectError
+from ..formats.manifest import read_manifest
 from ..formats.predictions import Predictions
 from ..models.runtime import score_members
 from ..training.checkpoint import load_checkpoint
@@ -163,14 +158,9 @@ def training_domain(manifest: str | Path, crop: int) -> DomainReference:
     ``crop`` px center crops."""
     rows = [r for r in read_manifest(manifest) if r.label and r.split in ("train", "val")]
     rows = rows[::max(1, -(-len(rows) // DOMAIN_CELLS))]
-    measures, donors = [], []
-    for row in tqdm(rows, desc="domain reference", unit="cell", leave=False, disable=None):
-        try:
-            measures.append(cell_measures(center_crop(read_rgb(row.path)[0], crop, path=row.path)[None])[0])
-        except ImageProblem as e:
-            logger.warning("%s: left out of the domain reference (%s)", e.path, e.reason)
-            continue
-        donors.append(row.subject or row.path)
-    if len(measures) < 2:
+    measures, readable, problems = measure_images([r.path for r in rows], crop)
+    for e in problems:
+        logger.warning("%s: left out of the domain reference (%s)", e.path, e.reason)
+    if len(readable) < 2:
         raise AlldetectError(f"{manifest}: fewer than two readable training cells to fit the domain reference on")
-    return fit_domain(np.stack(measures), donors, crop)
+    return fit_domain(measures, [rows[i].subject or rows[i].path for i in readable], crop)

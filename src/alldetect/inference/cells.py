@@ -33,10 +33,6 @@ class ScoredCells:
     crops: np.ndarray      # the model inputs of the scored cells, in order (for Grad-CAM)
     kept: list[int]        # the indices of the scored cells
 
-    @property
-    def scored(self) -> np.ndarray:
-        return np.isin(np.arange(len(self.errors)), self.kept)
-
 
 @dataclass
 class ReadCells:

@@ -18,16 +18,13 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ..data.cell_measures import cell_measures  # noqa: E402
-from ..data.images import read_rgb  # noqa: E402
-from ..data.transforms import center_crop  # noqa: E402
+from ..data.domain import measure_images  # noqa: E402
 from ..ensemble.card import write_model_card  # noqa: E402
 from ..ensemble.folder import load_domain  # noqa: E402
 from ..ensemble.combiners import METHOD_LABELS, METHODS  # noqa: E402
 from ..ensemble.spec import load_ensemble_spec  # noqa: E402
 from ..evaluation.evaluate import bootstrap_ci, paired_bootstrap, subject_level  # noqa: E402
 from ..evaluation.metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity  # noqa: E402
-from ..errors import ImageProblem  # noqa: E402
 from ..formats.csvfiles import write_csv_atomic  # noqa: E402
 from ..formats.labels import THRESHOLD
 from ..formats.operating_point import PAPER_POINT
@@ -104,18 +101,11 @@ def _domain_section(ens_dir: Path, spec, split: str, preds: Predictions) -> list
               "those cells when each donor is checked against a reference fitted without it. The check is a guard, "
               "not a guarantee: a flagged cell is unlike the training cells, an unflagged one is not proven alike.",
               ""]
-    inside, readable = [], []
-    for i, path in enumerate(preds.path):
-        try:
-            crop = center_crop(read_rgb(path)[0], reference.side, path=path)
-        except ImageProblem:
-            continue
-        readable.append(i)
-        inside.append(bool(reference.check(cell_measures(crop[None])).in_domain[0]))
+    measures, readable, _unreadable = measure_images(preds.path, reference.side)
     if not readable:
         return lines + [f"The {split} cells' images are not where the predictions name them, so they were not "
                         "checked here.", ""]
-    idx, inside = np.array(readable), np.array(inside)
+    idx, inside = np.array(readable), reference.check(measures).in_domain
     y, prob = preds.y[idx], preds.prob_all[idx]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)

@@ -237,11 +237,11 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
                 "cam_png": overlays[j] if j is not None and j < len(overlays) else None,
                 "error": scores.errors[i] or ("" if finite or j is None else "no probability could be computed"),
                 "warning": scores.warnings[i]})
-        scored = [c for c in out if c["prob_all"] is not None]
-        patients = subject_level(np.full(len(scored), Label.UNLABELLED), np.array([c["prob_all"] for c in scored]),
-                                 [c["group"] for c in scored], point=point,
-                                 in_domain=None if scores.in_domain is None else
-                                 np.array([c["in_domain"] is not False for c in scored])) if scored else []
+        scored = [i for i, c in enumerate(out) if c["prob_all"] is not None]
+        patients = subject_level(np.full(len(scored), Label.UNLABELLED), scores.prob[scored],
+                                 [out[i]["group"] for i in scored], point=point,
+                                 in_domain=None if scores.in_domain is None else scores.in_domain[scored]) \
+            if scored else []
         for p in patients:
             del p["truth"], p["correct"]
             if not np.isfinite(p["mean_prob_all"]):  # every cell outside the domain: no mean to show
