@@ -39,11 +39,11 @@ from alldetect.formats.manifest import write_manifest
 from alldetect.formats.operating_point import PAPER_POINT
 from alldetect.formats.tables import format_table
 from alldetect.inference.predict import load_crops_for
-from alldetect.inference.torch_engine import load_ensemble
+from alldetect.inference.torch_engine import TorchEngine
 from alldetect.models.runtime import resolve_device, score_members
 from alldetect.pipeline import PipelineConfig, choose_recipe, run_pipeline
 from alldetect.training import fit, profile_config
-from alldetect.training.checkpoint import load_checkpoint
+from alldetect.training.run_dir import RunDir
 from alldetect.models import create_member
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         ens_dir = args.ensemble
     train_s = time.perf_counter() - started
-    model = load_ensemble(ens_dir, device=args.device)
+    model = TorchEngine.from_folder(ens_dir, device=args.device)
     spec = model.spec
     rows = _labelled(args.test)
     errors: dict[str, str] = {}
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {"train": str(args.train), "test": str(args.test), "ensemble": str(ens_dir),
               "config": None if cfg is None else {k: str(v) for k, v in vars(choose_recipe(cfg)).items()},
               "cross_fitted": spec.cross_fitted, "folds": spec.members[0].folds, "members": model.names,
-              "input_size": spec.input_size, "tta": model.default_tta, "machine": platform.platform(),
+              "input_size": spec.preprocess.input_size, "tta": model.default_tta, "machine": platform.platform(),
               "test_donors": len(set(subjects)), "test_cells": len(y), "unreadable": errors,
               "operating_points": {m: p.to_json() for m, p in spec.operating_points.items()},
               "train_s": train_s, "wall_s": time.perf_counter() - started, "table": table,
@@ -207,13 +207,14 @@ def _refit_members(args: argparse.Namespace, cfg: PipelineConfig | None, root: P
                                                    pretrained=chosen.pretrained, seed=args.seed,
                                                    device=args.device, select_metric="last",
                                                    cache_dir=str(args.out / ".cache")), **overrides})
-        if not (out / "metrics.json").is_file():
-            fit(config, resume=(out / "checkpoints" / "last.pt").is_file())
+        run = RunDir(out, writes=False)
+        if not run.finished:
+            fit(config, resume=run.last.is_file())
         member = create_member(name)
-        member.load_state_dict(load_checkpoint(out / "checkpoints" / "best.pt")["model"])
+        member.load_state_dict(run.best_state()["model"])
         members.append(member.to(device).eval())
         configs.append(config)
-    loaded = load_crops([r.path for r in test_rows], crop=configs[0].crop, size=configs[0].input_size,
+    loaded = load_crops([r.path for r in test_rows], configs[0].preprocess,
                         cache_dir=args.out / ".cache")
     crops, kept = np.asarray(loaded.images)[loaded.usable], np.flatnonzero(loaded.usable).tolist()
     tta = all(c.augment in DIHEDRAL_AUGMENTATIONS for c in configs)

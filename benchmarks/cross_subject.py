@@ -28,23 +28,24 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import alldetect._torchvision  # noqa: F401  (before timm and torchvision)
 from alldetect.data.index import index_folder
 from alldetect.data.split import subject_folds, subject_key, subject_split
-from alldetect.ensemble.combiners import METHODS, EnsembleFit, fit_combiner
+from alldetect.data.geometry import Preprocess
+from alldetect.ensemble.combiners import COMBINERS
 from alldetect.evaluation.evaluate import subject_level
 from alldetect.evaluation.metrics import UndefinedMetricWarning, classification_metrics
 from alldetect.formats.manifest import ManifestRow, read_manifest, write_manifest
 from alldetect.formats.tables import format_table
-from alldetect.inference.torch_engine import EnsembleModel
 from alldetect.models import Member, create_member
 from alldetect.models.members import LITE_MEMBERS
-from alldetect.models.runtime import resolve_device
+from alldetect.models.runtime import resolve_device, score_members
 from alldetect.training import TrainConfig, fit, profile_config
-from alldetect.training.checkpoint import load_checkpoint
+from alldetect.training.run_dir import RunDir
 from alldetect.training.config import LOCATION, MACHINERY
-from alldetect.training.data import load_split
+from alldetect.training.split_images import load_split
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-dev" / "fold_1"
 REPORTED = ("auc", "ba", "wfs", "sensitivity", "specificity")
@@ -179,30 +180,31 @@ def _train(recipe: Recipe, member: str, manifest: Path, out: Path, args: argpars
 def _score_fold(runs: list[Path], manifest: Path, args: argparse.Namespace) -> dict:
     """Test-split P(ALL) of each member and each combiner (fitted on validation), with and without TTA."""
     rows = read_manifest(manifest)
-    split = {name: load_split(rows, name, crop=args.crop, size=args.input_size, cache_dir=args.out / ".cache")
+    split = {name: load_split(rows, name, Preprocess(args.crop, args.input_size), cache_dir=args.out / ".cache")
              for name in ("val", "test")}
-    model = EnsembleModel([_load_member(run, args.device) for run in runs], EnsembleFit("sap", [1.0] * len(runs)),
-                          "sap", args.crop, args.input_size, {}, resolve_device(args.device), precision="fp32")
+    device = resolve_device(args.device)
+    members = [_load_member(run, device) for run in runs]
     y_val, y_test = split["val"].labels, split["test"].labels
     subjects = [r.subject for r in split["test"].rows]
     crops = {name: np.asarray(s.images[s.positions]) for name, s in split.items()}
     scored = {}
     for tta in (False, True):
-        probs = {name: model.member_probs(c, tta=tta) for name, c in crops.items()}
-        for k, member in enumerate(model.names):
+        probs = {name: score_members(members, c, device=device, precision="fp32", tta=tta)
+                 for name, c in crops.items()}
+        for k, member in enumerate(m.name for m in members):
             scored[(member, tta)] = (y_test, probs["test"][k], subjects)
         if len(runs) > 1:
-            for method in METHODS:
-                combiner = fit_combiner(method, y_val, probs["val"])
+            for method, combiner in COMBINERS.items():
+                combiner = combiner.fit(y_val, probs["val"])
                 scored[(method, tta)] = (y_test, combiner.apply(probs["test"]), subjects)
     return scored
 
 
-def _load_member(run: Path, device: str) -> Member:
-    state = load_checkpoint(run / "checkpoints" / "best.pt")
+def _load_member(run: Path, device: torch.device) -> Member:
+    state = RunDir(run, writes=False).best_state()
     member = create_member(state["member"])
     member.load_state_dict(state["model"])
-    return member.to(resolve_device(device)).eval()
+    return member.to(device).eval()
 
 
 def _summary(recipe: str, model: str, tta: bool, entry: dict) -> dict:

@@ -23,7 +23,7 @@ from alldetect.data.domain import fit_domain, measure_images
 from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
 from alldetect.data.out_of_domain import CASES
-from alldetect.data.transforms import center_crop
+from alldetect.data.geometry import center_crop
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -163,8 +163,9 @@ def section_infer(args: argparse.Namespace) -> dict:
     import torch
 
     from alldetect.data.transforms import normalize
-    from alldetect.ensemble.combiners import EnsembleFit
-    from alldetect.inference.torch_engine import EnsembleModel
+    from alldetect.data.geometry import Preprocess
+    from alldetect.ensemble.combiners import SAP
+    from alldetect.inference.torch_engine import TorchEngine
     from alldetect.models import create_member
     from alldetect.models.members import PAPER_MEMBERS
 
@@ -173,9 +174,8 @@ def section_infer(args: argparse.Namespace) -> dict:
     names = ["mobilenet", "densenet121"] if smoke else list(PAPER_MEMBERS)
     size = 80 if smoke else 300
     members = [create_member(n).eval().to(device) for n in names]
-    fit_ = EnsembleFit("sap", [1.0] * len(members))
-    shipped = EnsembleModel([m.to(memory_format=torch.channels_last) for m in members], fit_, "sap", size, None,
-                            None, device, "auto")
+    shipped = TorchEngine([m.to(memory_format=torch.channels_last) for m in members], SAP([1.0] * len(members)),
+                          "sap", Preprocess(size), None, device, "auto")
     rows = []
     for batch in ((8, 16) if smoke else (64, 128, 256)):
         crops = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
@@ -209,12 +209,13 @@ def _ort_cuda(members, size: int, smoke: bool) -> dict:
     import numpy as np
     import torch
 
-    from alldetect.ensemble.combiners import EnsembleFit
-    from alldetect.inference.torch_engine import EnsembleModel
+    from alldetect.data.geometry import Preprocess
+    from alldetect.ensemble.combiners import SAP
     from alldetect.export.graph import export_onnx
+    from alldetect.inference.torch_engine import TorchEngine
 
-    model = EnsembleModel([m.cpu() for m in members], EnsembleFit("sap", [1.0] * len(members)), "sap", size, None,
-                          None, torch.device("cpu"), "fp32")
+    model = TorchEngine([m.cpu() for m in members], SAP([1.0] * len(members)), "sap", Preprocess(size), None,
+                        torch.device("cpu"), "fp32")
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, Path(tmp) / "ensemble.onnx")
         session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])

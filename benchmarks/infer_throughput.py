@@ -7,7 +7,7 @@ Per member and for the whole ensemble, cells per second at 300x300, batch 16, fo
   (d) torch bf16: (b) under bf16 autocast (native on CPUs with AVX-512 BF16 or AMX, and on GPUs);
   (e) onnxruntime int8: (c) quantised statically (int8 weights per channel, uint8 activations; VNNI).
 Then the engines `alldetect predict` ships, each running the whole ensemble as it does on a batch of crops:
-torch with bf16 (EnsembleModel), the exported fp32 graph and its int8 copy (OnnxEnsemble).
+torch with bf16 (TorchEngine), the exported fp32 graph and its int8 copy (OnnxEngine).
 Then the domain check (``data.domain``: the measures of each cell's crop and the checks) on synthetic cells
 of the same size, as a share of each shipped engine's time per cell.
 Ratios are against (a) measured in the same run. Weights are random, and (e)'s activation ranges come from
@@ -134,23 +134,24 @@ def main() -> None:
 
 
 def shipped_engines(members: list[str], size: int, batch: int, repeats: int) -> dict[str, float]:
-    """Cells/s of EnsembleModel (torch, bf16) and OnnxEnsemble (fp32 and int8 graphs) on NHWC uint8 crops."""
-    from alldetect.ensemble.combiners import EnsembleFit
-    from alldetect.inference.torch_engine import EnsembleModel
-    from alldetect.inference.onnx_engine import OnnxEnsemble
+    """Cells/s of TorchEngine (torch, bf16) and OnnxEngine (fp32 and int8 graphs) on NHWC uint8 crops."""
+    from alldetect.data.geometry import Preprocess
+    from alldetect.ensemble.combiners import SAP
+    from alldetect.inference.onnx_engine import OnnxEngine
+    from alldetect.inference.torch_engine import TorchEngine
     from alldetect.export.graph import export_onnx
 
     crops = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     nets = [create_member(name).eval().to(memory_format=torch.channels_last) for name in members]
-    sap = EnsembleFit("sap", weights=[1.0] * len(nets))
-    model = EnsembleModel(nets, sap, "sap", size, None, {}, torch.device("cpu"), "bf16")
+    sap = SAP([1.0] * len(nets))
+    model = TorchEngine(nets, sap, "sap", Preprocess(size), None, torch.device("cpu"), "bf16")
     out = {"torch bf16": batch / timed(lambda: model.predict(crops), repeats)}
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_onnx(model, Path(tmp) / "ensemble.onnx")
         int8_path = quantize_graph(fp32_path, Path(tmp) / "ensemble.int8.onnx", crops[:8])
         for name, path in (("onnx fp32", fp32_path), ("onnx int8", int8_path)):
-            engine = OnnxEnsemble(onnx_session(path, threads=os.cpu_count()), members, sap, "sap", size, None,
-                                  "uint8")
+            engine = OnnxEngine(onnx_session(path, threads=os.cpu_count()), members, sap, "sap", Preprocess(size),
+                                "uint8")
             out[name] = batch / timed(lambda: engine.predict(crops), repeats)
     return out
 
@@ -171,14 +172,13 @@ def print_domain_check_share(ens_dir: Path, batch: int, repeats: int) -> None:
     """The domain check's cells/s on synthetic cells at the folder's crop, against its engine with and without
     TTA on the same cells at the model's input size."""
     from alldetect.data.out_of_domain import synthetic_cell
-    from alldetect.data.transforms import model_input
     from alldetect.inference.load import load_engine
 
     engine = load_engine(ens_dir, device="cpu")
     rng = np.random.default_rng(0)
-    crops = np.stack([model_input(synthetic_cell(engine.crop, rng), engine.input_size) for _ in range(batch)])
-    check = domain_check_rate(engine.crop, batch, repeats)
-    rows = [{"what": f"domain check ({engine.crop} px crops)", "cells/s": f"{check:.1f}", "check's share": "-"}]
+    crops = np.stack([engine.preprocess.resize(synthetic_cell(engine.preprocess.crop, rng)) for _ in range(batch)])
+    check = domain_check_rate(engine.preprocess.crop, batch, repeats)
+    rows = [{"what": f"domain check ({engine.preprocess.crop} px crops)", "cells/s": f"{check:.1f}", "check's share": "-"}]
     for tta in (False, True):
         rate = batch / timed(lambda: engine.predict(crops, tta=tta), repeats)
         rows.append({"what": f"{type(engine).__name__} of {ens_dir}{' with TTA' if tta else ''}",
@@ -190,21 +190,21 @@ def print_accuracy(ens_dir: Path, device: str) -> None:
     """AUC of the ensemble on its test split with fp32 members vs bf16 members vs the int8 graph, and the
     largest change of a cell's P(ALL)."""
     from alldetect.data.cache import load_crops
-    from alldetect.inference.torch_engine import load_ensemble
+    from alldetect.inference.torch_engine import TorchEngine
     from alldetect.export.ensemble import export_ensemble
-    from alldetect.inference.onnx_engine import load_onnx_ensemble
+    from alldetect.inference.onnx_engine import OnnxEngine
     from alldetect.evaluation.metrics import roc_auc
     from alldetect.formats.predictions import read_predictions
 
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_model = load_ensemble(ens_dir, device=device, precision="fp32")
+        fp32_model = TorchEngine.from_folder(ens_dir, device=device, precision="fp32")
         preds = read_predictions(ens_dir / "predictions_test.csv")[fp32_model.method]
-        crops = np.array(load_crops(preds.path, crop=fp32_model.crop, size=fp32_model.input_size,
+        crops = np.array(load_crops(preds.path, fp32_model.preprocess,
                                     cache_dir=tmp).images)
         int8_graph = export_ensemble(ens_dir, out=Path(tmp) / "ensemble.onnx").int8.path
         probs = {"fp32": fp32_model.predict(crops)[0],
-                 "bf16": load_ensemble(ens_dir, device=device, precision="bf16").predict(crops)[0],
-                 "int8": load_onnx_ensemble(ens_dir, path=int8_graph).predict(crops)[0]}
+                 "bf16": TorchEngine.from_folder(ens_dir, device=device, precision="bf16").predict(crops)[0],
+                 "int8": OnnxEngine.from_folder(ens_dir, path=int8_graph).predict(crops)[0]}
     auc = {k: roc_auc(preds.y, p) for k, p in probs.items()}
     print(f"\n{fp32_model.method} on the test split of {ens_dir} ({len(crops)} cells): AUC fp32 {auc['fp32']:.4f}")
     for k in ("bf16", "int8"):

@@ -17,15 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from alldetect.data.cache import load_crops
-from alldetect.ensemble.folder import read_calibration
-from alldetect.ensemble.spec import load_ensemble_spec
+from alldetect.ensemble.folder import EnsembleFolder
 from alldetect.evaluation.metrics import roc_auc
 from alldetect.export.graph import export_onnx
 from alldetect.export.quantize import quantize_graph
 from alldetect.formats.predictions import read_predictions
 from alldetect.formats.tables import format_table
-from alldetect.inference.onnx_engine import load_onnx_ensemble
-from alldetect.inference.torch_engine import load_ensemble
+from alldetect.inference.onnx_engine import OnnxEngine
+from alldetect.inference.torch_engine import TorchEngine
 
 warnings.filterwarnings("ignore")
 
@@ -34,18 +33,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("ens_dir", type=Path)
     args = parser.parse_args()
-    model = load_ensemble(args.ens_dir, device="cpu", precision="fp32")
-    test = next(iter(read_predictions(args.ens_dir / "predictions_test.csv").values()))
+    folder = EnsembleFolder(args.ens_dir)
+    model = TorchEngine.from_folder(folder, device="cpu", precision="fp32")
+    test = next(iter(read_predictions(folder.predictions("test")).values()))
     tta = model.default_tta
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_crops(test.path, crop=model.crop, size=model.input_size, cache_dir=tmp)
+        loaded = load_crops(test.path, model.preprocess, cache_dir=tmp)
         crops, y = np.asarray(loaded.images)[loaded.usable], test.y[loaded.usable]
         fp32 = model.member_probs(crops, tta=tta)
         model.precision, model.fp32_members = "bf16", frozenset()  # every member in bf16, whatever the check said
         bf16 = model.member_probs(crops, tta=tta)
         graph = export_onnx(model, Path(tmp) / "ensemble.onnx")
-        int8_path = quantize_graph(graph, Path(tmp) / "ensemble.int8.onnx", read_calibration(args.ens_dir)[0])
-        int8 = load_onnx_ensemble(args.ens_dir, path=int8_path).member_probs(crops, tta=tta)
+        int8_path = quantize_graph(graph, Path(tmp) / "ensemble.int8.onnx", folder.calibration()[0])
+        int8 = OnnxEngine.from_folder(folder, path=int8_path).member_probs(crops, tta=tta)
     rows = []
     for k, name in enumerate(model.names):
         row = {"member": name}
@@ -56,7 +56,7 @@ def main() -> None:
                      "AUC int8": roc_auc(y, int8[k])})
     print(f"{args.ens_dir}: {len(crops)} test cells, TTA {'on' if tta else 'off'}\n")
     print(format_table(rows, markdown=True, floats="{:.4f}"))
-    verdict = load_ensemble_spec(args.ens_dir).bf16 or {}
+    verdict = folder.spec.bf16 or {}
     kept = ", ".join(verdict.get("fp32_members") or []) or "none"
     print(f"\nthe ensemble's bf16 check ({verdict.get('cells')} validation cells, tolerance "
           f"{verdict.get('tolerance')}): runs in fp32: {kept}")

@@ -34,12 +34,13 @@ from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
 from alldetect.data.split import subject_split
 from alldetect.data.synth import SynthConfig, generate
-from alldetect.data.transforms import augmentation, batch_augmentation, center_crop, normalize
+from alldetect.data.geometry import center_crop
+from alldetect.data.transforms import augmentation, batch_augmentation, normalize
 from alldetect.formats.manifest import write_manifest
 from alldetect.formats.tables import format_table
 from alldetect.models import create_member
 from alldetect.models.members import PAPER_MEMBERS
-from alldetect.models.runtime import autocast
+from alldetect.precision import training_autocast as autocast
 from alldetect.training import fit, profile_config
 
 warnings.filterwarnings("ignore")

@@ -2,13 +2,15 @@
 
 Packages, by stage (each imports only from those above it):
 
-- ``errors``: every user-facing error, printed as one line.
+- ``errors``: every user-facing error, printed as one line; ``precision``: fp32/bf16/int8, the autocast rules and
+  the tolerances.
 - ``formats``: the file contracts (manifest, predictions, problems, labels and the 0.5 call, CSV, tables); no torch.
-- ``data``: C-NMC names and images, indexing, subject splits, synthetic cells, the crop cache, transforms.
-- ``models``: the member registry, and running members (device, precision, batched scoring).
+- ``data``: C-NMC names and images, indexing, subject splits, synthetic cells, the crop cache, the crop
+  geometry (``Preprocess``), augmentation.
+- ``models``: the member registry, and running members (device, batched scoring).
 - ``evaluation``: metrics as the paper defines them, subject-level calls, bootstrap intervals, the baseline.
 - ``training``: validated config and profiles, ``fit``, the run folder, schedules, sampler, distributed.
-- ``ensemble``: combiners, the ensemble folder and its spec, building it from runs, the model card.
+- ``ensemble``: registered combiners, the ensemble folder (``EnsembleFolder``) and its spec, building it from runs, the model card.
 - ``inference``: the engine interface (torch, ONNX), scoring files, Grad-CAM.
 - ``export``: the ONNX graph and its int8 copy.
 - ``report``: tables and figures of an ensemble's results.
@@ -17,3 +19,16 @@ Packages, by stage (each imports only from those above it):
 """
 
 __version__ = "0.1.0"
+
+
+def versions() -> dict[str, str]:
+    """The libraries a result depends on, recorded with every run and ensemble."""
+    import platform
+
+    import numpy as np
+    import timm
+    import torch
+
+    return {"alldetect": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "numpy": np.__version__, "cuda": str(torch.version.cuda),
+            "platform": platform.platform()}

@@ -14,11 +14,11 @@ import typer
 
 from .errors import AlldetectError
 from .formats.csvfiles import TEMPORARY_NAME_EXTRA
-from .export import INT8_TOLERANCE
+from .precision import INT8_TOLERANCE, Precision
 from .training.config import Profile
 
 if TYPE_CHECKING:
-    from .data.transforms import FrameGeometry
+    from .data.geometry import FrameGeometry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Acute lymphoblastic leukemia detection in white-blood-cell images with a weighted "
@@ -30,45 +30,17 @@ EnsembleDir = Annotated[Path, typer.Argument(help="Ensemble directory.")]
 Method = Annotated[str | None, typer.Option(help="Ensemble method [default: the ensemble's].")]
 
 
-class ImageFormat(str, Enum):
-    bmp = "bmp"
-    png = "png"
+def _choices(name: str, *values: str) -> type[Enum]:
+    """A str Enum of ``values``: Typer lists them in the help and refuses anything else."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Protocol(str, Enum):
-    subject = "subject"
-    paper = "paper"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Engine(str, Enum):
-    auto = "auto"
-    onnx = "onnx"
-    torch = "torch"
-
-
-class History(str, Enum):
-    private = "private"
-    shared = "shared"
-    off = "off"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    int8 = "int8"
-
-
-class PointChoice(str, Enum):
-    auto = "auto"
-    paper = "paper"
-    balanced_accuracy = "balanced_accuracy"
+ImageFormat = _choices("ImageFormat", "bmp", "png")
+Protocol = _choices("Protocol", "subject", "paper")
+Device = _choices("Device", "auto", "cpu", "cuda")
+Engine = _choices("Engine", "auto", "onnx", "torch")
+History = _choices("History", "private", "shared", "off")
+PointChoice = _choices("PointChoice", "auto", "paper", "balanced_accuracy")
 
 
 PointOption = Annotated[PointChoice, typer.Option(
@@ -104,10 +76,7 @@ def operating_criterion(choice: PointChoice, sensitivity: float | None,
     return choice.value, None
 
 
-class Target(str, Enum):
-    predicted = "predicted"
-    all = "all"
-    hem = "hem"
+Target = _choices("Target", "predicted", "all", "hem")
 
 
 def user_errors(command: Callable) -> Callable:
@@ -126,7 +95,7 @@ def user_errors(command: Callable) -> Callable:
 
 def frame_geometry(frame_size: int | None, no_crop: bool) -> FrameGeometry:
     """The ``FrameGeometry`` of --frame-size / --no-crop."""
-    from .data.transforms import FrameGeometry
+    from .data.geometry import FrameGeometry
 
     if frame_size and no_crop:
         raise AlldetectError("--frame-size and --no-crop exclude each other: rescale frames, or take each image "
@@ -364,9 +333,9 @@ def evaluate(
 
     spec = None
     if ensemble_dir is not None:
-        from .ensemble.spec import load_ensemble_spec
+        from .ensemble.folder import EnsembleFolder
 
-        spec = load_ensemble_spec(ensemble_dir)
+        spec = EnsembleFolder(ensemble_dir).spec
     results, subject_tables, points = {}, {}, {}
     for model, p in read_predictions(predictions).items():
         method = model.removesuffix("+tta")

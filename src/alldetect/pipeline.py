@@ -31,12 +31,11 @@ from .data.index import SYNTHETIC_MARKER, index_folder
 from .data.split import MOST_FOLDS, default_folds, fold_splits, paper_split, subject_folds, subject_split
 from .data.synth import SynthConfig, generate
 from .ensemble.build import build_ensemble
-from .ensemble.spec import load_ensemble_spec
+from .ensemble.folder import EnsembleFolder
 from .export.ensemble import export_ensemble
 from .formats.manifest import read_manifest, write_manifest
 from .formats.predictions import read_predictions
 from .formats.problems import write_problems
-from .inference.onnx_engine import ONNX_NAME
 from .models.members import LITE_MEMBERS, PAPER_MEMBERS
 from .models.runtime import resolve_device
 from .report.build import make_report
@@ -137,18 +136,19 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         name = f"train {tc.member}" + (f" {run_dir.name}" if cfg.cross_fits else "")
         steps.append((name, _shaping(tc), [run_dir / "metrics.json"],
                       lambda status, tc=tc, run_dir=run_dir: _train(tc, run_dir, status)))
-    ens_dir = out / "ensemble"
+    folder = EnsembleFolder(out / "ensemble")
+    ens_dir = folder.path
     steps.append(("ensemble", {"members": [t.out for t in train_cfgs], "operating_point": cfg.operating_point,
-                               "target": cfg.target}, [ens_dir / "ensemble.json"],
-                  lambda status: build_ensemble([t.out for t in train_cfgs], ens_dir,
+                               "target": cfg.target}, [ens_dir / folder.SPEC],
+                  lambda status: build_ensemble([t.out for t in train_cfgs], folder,
                                                 operating_point=cfg.operating_point, target=cfg.target)))
-    steps.append(("explain", {"cells": GRID_CELLS}, [ens_dir / "gradcam" / "gradcam_grid.png"],
-                  lambda status: _explain_examples(ens_dir, cfg.device)))
-    steps.append(("report", {"bootstrap": cfg.bootstrap, "seed": cfg.seed}, [ens_dir / "report.md"],
-                  lambda status: make_report(ens_dir, n_boot=cfg.bootstrap, seed=cfg.seed)))
+    steps.append(("explain", {"cells": GRID_CELLS}, [ens_dir / folder.GRADCAM / "gradcam_grid.png"],
+                  lambda status: _explain_examples(folder, cfg.device)))
+    steps.append(("report", {"bootstrap": cfg.bootstrap, "seed": cfg.seed}, [ens_dir / folder.REPORT],
+                  lambda status: make_report(folder, n_boot=cfg.bootstrap, seed=cfg.seed)))
     if cfg.export if cfg.export is not None else cfg.profile is Profile.paper:
-        steps.append(("export", {"int8": True}, [ens_dir / ONNX_NAME],
-                      lambda status: _export(ens_dir)))
+        steps.append(("export", {"int8": True}, [folder.graph()],
+                      lambda status: _export(folder)))
 
     upstream = ""
     with logging_redirect_tqdm(), tqdm(total=len(steps), desc="alldetect run", unit="stage", position=0,
@@ -167,7 +167,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                 stages.mark(name, key, done=True)
             upstream = _hash({"upstream": upstream, "key": key})
             bar.update(1)
-    return ens_dir / "report.md"
+    return ens_dir / folder.REPORT
 
 
 def choose_recipe(cfg: PipelineConfig) -> PipelineConfig:
@@ -253,19 +253,19 @@ def _run_index_and_folds(data_dir: Path, out: Path, cfg: PipelineConfig) -> int:
     return folds
 
 
-def _export(ens_dir: Path) -> None:
-    result = export_ensemble(ens_dir)
+def _export(folder: EnsembleFolder) -> None:
+    result = export_ensemble(folder)
     logger.info("wrote %s; %s", result.fp32, result.describe_int8())
 
 
-def _explain_examples(ens_dir: Path, device: str) -> None:
+def _explain_examples(folder: EnsembleFolder, device: str) -> None:
     """A Grad-CAM grid of the first test cells of each class (Figs. 6-8 of the paper)."""
     from .inference.explain import explain_files
 
-    split = "test" if (ens_dir / "predictions_test.csv").is_file() else "val"
-    preds = read_predictions(ens_dir / f"predictions_{split}.csv")[load_ensemble_spec(ens_dir).default_method]
+    split = "test" if folder.predictions("test").is_file() else "val"
+    preds = read_predictions(folder.predictions(split))[folder.spec.default_method]
     chosen = [p for label in (1, 0) for p in [q for q, y in zip(preds.path, preds.y) if y == label][:GRID_CELLS // 2]]
-    explain_files(ens_dir, chosen, ens_dir / "gradcam", device=device)
+    explain_files(folder, chosen, folder.path / folder.GRADCAM, device=device)
 
 
 def _hash(obj: object) -> str:

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from alldetect.cli import app
 from alldetect.data.cache import load_crops
+from alldetect.data.geometry import Preprocess
 from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
 from alldetect.errors import DataError, ImageProblem
@@ -161,7 +162,7 @@ def test_only_one_class_warns_at_index_and_fails_at_split(tmp_path):
 def test_image_smaller_than_the_crop_is_skipped_by_the_cache(tmp_path):
     small = write_cell(tmp_path / "small.png", size=40)
     big = write_cell(tmp_path / "big.png", size=64)
-    cache = load_crops([str(small), str(big)], crop=50, cache_dir=tmp_path / "cache")
+    cache = load_crops([str(small), str(big)], Preprocess(50), cache_dir=tmp_path / "cache")
     assert cache.usable.tolist() == [False, True]
     assert "40x40, smaller than the 50x50 center crop" in cache.problems[0].problem
 

@@ -7,7 +7,7 @@ from alldetect.data import cache as cache_module
 from alldetect.data.cache import load_crops
 from alldetect.data.dataset import CellDataset, oversample_indices
 from alldetect.data.images import read_rgb
-from alldetect.data.transforms import center_crop
+from alldetect.data.geometry import Preprocess, center_crop
 from helpers import write_cell
 
 
@@ -27,7 +27,7 @@ def test_balanced_labels_are_not_oversampled():
 
 def test_cache_matches_direct_crop_and_is_reused_without_decoding(tmp_path, monkeypatch, real_cells):
     paths = sorted(str(p) for p in real_cells.rglob("*.png"))[:6]
-    first = load_crops(paths, crop=300, cache_dir=tmp_path / "cache")
+    first = load_crops(paths, Preprocess(300), cache_dir=tmp_path / "cache")
     for i, p in enumerate(paths):
         np.testing.assert_array_equal(first.images[i], center_crop(read_rgb(p)[0], 300))
 
@@ -35,23 +35,23 @@ def test_cache_matches_direct_crop_and_is_reused_without_decoding(tmp_path, monk
         raise AssertionError("the cache decoded an image again")
 
     monkeypatch.setattr(cache_module, "read_rgb", no_decoding)
-    again = load_crops(paths, crop=300, cache_dir=tmp_path / "cache")
+    again = load_crops(paths, Preprocess(300), cache_dir=tmp_path / "cache")
     assert isinstance(again.images, np.memmap)
     np.testing.assert_array_equal(again.images, first.images)
 
 
 def test_cache_rebuilds_when_a_file_changes(tmp_path):
     path = write_cell(tmp_path / "a.png", size=64, value=90)
-    before = load_crops([str(path)], crop=60, cache_dir=tmp_path / "cache").images[0].copy()
+    before = load_crops([str(path)], Preprocess(60), cache_dir=tmp_path / "cache").images[0].copy()
     write_cell(path, size=64, value=200)
     os.utime(path, ns=(1, 1))
-    after = load_crops([str(path)], crop=60, cache_dir=tmp_path / "cache").images[0]
+    after = load_crops([str(path)], Preprocess(60), cache_dir=tmp_path / "cache").images[0]
     assert after.max() > before.max()
 
 
 def test_cache_resizes_after_cropping(tmp_path):
     path = write_cell(tmp_path / "a.png", size=90)
-    cache = load_crops([str(path)], crop=60, size=30, cache_dir=tmp_path / "cache")
+    cache = load_crops([str(path)], Preprocess(60, 30), cache_dir=tmp_path / "cache")
     assert cache.images.shape == (1, 30, 30, 3)
 
 

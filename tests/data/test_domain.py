@@ -11,7 +11,7 @@ from alldetect.data.domain import DomainReference, fit_domain
 from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
 from alldetect.data.out_of_domain import CASES, blank, natural_photo, noise
-from alldetect.data.transforms import center_crop
+from alldetect.data.geometry import center_crop
 
 CROP = 300
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from alldetect.data.transforms import center_crop, normalize, train_augmentation
+from alldetect.data.geometry import center_crop
+from alldetect.data.transforms import normalize, train_augmentation
 from alldetect.errors import ImageProblem
 
 

@@ -28,21 +28,21 @@ def test_members_covering_different_images_are_refused(member_runs, tmp_path):
 
 
 def test_bf16_check_keeps_a_member_that_bf16_moves_in_fp32(ensemble_dir, tmp_path):
-    from alldetect.ensemble.folder import read_calibration
+    from alldetect.ensemble.folder import EnsembleFolder
     from alldetect.ensemble.build import check_bf16
-    from alldetect.inference.torch_engine import load_ensemble
+    from alldetect.inference.torch_engine import TorchEngine
 
     ens = tmp_path / "ens"
     shutil.copytree(ensemble_dir, ens)
-    verdict = check_bf16(ens, tolerance=1.0)
+    verdict = check_bf16(EnsembleFolder(ens), tolerance=1.0)
     assert verdict["fp32_members"] == [] and set(verdict["mean_change"]) == {"mobilenet", "densenet121"}
     assert all(0 < d < 1.0 for d in verdict["mean_change"].values())
-    verdict = check_bf16(ens, tolerance=0.0)
+    verdict = check_bf16(EnsembleFolder(ens), tolerance=0.0)
     assert verdict["fp32_members"] == ["mobilenet", "densenet121"]
-    model = load_ensemble(ens, device="cpu", precision="bf16")
+    model = TorchEngine.from_folder(ens, device="cpu", precision="bf16")
     assert model.fp32_members == {"mobilenet", "densenet121"}
-    crops = read_calibration(ens)[0][:8]
-    fp32 = load_ensemble(ens, device="cpu", precision="fp32").member_probs(crops)
+    crops = EnsembleFolder(ens).calibration()[0][:8]
+    fp32 = TorchEngine.from_folder(ens, device="cpu", precision="fp32").member_probs(crops)
     np.testing.assert_array_equal(model.member_probs(crops), fp32)  # bf16 asked, fp32 run
     model.fp32_members = frozenset()
     assert not np.array_equal(model.member_probs(crops), fp32)  # without the verdict: bf16

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from alldetect.ensemble.combiners import EnsembleFit, fit_combiner, sap, weighted_average, wen_weights
+from alldetect.ensemble.combiners import combiner_from_json, fit_combiner, sap, weighted_average, wen_weights
 from alldetect.evaluation.metrics import classification_metrics
 
 runner = CliRunner()
@@ -50,10 +50,63 @@ def test_learned_combiners_beat_sap_on_validation_when_a_member_is_bad():
         assert ((out >= 0) & (out <= 1)).all()
         assert classification_metrics(y, out)["auc"] > classification_metrics(y, sap(probs))["auc"]
     ts = fit_combiner("ts_sap", y, probs)
-    assert EnsembleFit(**json.loads(json.dumps(ts.__dict__))).apply(probs) == pytest.approx(ts.apply(probs))
+    assert combiner_from_json("ts_sap", json.loads(json.dumps(ts.to_json())), 3).apply(probs) == \
+        pytest.approx(ts.apply(probs))
 
 
 def test_wen_falls_back_to_equal_weights_when_no_member_beats_chance():
     y = np.array([1, 1, 0, 0])
     probs = np.array([[0.1, 0.2, 0.8, 0.9], [0.4, 0.3, 0.6, 0.7]])
     assert wen_weights(y, probs, "kappa").tolist() == [1.0, 1.0]
+
+
+def test_a_new_combiner_is_one_registered_class_that_the_spec_and_the_onnx_graph_carry(ensemble_dir, tmp_path):
+    """The loudest member decides: a combiner written as one class in one file, fitted into an ensemble folder,
+    read back from its spec, and run inside the exported graph."""
+    import shutil
+
+    import torch
+
+    from alldetect.ensemble.combiners import COMBINERS, Combiner
+    from alldetect.ensemble.folder import EnsembleFolder
+    from alldetect.export.graph import export_onnx
+    from alldetect.formats.predictions import read_predictions
+    from alldetect.inference.onnx_engine import onnx_session
+    from alldetect.inference.torch_engine import TorchEngine
+
+    class Loudest(Combiner, name="loudest", label="loudest member"):  # registered as it is defined
+        @classmethod
+        def fit(cls, y_val, val_probs):
+            return cls()
+
+        def apply(self, probs):
+            return np.asarray(probs, dtype=np.float64).max(axis=0)
+
+        def forward(self, probs):
+            return probs.max(dim=1).values
+
+        @classmethod
+        def _checked(cls, raw, members):
+            return cls()
+
+    try:
+        ens = shutil.copytree(ensemble_dir, tmp_path / "ens")
+        folder = EnsembleFolder(ens)
+        spec = folder.spec
+        val = read_predictions(folder.predictions("val"))
+        spec.methods["loudest"] = fit_combiner("loudest", val["sap"].y, np.stack([val[m].prob_all
+                                                                                 for m in spec.names]))
+        folder.save_spec(spec)
+        model = TorchEngine.from_folder(ens, method="loudest", device="cpu", precision="fp32")  # read back
+        assert isinstance(model.combiner, Loudest) and model.cam_weights.tolist() == [1.0, 1.0]
+        crops = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+        ensemble, members = model.predict(crops, tta=False)
+        np.testing.assert_array_equal(ensemble, members.max(axis=0))
+        graph = export_onnx(model, tmp_path / "loudest.onnx")
+        graph_prob, graph_members = onnx_session(graph).run(None, {"images": crops})
+        np.testing.assert_allclose(graph_prob, graph_members.max(axis=1), atol=1e-6)
+        np.testing.assert_allclose(graph_prob, ensemble, atol=1e-4)
+        with torch.no_grad():
+            assert Loudest().forward(torch.tensor([[0.2, 0.7]])).tolist() == pytest.approx([0.7])
+    finally:
+        COMBINERS.pop("loudest")

@@ -18,8 +18,7 @@ from alldetect import pipeline
 from alldetect.data.split import default_folds, fold_splits, subject_folds
 from alldetect.data.synth import SynthConfig
 from alldetect.ensemble.build import build_ensemble
-from alldetect.ensemble.folder import load_member
-from alldetect.ensemble.spec import load_ensemble_spec
+from alldetect.ensemble.folder import EnsembleFolder
 from alldetect.errors import DataError
 from alldetect.evaluation.operating_point import fit_operating_point
 from alldetect.formats.manifest import ManifestRow, read_manifest
@@ -74,7 +73,7 @@ def test_every_donor_is_held_out_once_and_never_trains_the_model_that_scores_it(
 
 
 def test_cross_fit_trains_every_member_on_every_fold_and_scores_each_donor_out_of_fold(cross_fit):
-    spec = load_ensemble_spec(cross_fit / "ensemble")
+    spec = EnsembleFolder(cross_fit / "ensemble").spec
     assert spec.cross_fitted and [m.folds for m in spec.members] == [2, 2]
     donors = {r.subject for r in read_manifest(cross_fit / "manifest.csv") if r.label}
     oof = read_predictions(cross_fit / "ensemble" / "predictions_val.csv")[spec.default_method]
@@ -88,7 +87,8 @@ def test_cross_fit_trains_every_member_on_every_fold_and_scores_each_donor_out_o
             trained = {r.subject for r in fold_manifest if r.split == "train"}
             assert not {s for p, s in zip(oof.path, oof.subject) if p in held} & trained
             # the stored out-of-fold score of a held-out cell is the one its own fold model gives it (with TTA)
-            model = load_member(cross_fit / "ensemble", replace(entry, weights=[weights], sha256=[sha256])).eval()
+            model = EnsembleFolder(cross_fit / "ensemble").load_member(replace(entry, weights=[weights],
+                                                                               sha256=[sha256])).eval()
             path = sorted(held)[0]
             crop = _crop(path, spec)
             score = score_members([model], crop, device=torch.device("cpu"), precision="fp32", tta=True)[0, 0]
@@ -97,7 +97,7 @@ def test_cross_fit_trains_every_member_on_every_fold_and_scores_each_donor_out_o
 
 def test_operating_point_and_combiners_are_fitted_on_out_of_fold_predictions_only(cross_fit):
     ens = cross_fit / "ensemble"
-    spec = load_ensemble_spec(ens)
+    spec = EnsembleFolder(ens).spec
     oof = read_predictions(ens / "predictions_val.csv")
     for method in ("wen_kappa", "stacking"):
         p = oof[method]
@@ -126,17 +126,17 @@ def test_fold_average_is_the_mean_of_its_fold_models_probabilities():
 
 def test_fold_averaged_members_export_to_onnx_and_score_as_in_torch(cross_fit):
     from alldetect.export.ensemble import export_ensemble
-    from alldetect.inference.onnx_engine import load_onnx_ensemble
-    from alldetect.inference.torch_engine import load_ensemble
+    from alldetect.inference.onnx_engine import OnnxEngine
+    from alldetect.inference.torch_engine import TorchEngine
 
     ens = cross_fit / "ensemble"
     result = export_ensemble(ens, int8=False)  # int8 of any graph: tests/export
     crops = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
-    torch_probs = load_ensemble(ens, device="cpu", precision="fp32").member_probs(crops)
-    graph = load_onnx_ensemble(ens)
+    torch_probs = TorchEngine.from_folder(ens, device="cpu", precision="fp32").member_probs(crops)
+    graph = OnnxEngine.from_folder(ens)
     assert graph.member_probs(crops) == pytest.approx(torch_probs, abs=1e-4)
-    assert graph.operating_point == load_ensemble_spec(ens).operating_point()
-    assert result.fp32.is_file() and load_ensemble_spec(ens).graphs["ensemble.onnx"]
+    assert graph.operating_point == EnsembleFolder(ens).spec.operating_point()
+    assert result.fp32.is_file() and EnsembleFolder(ens).spec.graphs["ensemble.onnx"]
 
 
 def test_fold_runs_that_validate_the_same_donor_are_refused(cross_fit, tmp_path):
@@ -158,10 +158,11 @@ def test_predict_serve_evaluate_and_report_call_by_the_stored_operating_point(cr
     from typer.testing import CliRunner
 
     ens = cross_fit / "ensemble"
-    spec = load_ensemble_spec(ens)
+    folder = EnsembleFolder(ens)
+    spec = folder.spec
     strict = replace(spec.operating_point(), cell_threshold=0.999, patient_threshold=0.001)
     spec.operating_points = {**spec.operating_points, spec.default_method: strict}
-    spec.save(ens)
+    folder.save_spec(spec)
     cells = sorted((cross_fit / "data").rglob("*_all.bmp"))[:4]
     engine = load_engine(ens, device="cpu", engine="torch")
     scored = predict_rows(engine, collect_inputs(cells), tmp_path / "p.csv")
@@ -207,7 +208,7 @@ def test_killed_cross_fit_resumes_the_interrupted_fold_exactly(tmp_path):
     assert (tmp_path / "members" / "mobilenet" / "fold0" / "metrics.json").stat().st_mtime_ns == first_done
     steps = history_steps(tmp_path / "members" / "mobilenet" / "fold1")
     assert steps == list(range(len(steps)))  # resumed: no step lost, none repeated
-    assert load_ensemble_spec(tmp_path / "ensemble").cross_fitted
+    assert EnsembleFolder(tmp_path / "ensemble").spec.cross_fitted
 
 
 def _member_columns(path) -> dict[str, dict[str, float]]:
@@ -221,9 +222,8 @@ def _member_columns(path) -> dict[str, dict[str, float]]:
 
 def _crop(path: str, spec) -> np.ndarray:
     from alldetect.data.images import read_rgb
-    from alldetect.data.transforms import prepare_crop
 
-    return prepare_crop(read_rgb(path)[0], spec.crop, spec.input_size, name=path)[None]
+    return spec.preprocess.apply(read_rgb(path)[0], name=path)[None]
 
 
 def _png_bytes(path) -> bytes:

@@ -11,14 +11,15 @@ from typer.testing import CliRunner
 
 from alldetect.cli import app
 from alldetect.ensemble.build import build_ensemble
-from alldetect.ensemble.spec import SpecError, load_ensemble_spec
+from alldetect.ensemble.folder import EnsembleFolder
+from alldetect.ensemble.spec import SpecError
 from alldetect.errors import AlldetectError
 from alldetect.export.ensemble import export_ensemble
 from alldetect.formats.operating_point import PAPER_POINT
 from alldetect.inference.explain import ensemble_cam, member_cams
 from alldetect.inference.load import load_engine
 from alldetect.inference.predict import collect_inputs, load_crops_for, predict_rows
-from alldetect.inference.torch_engine import load_ensemble
+from alldetect.inference.torch_engine import TorchEngine
 from alldetect.serve import ServeSettings, create_app
 
 from helpers import write_cell
@@ -33,7 +34,7 @@ def _answers(ens, cells, out):
         model = load_engine(ens, device="cpu", engine=engine, precision="fp32")
         predict_rows(model, collect_inputs([cells]), out / f"{engine}.csv")
         csv[engine] = (out / f"{engine}.csv").read_text()
-    model = load_ensemble(ens, device="cpu", precision="fp32")
+    model = TorchEngine.from_folder(ens, device="cpu", precision="fp32")
     crops, _ = load_crops_for(model, collect_inputs([cells]).rows, {})
     cams = ensemble_cam(member_cams(model, crops, [1] * len(crops)), model.cam_weights)
     client = TestClient(create_app(ens, ServeSettings(db_path=str(out / "db.sqlite"), device="cpu")))
@@ -85,7 +86,7 @@ def test_damaged_or_replaced_weights_are_refused(copied):
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(SpecError, match="weights.safetensors: the weights do not match the hash"):
-        load_ensemble(copied, device="cpu")
+        TorchEngine.from_folder(copied, device="cpu")
     weights.write_bytes(bytes(data[:1000]))
     r = runner.invoke(app, ["predict", str(copied), str(copied), "-o", str(copied / "p.csv")])
     assert r.exit_code == 1 and "do not match the hash" in r.output and "Traceback" not in r.output
@@ -111,7 +112,7 @@ def test_damaged_or_replaced_weights_are_refused(copied):
 def test_a_bad_spec_is_one_line_naming_the_field(copied, change, message):
     _edit_spec(copied, change)
     with pytest.raises(SpecError, match=message) as caught:
-        load_ensemble_spec(copied)
+        _ = EnsembleFolder(copied).spec
     assert "\n" not in str(caught.value) and "ensemble.json" in str(caught.value)
     r = runner.invoke(app, ["predict", str(copied), str(copied), "-o", str(copied / "p.csv")])
     assert r.exit_code == 1 and "Traceback" not in r.output and r.output.startswith("error: ")
@@ -120,7 +121,7 @@ def test_a_bad_spec_is_one_line_naming_the_field(copied, change, message):
 def test_invalid_json_is_one_line(copied):
     (copied / "ensemble.json").write_text('{"format": "alldetect-ensemble", ')
     with pytest.raises(AlldetectError, match="ensemble.json: not valid JSON"):
-        load_ensemble_spec(copied)
+        _ = EnsembleFolder(copied).spec
 
 
 def test_a_version_2_folder_still_loads_and_calls_at_the_paper_threshold(ensemble_dir, tmp_path):
@@ -132,6 +133,7 @@ def test_a_version_2_folder_still_loads_and_calls_at_the_paper_threshold(ensembl
         m["weights"], m["sha256"] = m["weights"][0], m["sha256"][0]
     del spec["operating_points"], spec["cross_fitted"]
     (old / "ensemble.json").write_text(json.dumps(spec))
-    loaded = load_ensemble_spec(old)
+    loaded = EnsembleFolder(old).spec
     assert loaded.operating_point() == PAPER_POINT and [m.folds for m in loaded.members] == [1, 1]
-    assert load_ensemble(old, device="cpu").names == ["mobilenet", "densenet121"]
+    assert TorchEngine.from_folder(old, device="cpu").names == ["mobilenet", "densenet121"]
+

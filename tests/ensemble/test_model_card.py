@@ -6,7 +6,8 @@ import shutil
 
 from fastapi.testclient import TestClient
 
-from alldetect.ensemble.card import CARD_NAME, SECTIONS
+from alldetect.ensemble.card import SECTIONS
+from alldetect.ensemble.folder import EnsembleFolder
 from alldetect.report.build import make_report
 from alldetect.serve import ServeSettings, create_app
 
@@ -14,13 +15,13 @@ from alldetect.serve import ServeSettings, create_app
 def test_card_has_the_hub_sections_and_the_report_numbers(ensemble_dir, tmp_path):
     ens = tmp_path / "ens"
     shutil.copytree(ensemble_dir, ens)
-    card = (ens / CARD_NAME).read_text()  # written by build_ensemble
+    card = (ens / EnsembleFolder.CARD).read_text()  # written by build_ensemble
     assert [line[3:] for line in card.splitlines() if line.startswith("## ")] == list(SECTIONS)
     assert "SYNTHETIC" in card and "must not be used to diagnose" in card
     assert "No report yet" in card
 
     make_report(ens, n_boot=50)
-    card = (ens / CARD_NAME).read_text()
+    card = (ens / EnsembleFolder.CARD).read_text()
     results = json.loads((ens / "table4.json").read_text())
     method = json.loads((ens / "ensemble.json").read_text())["default_method"]
     test, ci = results["metrics"][method], results["ci95"][method]

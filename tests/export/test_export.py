@@ -5,11 +5,11 @@ import pytest
 from typer.testing import CliRunner
 
 from alldetect.cli import app
-from alldetect.ensemble.spec import load_ensemble_spec
+from alldetect.ensemble.folder import EnsembleFolder
 from alldetect.errors import AlldetectError
 from alldetect.inference.load import load_engine
-from alldetect.inference.onnx_engine import OnnxEnsemble, load_onnx_ensemble
-from alldetect.inference.torch_engine import load_ensemble
+from alldetect.inference.onnx_engine import OnnxEngine
+from alldetect.inference.torch_engine import TorchEngine
 
 runner = CliRunner()
 
@@ -24,8 +24,8 @@ def exported(ensemble_dir, tmp_path_factory):
 
 
 def test_onnx_matches_pytorch_within_1e_4(exported):
-    torch_model = load_ensemble(exported, device="cpu", precision="fp32")
-    onnx_model = load_onnx_ensemble(exported)
+    torch_model = TorchEngine.from_folder(exported, device="cpu", precision="fp32")
+    onnx_model = OnnxEngine.from_folder(exported)
     crops = np.random.default_rng(0).integers(0, 256, size=(7, 64, 64, 3), dtype=np.uint8)  # odd batch: dynamic
     for tta in (False, True):
         (e_t, m_t), (e_o, m_o) = torch_model.predict(crops, tta=tta), onnx_model.predict(crops, tta=tta)
@@ -35,28 +35,28 @@ def test_onnx_matches_pytorch_within_1e_4(exported):
     np.testing.assert_allclose(graph_prob, torch_model.predict(crops)[0], atol=1e-4)
     np.testing.assert_allclose(graph_members.T, torch_model.member_probs(crops), atol=1e-4)
     for method in ("sap", "ts_sap", "stacking"):  # the combiners inside the graph, through the python side
-        a = load_ensemble(exported, method=method, device="cpu", precision="fp32").predict(crops)[0]
-        b = load_onnx_ensemble(exported, method=method).predict(crops)[0]
+        a = TorchEngine.from_folder(exported, method=method, device="cpu", precision="fp32").predict(crops)[0]
+        b = OnnxEngine.from_folder(exported, method=method).predict(crops)[0]
         np.testing.assert_allclose(b, a, atol=1e-4)
 
 
 def test_auto_engine_picks_the_fastest_accurate_one(exported, ensemble_dir, tmp_path):
-    from alldetect.inference.torch_engine import EnsembleModel
-    from alldetect.models.runtime import cpu_has_native_bf16
+    from alldetect.inference.torch_engine import TorchEngine
+    from alldetect.precision import cpu_has_native_bf16
 
     def engine(ens, **kw):
         chosen = load_engine(ens, device="cpu", **kw)
         return type(chosen).__name__, chosen.precision
 
-    assert engine(exported) == ("OnnxEnsemble", "int8")
-    assert engine(exported, engine="onnx") == ("OnnxEnsemble", "int8")
-    assert engine(exported, precision="fp32") == ("OnnxEnsemble", "fp32")
-    assert engine(exported, engine="onnx", precision="fp32") == ("OnnxEnsemble", "fp32")
-    assert engine(exported, precision="bf16") == ("EnsembleModel", "bf16")
+    assert engine(exported) == ("OnnxEngine", "int8")
+    assert engine(exported, engine="onnx") == ("OnnxEngine", "int8")
+    assert engine(exported, precision="fp32") == ("OnnxEngine", "fp32")
+    assert engine(exported, engine="onnx", precision="fp32") == ("OnnxEngine", "fp32")
+    assert engine(exported, precision="bf16") == ("TorchEngine", "bf16")
     fp32_only = tmp_path / "fp32-only"
     shutil.copytree(exported, fp32_only, ignore=shutil.ignore_patterns("*.int8.onnx"))
-    assert isinstance(load_engine(fp32_only, device="cpu"), EnsembleModel) == cpu_has_native_bf16()
-    assert not isinstance(load_engine(ensemble_dir, device="cpu"), OnnxEnsemble)
+    assert isinstance(load_engine(fp32_only, device="cpu"), TorchEngine) == cpu_has_native_bf16()
+    assert not isinstance(load_engine(ensemble_dir, device="cpu"), OnnxEngine)
     with pytest.raises(AlldetectError, match="alldetect export"):
         load_engine(ensemble_dir, engine="onnx")
     with pytest.raises(AlldetectError, match="alldetect export"):
@@ -68,7 +68,7 @@ def test_auto_engine_picks_the_fastest_accurate_one(exported, ensemble_dir, tmp_
 def test_int8_graph_is_quantised_calibrated_on_validation_and_close_to_fp32(exported):
     import onnx
 
-    from alldetect.ensemble.folder import read_calibration
+    from alldetect.ensemble.folder import EnsembleFolder
     from alldetect.formats.predictions import read_predictions
 
     graph = onnx.load(str(exported / "ensemble.int8.onnx"))
@@ -78,11 +78,11 @@ def test_int8_graph_is_quantised_calibrated_on_validation_and_close_to_fp32(expo
     assert len(int8_weights) >= 50  # every conv of MobileNet and DenseNet-121
     assert {p.key: p.value for p in graph.metadata_props}["alldetect.precision"] == "int8"
 
-    crops, labels = read_calibration(exported)
+    crops, labels = EnsembleFolder(exported).calibration()
     val = next(iter(read_predictions(exported / "predictions_val.csv").values()))
     assert len(crops) == len(val.path) and sorted(labels.tolist()) == sorted(val.y.tolist())
-    fp32 = load_onnx_ensemble(exported, precision="fp32").predict(crops)[0]
-    int8 = load_onnx_ensemble(exported, precision="int8").predict(crops)[0]
+    fp32 = OnnxEngine.from_folder(exported, precision="fp32").predict(crops)[0]
+    int8 = OnnxEngine.from_folder(exported, precision="int8").predict(crops)[0]
     assert np.abs(int8 - fp32).mean() < 0.02, np.abs(int8 - fp32).mean()
 
 
@@ -122,26 +122,26 @@ def test_the_web_app_serves_the_onnx_graph_when_exported(exported, ensemble_dir,
         app = create_app(ens, ServeSettings(db_path=str(tmp_path / "p.sqlite"), device="cpu"))
         return TestClient(app).get("/api/model").json()["engine"]
 
-    assert engine_of(exported) == "OnnxEnsemble"
-    assert engine_of(ensemble_dir) == "EnsembleModel"
+    assert engine_of(exported) == "OnnxEngine"
+    assert engine_of(ensemble_dir) == "TorchEngine"
 
 
 def test_a_member_that_int8_moves_too_far_stays_fp32(exported, tmp_path):
     import onnx
 
-    from alldetect.ensemble.folder import read_calibration
+    from alldetect.ensemble.folder import EnsembleFolder
     from alldetect.export.quantize import quantize_ensemble
 
     ens = tmp_path / "ens"
     shutil.copytree(exported, ens, ignore=shutil.ignore_patterns("*.int8.onnx"))
-    model = load_ensemble(ens, device="cpu", precision="fp32")
-    crops, labels = read_calibration(ens)
-    fp32 = load_onnx_ensemble(ens, precision="fp32").member_probs(crops)
-    drift = np.abs(load_onnx_ensemble(exported, precision="int8").member_probs(crops) - fp32).mean(axis=1)
+    model = TorchEngine.from_folder(ens, device="cpu", precision="fp32")
+    crops, labels = EnsembleFolder(ens).calibration()
+    fp32 = OnnxEngine.from_folder(ens, precision="fp32").member_probs(crops)
+    drift = np.abs(OnnxEngine.from_folder(exported, precision="int8").member_probs(crops) - fp32).mean(axis=1)
     worst = int(np.argmax(drift))
     summary = quantize_ensemble(ens, ens / "ensemble.onnx", model, crops, labels, tolerance=float(drift.mean()))
     assert summary.float_members == [model.names[worst]]
-    int8 = load_onnx_ensemble(ens, precision="int8").member_probs(crops)
+    int8 = OnnxEngine.from_folder(ens, precision="int8").member_probs(crops)
     np.testing.assert_allclose(int8[worst], fp32[worst], atol=1e-5)  # untouched
     assert np.abs(int8[1 - worst] - fp32[1 - worst]).mean() > 0  # quantised
     graph = onnx.load(str(ens / "ensemble.int8.onnx"))
@@ -176,12 +176,60 @@ def test_a_replaced_graph_is_refused_naming_the_file(exported, tmp_path):
 
     ens = tmp_path / "ens"
     shutil.copytree(exported, ens)
-    assert set(load_ensemble_spec(ens).graphs) == {"ensemble.onnx", "ensemble.int8.onnx"}
+    assert set(EnsembleFolder(ens).spec.graphs) == {"ensemble.onnx", "ensemble.int8.onnx"}
     shutil.copyfile(ens / "ensemble.int8.onnx", ens / "ensemble.onnx")  # a valid graph with the same members
     with pytest.raises(AlldetectError, match="ensemble.onnx: the graph does not match the hash"):
-        load_onnx_ensemble(ens)
+        OnnxEngine.from_folder(ens)
     cell = write_cell(tmp_path / "UID_5_1_1_all.png", size=80)
     r = runner.invoke(app, ["predict", str(ens), str(cell), "--engine", "onnx", "--precision", "fp32", "-o",
                             str(tmp_path / "p.csv")])
     assert r.exit_code == 1 and "does not match the hash" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_graph_that_preprocesses_otherwise_than_the_spec_is_refused(exported, tmp_path):
+    import json
+
+    from alldetect.export.graph import graph_metadata, set_graph_metadata
+
+    graph = tmp_path / "other.onnx"
+    shutil.copyfile(exported / "ensemble.onnx", graph)
+    meta = graph_metadata(graph)
+    assert json.loads(meta["preprocess"]) == EnsembleFolder(exported).spec.preprocess.to_json()
+    set_graph_metadata(graph, meta | {"preprocess": json.dumps({"crop": 64, "input_size": 32})})
+    with pytest.raises(AlldetectError, match="other.onnx: expects .*input_size=32.*export it again"):
+        OnnxEngine.from_folder(exported, path=graph)
+
+
+def test_the_spec_is_read_once_by_the_web_app_and_once_by_predict(exported, tmp_path, monkeypatch):
+    """ensemble.json is read and validated once per process that loads the ensemble: serving (with a Grad-CAM
+    request, which loads the torch members beside the ONNX engine) and `predict` each read it once."""
+    import builtins
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from alldetect.serve import ServeSettings, create_app
+    from helpers import write_cell
+
+    ens = exported
+    reads = []
+    real_open = io.open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith("ensemble.json") and "r" in mode:
+            reads.append(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    cell = write_cell(tmp_path / "cells" / "UID_5_1_1_all.png", size=80)
+    client = TestClient(create_app(ens, ServeSettings(db_path=str(tmp_path / "db.sqlite"), device="cpu")))
+    assert client.get("/api/model").status_code == 200 and client.get("/api/health").status_code == 200
+    answer = client.post("/api/predict?cam=true", files=[("files", (cell.name, cell.read_bytes(), "image/png"))])
+    assert answer.status_code == 200 and answer.json()["cells"][0]["cam_png"]
+    assert len(reads) == 1, reads
+    reads.clear()
+    r = runner.invoke(app, ["predict", str(ens), str(cell), "-o", str(tmp_path / "p.csv"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert len(reads) == 1, reads

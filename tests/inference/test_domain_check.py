@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 from alldetect.cli import app
 from alldetect.data.images import read_rgb
 from alldetect.data.out_of_domain import smear_background
-from alldetect.ensemble.folder import DOMAIN_NAME
-from alldetect.ensemble.spec import load_ensemble_spec
+from alldetect.ensemble.folder import EnsembleFolder
 from alldetect.serve import ServeSettings, create_app
 
 runner = CliRunner()
@@ -42,13 +41,13 @@ def cells(tiny_synth, tmp_path_factory):
 
 
 def test_the_folder_carries_the_reference_and_a_replaced_one_is_refused(ensemble_dir, cells, tmp_path):
-    spec = load_ensemble_spec(ensemble_dir)
-    assert spec.domain and (ensemble_dir / DOMAIN_NAME).is_file()
+    spec = EnsembleFolder(ensemble_dir).spec
+    assert spec.domain and (ensemble_dir / EnsembleFolder.DOMAIN).is_file()
     copy = tmp_path / "ens"
     shutil.copytree(ensemble_dir, copy)
-    raw = json.loads((copy / DOMAIN_NAME).read_text())
+    raw = json.loads((copy / EnsembleFolder.DOMAIN).read_text())
     raw["colour_limit"] = 1e9  # a reference that would let everything through
-    (copy / DOMAIN_NAME).write_text(json.dumps(raw))
+    (copy / EnsembleFolder.DOMAIN).write_text(json.dumps(raw))
     r = runner.invoke(app, ["predict", str(copy), str(cells), "-o", str(tmp_path / "p.csv"), "--device", "cpu"])
     assert r.exit_code == 1 and "domain.json: does not match the hash" in r.output and "Traceback" not in r.output
 

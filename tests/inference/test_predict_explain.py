@@ -10,7 +10,7 @@ from alldetect.data.transforms import dihedral_views
 from alldetect.errors import AlldetectError
 from alldetect.inference.explain import ensemble_cam, member_cams
 from alldetect.inference.predict import collect_inputs, predict_rows
-from alldetect.inference.torch_engine import load_ensemble
+from alldetect.inference.torch_engine import TorchEngine
 from helpers import write_cell
 
 runner = CliRunner()
@@ -23,7 +23,7 @@ def _rows(path):
 
 @pytest.fixture(scope="module")
 def model(ensemble_dir):
-    return load_ensemble(ensemble_dir, device="cpu")
+    return TorchEngine.from_folder(ensemble_dir, device="cpu")
 
 
 def _crops(n=3, side=64, seed=0):
@@ -113,11 +113,11 @@ def test_ensemble_spec_that_does_not_match_the_code_is_a_clear_error(ensemble_di
     spec["members"][0]["name"], spec["members"][1]["name"] = "densenet121", "mobilenet"  # weights swapped
     (broken / "ensemble.json").write_text(json.dumps(spec))
     with pytest.raises(AlldetectError, match="does not match the installed densenet121"):
-        load_ensemble(broken, device="cpu")
+        TorchEngine.from_folder(broken, device="cpu")
     spec["version"] = 99
     (broken / "ensemble.json").write_text(json.dumps(spec))
     with pytest.raises(AlldetectError, match="version 99 is not one this alldetect reads"):
-        load_ensemble(broken, device="cpu")
+        TorchEngine.from_folder(broken, device="cpu")
 
 
 @pytest.mark.parametrize("name", ["vgg16", "xception", "mobilenet", "inception_resnet_v2", "densenet121"])
@@ -127,7 +127,7 @@ def test_cam_layer_is_spatial_at_the_paper_input_size(name, real_cells):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from alldetect.data.images import read_rgb
-    from alldetect.data.transforms import center_crop
+    from alldetect.data.geometry import center_crop
     from alldetect.models import create_member
 
     member = create_member(name).eval()

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from alldetect.inference.torch_engine import EnsembleModel
+from alldetect.inference.torch_engine import TorchEngine
 from alldetect.serve import ServeSettings, create_app
 from alldetect.serve.connections import EVICTABLE_AFTER, ConnectionLimits
 from alldetect.serve.uploads import Limits
@@ -160,7 +160,7 @@ def test_history_is_private_by_default_shared_or_off_on_request(ensemble_dir, tm
 
 def _ensembles_alive() -> int:
     gc.collect()
-    return sum(type(o) is EnsembleModel for o in gc.get_objects())
+    return sum(type(o) is TorchEngine for o in gc.get_objects())
 
 
 def test_grad_cam_keeps_no_second_ensemble_in_memory(ensemble_dir, tmp_path):

@@ -84,7 +84,7 @@ def test_predictions_follow_the_contract_and_restore_the_two_class_head(tiny_run
     from alldetect.data.cache import load_crops
     from alldetect.models.runtime import predict_probs
 
-    crops = load_crops(preds.path, crop=cfg.crop, cache_dir=split_manifest.parent / ".alldetect-cache")
+    crops = load_crops(preds.path, cfg.preprocess, cache_dir=split_manifest.parent / ".alldetect-cache")
     np.testing.assert_allclose(predict_probs(model, crops.images), preds.prob_all, atol=1e-6)
 
 

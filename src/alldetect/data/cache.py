@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..errors import ImageProblem
 from ..formats.problems import Problem
 from .images import read_rgb
-from .transforms import input_side, prepare_crop
+from .geometry import Preprocess
 
 logger = logging.getLogger(__name__)
 _FORMAT_VERSION = 1
@@ -37,15 +37,14 @@ class CropCache:
         return mask
 
 
-def load_crops(paths: list[str], *, crop: int, size: int | None = None, cache_dir: str | Path,
-               workers: int = 4) -> CropCache:
-    """Center-crop every image to ``crop`` (and resize to ``size`` if given), through the disk cache."""
-    side = input_side(crop, size)
-    key = _cache_key(paths, crop, side)
+def load_crops(paths: list[str], preprocess: Preprocess, *, cache_dir: str | Path, workers: int = 4) -> CropCache:
+    """Every image as the model's input (see ``Preprocess``), through the disk cache."""
+    side = preprocess.side
+    key = _cache_key(paths, preprocess.crop, side)
     cache_dir = Path(cache_dir)
     data_file, meta_file = cache_dir / f"crops-{side}-{key}.npy", cache_dir / f"crops-{side}-{key}.json"
     if not (data_file.is_file() and meta_file.is_file()):
-        _build(paths, crop, side, data_file, meta_file, workers)
+        _build(paths, preprocess, data_file, meta_file, workers)
     else:
         logger.info("reusing cached crops %s", data_file)
     meta = json.loads(meta_file.read_text())
@@ -65,7 +64,8 @@ def _cache_key(paths: list[str], crop: int, side: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _build(paths: list[str], crop: int, side: int, data_file: Path, meta_file: Path, workers: int) -> None:
+def _build(paths: list[str], preprocess: Preprocess, data_file: Path, meta_file: Path, workers: int) -> None:
+    side = preprocess.side
     data_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = data_file.with_name(data_file.name + f".{os.getpid()}.tmp.npy")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), side, side, 3))
@@ -73,7 +73,7 @@ def _build(paths: list[str], crop: int, side: int, data_file: Path, meta_file: P
 
     def attempt(path: str) -> np.ndarray | ImageProblem:
         try:
-            return prepare_crop(read_rgb(path)[0], crop, side, name=path)
+            return preprocess.apply(read_rgb(path)[0], name=path)
         except ImageProblem as e:
             return e
 
@@ -90,5 +90,5 @@ def _build(paths: list[str], crop: int, side: int, data_file: Path, meta_file: P
     del array
     os.replace(tmp, data_file)
     meta_tmp = meta_file.with_name(meta_file.name + ".tmp")
-    meta_tmp.write_text(json.dumps({"crop": crop, "side": side, "count": len(paths), "problems": problems}))
+    meta_tmp.write_text(json.dumps({"crop": preprocess.crop, "side": side, "count": len(paths), "problems": problems}))
     os.replace(meta_tmp, meta_file)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..errors import ImageProblem
 from .cell_measures import HAND_FEATURES, MEASURES, SHAPE_AND_STAIN, cell_measures
 from .images import read_rgb
-from .transforms import center_crop
+from .geometry import center_crop
 
 DOMAIN_VERSION = 1
 TARGET_FLAGGED = 0.02       # share of the training donors' own cells (out of fold) the checks flag together

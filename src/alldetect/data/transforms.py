@@ -1,4 +1,4 @@
-"""Preprocessing (paper Sec. 2.1.2): pixel-exact center crop, the paper's augmentation, per-model normalisation.
+"""Augmentation (paper Sec. 2.1.2) and per-model normalisation; the crop itself is ``data.geometry``'s.
 
 Images travel as uint8 (cache, datasets, workers); conversion to float and normalisation with a member's
 own mean/std happen last, on the device, so the same uint8 batch can feed every member.
@@ -7,16 +7,11 @@ own mean/std happen last, on the device, so the same uint8 batch can feed every 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
 from torchvision.transforms import v2  # noqa: E402
-
-from ..errors import ImageProblem
 
 # The paper names flips, rotation, zoom and shift without ranges. Cells have no orientation, so any rotation is
 # valid; shift and zoom of 10% keep the cell inside a 300 px crop.
@@ -26,65 +21,6 @@ PAPER_ROTATION, PAPER_SHIFT, PAPER_ZOOM = 180.0, 0.1, 0.1
 STAIN_BRIGHTNESS, STAIN_SATURATION, STAIN_HUE = 0.15, 0.3, 0.04
 # augmentations that draw from the eight symmetries of the square: scoring averages over all eight (TTA)
 DIHEDRAL_AUGMENTATIONS = ("dihedral", "dihedral+stain")
-
-
-def center_crop(image: np.ndarray, size: int, *, path: str = "<array>") -> np.ndarray:
-    """The central ``size x size`` window of an ``(H, W, C)`` array, by slicing: no resampling.
-
-    450 -> 300 keeps rows and columns 75..374. Odd margins put the extra pixel after the window.
-    """
-    height, width = image.shape[:2]
-    if height < size or width < size:
-        raise ImageProblem(path, f"image is {width}x{height}, smaller than the {size}x{size} center crop")
-    top, left = (height - size) // 2, (width - size) // 2
-    return image[top:top + size, left:left + size]
-
-
-@dataclass(frozen=True)
-class FrameGeometry:
-    """How an image becomes the crop the model sees at its own scale: C-NMC's 450x450 frames are center-cropped
-    as they are; frames of another size or magnification can first be rescaled to ``frame_size`` pixels a
-    side, and an image that already is the cell's crop (``as_crop``) is resized to the crop whole."""
-    frame_size: int | None = None
-    as_crop: bool = False
-
-    def crop(self, pixels: np.ndarray, crop: int, *, name: str) -> np.ndarray:
-        if self.as_crop:
-            return _resized(pixels, crop, crop)
-        if self.frame_size:
-            height, width = pixels.shape[:2]
-            scale = self.frame_size / min(height, width)
-            pixels = _resized(pixels, round(width * scale), round(height * scale))
-        return center_crop(pixels, crop, path=name)
-
-    def describe(self, crop: int) -> str:
-        """What the geometry does, for the CSV ("" for C-NMC's own)."""
-        if self.as_crop:
-            return f"whole image resized to the {crop}x{crop} crop"
-        return f"shorter side rescaled to {self.frame_size}, then the {crop}x{crop} center crop" if self.frame_size \
-            else ""
-
-
-def prepare_crop(pixels: np.ndarray, crop: int, input_size: int | None, *, name: str,
-                 geometry: FrameGeometry = FrameGeometry()) -> np.ndarray:
-    """The model's input from a decoded cell: the pixel-exact center crop (see ``FrameGeometry`` for other
-    frames), resized if the model wants it."""
-    return model_input(geometry.crop(pixels, crop, name=name), input_size)
-
-
-def input_side(crop: int, input_size: int | None) -> int:
-    """The side of the model's input: the crop, resized to ``input_size`` when there is one."""
-    return input_size or crop
-
-
-def model_input(crop: np.ndarray, input_size: int | None) -> np.ndarray:
-    """A crop at the model's input size."""
-    side = input_side(crop.shape[0], input_size)
-    return crop if side == crop.shape[0] else _resized(crop, side, side)
-
-
-def _resized(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
 
 
 def train_augmentation(*, rotation: float = PAPER_ROTATION, shift: float = PAPER_SHIFT,

@@ -14,25 +14,25 @@ from safetensors.torch import save_file
 
 from ..data.cache import load_crops
 from ..data.domain import DomainReference, fit_domain, measure_images
+from ..data.geometry import Preprocess
 from ..data.transforms import DIHEDRAL_AUGMENTATIONS
+from .. import versions
 from ..errors import AlldetectError
 from ..formats.manifest import read_manifest
 from ..formats.predictions import Predictions
+from ..precision import BF16_TOLERANCE
 from ..models.runtime import score_members
-from ..training.checkpoint import load_checkpoint
-from ..training.run_dir import versions
 from .card import write_model_card
-from .folder import (CALIBRATION_CELLS, calibration_sample, describe_data, load_member, read_calibration,
-                     record_domain, sha256_file, write_calibration, write_ensemble)
-from .runs import MemberRuns, copy_training_record, read_runs, run_predictions
-from .spec import DEFAULT_METHOD, EnsembleSpec, MemberEntry, load_ensemble_spec
+from .fitting import write_ensemble
+from .folder import CALIBRATION_CELLS, EnsembleFolder, sha256_file
+from .runs import MemberRuns, copy_training_record, describe_data, read_runs, run_predictions
+from .spec import DEFAULT_METHOD, EnsembleSpec, MemberEntry
 
 logger = logging.getLogger(__name__)
-BF16_TOLERANCE = 0.05  # largest mean change of a member's P(ALL), bf16 against fp32, on validation cells
 DOMAIN_CELLS = 4000    # most training cells the domain reference is fitted on (drawn evenly when there are more)
 
 
-def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_method: str = DEFAULT_METHOD,
+def build_ensemble(run_dirs: list[str | Path], out: EnsembleFolder | str | Path, *, default_method: str = DEFAULT_METHOD,
                    tta: bool | None = None, operating_point: str = "auto",
                    target: float | None = None) -> EnsembleSpec:
     """Write a self-contained ensemble folder from finished member runs: each member's selected weights as
@@ -50,7 +50,8 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_metho
     predictions; ``auto`` fits balanced accuracy when they are out of fold for every donor (a cross-fit), and
     keeps the paper's 0.5 otherwise, since thresholds fitted on a few validation donors do not carry to new ones.
     """
-    out = Path(out)
+    folder = EnsembleFolder.of(out)
+    out = folder.path
     members = read_runs(run_dirs)
     cross_fitted = members[0].cross_fitted
     out.mkdir(parents=True, exist_ok=True)
@@ -61,25 +62,43 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, *, default_metho
     if tta is None:
         tta = all(run.config.get("augment") in DIHEDRAL_AUGMENTATIONS for m in members for run in m.folds)
     splits = run_predictions(members)
-    crop, size = entries[0].crop, entries[0].input_size
+    preprocess = Preprocess(entries[0].crop, entries[0].input_size)
     with tempfile.TemporaryDirectory() as cache:
         if tta:
-            splits = {name: _rescored(preds, members, entries, out, crop, size, cache, out_of_fold=name == "val")
+            splits = {name: _rescored(preds, members, entries, folder, preprocess, cache, out_of_fold=name == "val")
                       for name, preds in splits.items()}
         val = splits["val"][0]
         paths = calibration_sample(val.path, val.y, CALIBRATION_CELLS)
-        crops, usable = _crops(paths, crop, size, cache)
+        crops, usable = _crops(paths, preprocess, cache)
         label_of = dict(zip(val.path, val.y))
-        write_calibration(out, crops, np.array([label_of[p] for p, ok in zip(paths, usable) if ok]))
+        folder.write_calibration(crops, np.array([label_of[p] for p, ok in zip(paths, usable) if ok]))
     if operating_point == "auto":
         operating_point = "balanced_accuracy" if cross_fitted else "paper"
-    write_ensemble(out, entries, splits, default_method=default_method, tta=tta,
+    write_ensemble(folder, entries, splits, default_method=default_method, tta=tta,
                    data=describe_data(members[0].config["manifest"], folds=len(members[0].folds)),
                    versions=versions(), operating_point=operating_point, target=target, cross_fitted=cross_fitted)
-    record_domain(out, training_domain(members[0].config["manifest"], crop))
-    check_bf16(out)
-    write_model_card(out)
-    return load_ensemble_spec(out)
+    folder.record_domain(training_domain(members[0].config["manifest"], preprocess.crop))
+    check_bf16(folder)
+    write_model_card(folder)
+    return folder.spec
+
+
+def calibration_sample(paths: list[str], labels: np.ndarray, n: int, *, seed: int = 0) -> list[str]:
+    """Up to ``n`` paths, both classes in their proportions, drawn with a fixed seed.
+
+    >>> calibration_sample(["a", "b", "c", "d"], np.array([1, 1, 0, 0]), 2)
+    ['b', 'd']
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    if len(paths) <= n:
+        return list(paths)
+    chosen: list[int] = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        take = max(1, round(n * len(members) / len(labels)))
+        chosen.extend(rng.choice(members, size=min(take, len(members)), replace=False).tolist())
+    return [paths[i] for i in sorted(chosen)[:n]]
 
 
 def _member_entry(member: MemberRuns, out: Path) -> MemberEntry:
@@ -88,29 +107,29 @@ def _member_entry(member: MemberRuns, out: Path) -> MemberEntry:
     for k, run in enumerate(member.folds):
         record = Path("members") / member.name / (f"fold{k}" if member.cross_fitted else "")
         copy_training_record(run, out / record)
-        state = load_checkpoint(run.path / "checkpoints" / "best.pt")
+        state = run.folder.best_state()
         weights = out / record / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in state["model"].items()}, str(weights))
         files.append((record / "weights.safetensors").as_posix())
         hashes.append(sha256_file(weights))
         provenance.append({"run": str(run.path), "manifest": run.config["manifest"],
-                           "checkpoint": "checkpoints/best.pt", "select_metric": run.config["select_metric"],
+                           "checkpoint": run.folder.best.relative_to(run.path).as_posix(), "select_metric": run.config["select_metric"],
                            "epoch": state.get("epoch"), "config": run.config})
     info = provenance[0] if not member.cross_fitted else {"config": member.config, "folds": provenance}
     return MemberEntry(member.name, files, hashes, member.config["crop"], member.config["input_size"],
                        state["model"]["mean"].tolist(), state["model"]["std"].tolist(), state.get("epoch"), info)
 
 
-def _rescored(preds: list[Predictions], members: list[MemberRuns], entries: list[MemberEntry], out: Path, crop: int,
-              size: int | None, cache: str, *, out_of_fold: bool) -> list[Predictions]:
+def _rescored(preds: list[Predictions], members: list[MemberRuns], entries: list[MemberEntry], folder: EnsembleFolder,
+              preprocess: Preprocess, cache: str, *, out_of_fold: bool) -> list[Predictions]:
     """The members' predictions recomputed with test-time augmentation (same images, same order). Out of fold,
     each cell is scored by the one fold model that validated on it; otherwise by the whole member."""
-    crops, usable = _crops(preds[0].path, crop, size, cache)
+    crops, usable = _crops(preds[0].path, preprocess, cache)
     if not usable.all():
         raise AlldetectError(f"{np.count_nonzero(~usable)} cell image(s) scored in training can no longer be read")
     cpu = torch.device("cpu")
     if not out_of_fold or not members[0].cross_fitted:
-        probs = score_members([load_member(out, e).eval() for e in entries], crops, device=cpu, precision="fp32",
+        probs = score_members([folder.load_member(e).eval() for e in entries], crops, device=cpu, precision="fp32",
                               tta=True)
         return [replace(p, prob_all=probs[k]) for k, p in enumerate(preds)]
     position = {path: i for i, path in enumerate(preds[0].path)}
@@ -119,24 +138,24 @@ def _rescored(preds: list[Predictions], members: list[MemberRuns], entries: list
         prob = np.full(len(p.path), np.nan)
         for run, weights, sha256 in zip(member.folds, entry.weights, entry.sha256):
             held_out = np.array([position[q] for q in run.predictions("val").path])
-            fold_model = load_member(out, replace(entry, weights=[weights], sha256=[sha256])).eval()
+            fold_model = folder.load_member(replace(entry, weights=[weights], sha256=[sha256])).eval()
             prob[held_out] = score_members([fold_model], crops[held_out], device=cpu, precision="fp32", tta=True)[0]
         rescored.append(replace(p, prob_all=prob))
     return rescored
 
 
-def _crops(paths: list[str], crop: int, size: int | None, cache: str) -> tuple[np.ndarray, np.ndarray]:
-    loaded = load_crops(paths, crop=crop, size=size, cache_dir=cache)
+def _crops(paths: list[str], preprocess: Preprocess, cache: str) -> tuple[np.ndarray, np.ndarray]:
+    loaded = load_crops(paths, preprocess, cache_dir=cache)
     return np.asarray(loaded.images)[loaded.usable], loaded.usable
 
 
-def check_bf16(ens_dir: str | Path, *, cells: int = 64, tolerance: float = BF16_TOLERANCE) -> dict:
+def check_bf16(folder: EnsembleFolder, *, cells: int = 64, tolerance: float = BF16_TOLERANCE) -> dict:
     """Score up to ``cells`` validation cells with every member in fp32 and in bf16. A member whose P(ALL) bf16
     moves by more than ``tolerance`` on average runs in fp32 wherever the ensemble would use bf16 (some networks
     are far more sensitive than others). The verdict goes into ``ensemble.json`` under ``bf16``."""
-    spec = load_ensemble_spec(ens_dir)
-    members = [load_member(Path(ens_dir), entry).eval() for entry in spec.members]
-    crops = read_calibration(ens_dir)[0][:cells]
+    spec = folder.spec
+    members = [m.eval() for m in folder.load_members()]
+    crops = folder.calibration()[0][:cells]
     cpu = torch.device("cpu")
     fp32 = score_members(members, crops, device=cpu, precision="fp32")
     drift = np.abs(score_members(members, crops, device=cpu, precision="bf16") - fp32).mean(axis=1)
@@ -149,7 +168,7 @@ def check_bf16(ens_dir: str | Path, *, cells: int = 64, tolerance: float = BF16_
     verdict = {"cells": len(crops), "tolerance": tolerance, "mean_change": dict(zip(names, drift.tolist())),
                "fp32_members": too_far}
     spec.bf16 = verdict
-    spec.save(ens_dir)
+    folder.save_spec(spec)
     return verdict
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 
 from ..formats.labels import THRESHOLD
 from ..formats.tables import format_table
-from .folder import load_domain, model_id
-from .spec import EnsembleSpec, load_ensemble_spec
+from .folder import EnsembleFolder
+from .spec import EnsembleSpec
 
-CARD_NAME = "MODEL_CARD.md"
 CARD_METRICS = ("auc", "ba", "wfs", "sensitivity", "specificity")
 SECTIONS = ("What it does and for whom", "Not a medical device", "Training data", "Preprocessing",
             "Members and ensemble", "Results", "Domain check", "Limitations", "How to use it", "Versions")
@@ -20,10 +19,10 @@ CNMC_CITATION = ("Gupta A., Gupta R. (2019). ALL Challenge dataset of ISBI 2019 
                  "Archive. https://doi.org/10.7937/tcia.2019.dc64i46r (licence: CC BY 3.0)")
 
 
-def write_model_card(ens_dir: str | Path) -> Path:
-    ens_dir = Path(ens_dir)
-    spec = load_ensemble_spec(ens_dir)
-    table4 = ens_dir / "table4.json"
+def write_model_card(folder: EnsembleFolder | str | Path) -> Path:
+    folder = EnsembleFolder.of(folder)
+    spec, name = folder.spec, folder.path.name
+    table4 = folder.path / folder.TABLE4
     results = json.loads(table4.read_text()) if table4.is_file() else None
     sections = {
         "What it does and for whom": _purpose(spec),
@@ -34,7 +33,7 @@ def write_model_card(ens_dir: str | Path) -> Path:
         "Preprocessing": _preprocessing(spec),
         "Members and ensemble": _members(spec),
         "Results": _results(spec, results),
-        "Domain check": _domain(ens_dir, spec),
+        "Domain check": _domain(folder),
         "Limitations": [
             "- Stain and scanner shift: cells from another lab, stain batch or microscope than the training donors "
             "score differently: trained on the donors of one C-NMC batch, the ensemble lost about 0.2 cell AUC on "
@@ -47,20 +46,20 @@ def write_model_card(ens_dir: str | Path) -> Path:
             "Copy this folder: it holds everything needed (member weights as safetensors, preprocessing, fitted "
             "combiners, ONNX graphs when exported). Then:", "",
             "```bash",
-            f"alldetect predict {ens_dir.name} CELLS_OR_FOLDERS -o predictions.csv   # CSV + patient summary",
-            f"alldetect explain {ens_dir.name} CELL.png -o gradcam                   # Grad-CAM of each member",
-            f"alldetect export {ens_dir.name}                                        # fast CPU engine (ONNX, int8)",
-            f"alldetect serve {ens_dir.name}                                         # web page for the lab",
+            f"alldetect predict {name} CELLS_OR_FOLDERS -o predictions.csv   # CSV + patient summary",
+            f"alldetect explain {name} CELL.png -o gradcam                   # Grad-CAM of each member",
+            f"alldetect export {name}                                        # fast CPU engine (ONNX, int8)",
+            f"alldetect serve {name}                                         # web page for the lab",
             "```"],
-        "Versions": [f"- {k}: {v}" for k, v in spec.versions.items()] + [f"- model id: {model_id(ens_dir)}"],
+        "Versions": [f"- {k}: {v}" for k, v in spec.versions.items()] + [f"- model id: {folder.model_id}"],
     }
-    lines = [f"# Model card: alldetect ensemble {model_id(ens_dir)}", ""]
+    lines = [f"# Model card: alldetect ensemble {folder.model_id}", ""]
     if spec.data.get("synthetic"):
         lines += ["> **Trained on SYNTHETIC cells.** This model shows that the software works; it detects nothing "
                   "in real blood.", ""]
     for title in SECTIONS:
         lines += [f"## {title}", "", *sections[title], ""]
-    path = ens_dir / CARD_NAME
+    path = folder.path / folder.CARD
     path.write_text("\n".join(lines))
     return path
 
@@ -102,8 +101,8 @@ def _data(spec: EnsembleSpec) -> list[str]:
     return lines
 
 
-def _domain(ens_dir: Path, spec: EnsembleSpec) -> list[str]:
-    reference = load_domain(ens_dir, spec)
+def _domain(folder: EnsembleFolder) -> list[str]:
+    reference = folder.domain()
     if reference is None:
         return ["None: this folder was built before domain checks; rebuild it with `alldetect ensemble`."]
     return [f"Every cell scored is checked against what the training cells look like ({reference.fitted_on}): "
@@ -120,8 +119,9 @@ def _domain(ens_dir: Path, spec: EnsembleSpec) -> list[str]:
 
 
 def _preprocessing(spec: EnsembleSpec) -> list[str]:
-    size = f", resized to {spec.input_size}x{spec.input_size} (bilinear)" if spec.input_size else ""
-    return [f"- Pixel-exact {spec.crop}x{spec.crop} center crop of the frame{size}; uint8 RGB in.",
+    pre = spec.preprocess
+    size = f", resized to {pre.input_size}x{pre.input_size} (bilinear)" if pre.input_size else ""
+    return [f"- Pixel-exact {pre.crop}x{pre.crop} center crop of the frame{size}; uint8 RGB in.",
             "- Each member normalises inside the network with the mean/std its ImageNet weights expect: "
             + "; ".join(f"{m.name} {_triple(m.mean)}/{_triple(m.std)}" for m in spec.members) + ".",
             "- Test-time augmentation: " + ("on: each member's P(ALL) is the mean over the eight flips and "

@@ -9,27 +9,110 @@ Every weight is fitted on the *validation* split only; test predictions are neve
 - logloss: weights on the simplex that minimise the validation log-loss of the weighted average.
 - ts_sap: each member temperature-scaled on validation (Guo et al. 2017), then averaged.
 - stacking: logistic regression on the members' validation logits.
+
+A combiner is one class (see ``Combiner``): ``fit`` on validation (or out-of-fold) probabilities, ``apply`` in numpy,
+``forward`` in torch (the torch engine's Grad-CAM and the exported ONNX graph run it), its fitted numbers as JSON,
+and the member weights its Grad-CAM map uses. ``COMBINERS`` maps each method name to its class.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import numpy as np
+import torch
 from scipy.optimize import minimize, minimize_scalar
 from sklearn.linear_model import LogisticRegression
 
 from ..evaluation.metrics import classification_metrics, log_loss, logit
 
 logger = logging.getLogger(__name__)
-WEN_METRICS = {"acc": "acc", "auc": "auc", "f1": "wfs", "kappa": "kappa"}
-PAPER_METHODS = ("sap", *(f"wen_{k}" for k in WEN_METRICS))
-EXTRA_METHODS = ("logloss", "ts_sap", "stacking")
-METHODS = PAPER_METHODS + EXTRA_METHODS
-METHOD_LABELS = {  # as tables and figures name them
-    "sap": "SAP", "wen_acc": "WEN-acc", "wen_auc": "WEN-auc", "wen_f1": "WEN-f1", "wen_kappa": "WEN-kappa",
-    "logloss": "log-loss weights", "ts_sap": "temperature-scaled SAP", "stacking": "logistic stacking"}
+COMBINERS: dict[str, type[Combiner]] = {}
+_LEGACY_DEFAULTS = {"weights": [], "temperatures": [], "coef": [], "intercept": 0.0}  # fields every method once wrote
+
+
+def combiner_label(method: str) -> str:
+    """The method as tables and figures name it."""
+    return COMBINERS[method].label if method in COMBINERS else method
+
+
+@dataclass(frozen=True)
+class Combiner(ABC):
+    """What a combiner learned on validation, enough to combine (members, images) P(ALL) of any new image.
+
+    A subclass is a frozen dataclass of what it fits; given a ``name`` (and the ``label`` tables use) it is
+    registered: every ensemble fits it, the spec reads it, the graph exports it::
+
+        class Loudest(Combiner, name="loudest", label="loudest member"): ...
+    """
+    name: ClassVar[str]
+    label: ClassVar[str]
+
+    def __init_subclass__(cls, name: str | None = None, label: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        dataclass(frozen=True)(cls)
+        if name is not None:
+            if name in COMBINERS:
+                raise ValueError(f"a combiner named {name!r} is already registered")
+            cls.name, cls.label = name, label or name
+            COMBINERS[name] = cls
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, y_val: np.ndarray, val_probs: np.ndarray) -> Combiner:
+        """Fit on validation labels and (members, images) probabilities."""
+
+    @abstractmethod
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        """(members, images) P(ALL) -> (images,) P(ALL), in float64."""
+
+    @abstractmethod
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        """``apply`` in torch on (images, members) P(ALL): what the engine's graph runs."""
+
+    def cam_weights(self, members: int) -> np.ndarray:
+        """Weights for combining the members' Grad-CAM maps (default: equal)."""
+        return np.ones(members)
+
+    def to_json(self) -> dict:
+        return {"method": self.name, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: dict, members: int) -> Combiner:
+        """The fitted combiner in ``raw``, checked: ValueError naming the field when it is not usable."""
+        own = {f.name for f in fields(cls)}
+        if set(raw) - own - {"method"} - set(_LEGACY_DEFAULTS) or \
+                any(raw[k] != v for k, v in _LEGACY_DEFAULTS.items() if k in raw and k not in own):
+            raise ValueError("not a fitted combiner")
+        return cls._checked(raw, members)
+
+    @classmethod
+    @abstractmethod
+    def _checked(cls, raw: dict, members: int) -> Combiner:
+        """Build from the JSON fields, refusing values that would not combine."""
+
+
+class FieldError(ValueError):
+    """A fitted field that cannot be used; the message starts with the field's name."""
+
+
+def finite_numbers(raw: dict, key: str, count: int, rule: Callable[[list[float]], bool] = bool,
+                   what: str = "") -> list[float]:
+    """``raw[key]`` as ``count`` finite floats with a finite sum that keep ``rule`` (``what`` says it), else
+    FieldError naming ``key``."""
+    values = raw.get(key, [])
+    if not isinstance(values, list) or len(values) != count or not all(_finite(v) for v in values) \
+            or not math.isfinite(sum(abs(v) for v in values)):  # 1e308 twice is finite, its sum is not
+        raise FieldError(f"{key} must be {count} finite number(s) with a finite sum, got {values!r}")
+    values = [float(v) for v in values]
+    if not rule(values):
+        raise FieldError(f"{key} must be {what}, got {values}")
+    return values
 
 
 def sap(probs: np.ndarray) -> np.ndarray:
@@ -58,6 +141,35 @@ def weighted_average(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return weights @ np.asarray(probs, dtype=np.float64) / weights.sum()
 
 
+class WeightedAverage(Combiner, ABC):
+    """Eq. 2 with fitted weights (SAP: equal ones)."""
+    weights: list[float]
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        return weighted_average(probs, np.asarray(self.weights))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        w = probs.new_tensor(self.weights)
+        return probs @ w / w.sum()
+
+    def cam_weights(self, members: int) -> np.ndarray:
+        return np.asarray(self.weights, dtype=np.float64)
+
+    @classmethod
+    def _checked(cls, raw: dict, members: int) -> Combiner:
+        return cls(finite_numbers(raw, "weights", members, lambda w: min(w) >= 0 and sum(w) > 0,
+                                  "non-negative with a positive sum"))
+
+
+class SAP(WeightedAverage, name="sap", label="SAP"):
+    @classmethod
+    def fit(cls, y_val: np.ndarray, val_probs: np.ndarray) -> SAP:
+        return cls([1.0] * len(val_probs))
+
+
+WEN_METRICS = {"acc": "acc", "auc": "auc", "f1": "wfs", "kappa": "kappa"}  # WEN-<name>: classification_metrics key
+
+
 def wen_weights(y_val: np.ndarray, val_probs: np.ndarray, metric: str) -> np.ndarray:
     """W_k = member k's validation ``metric`` (acc, auc, f1 or kappa), negative values clipped to 0."""
     key = WEN_METRICS[metric]
@@ -73,15 +185,32 @@ def wen_weights(y_val: np.ndarray, val_probs: np.ndarray, metric: str) -> np.nda
     return weights
 
 
-def logloss_weights(y_val: np.ndarray, val_probs: np.ndarray) -> np.ndarray:
-    """Simplex weights minimising the validation log-loss of ``weighted_average``."""
-    def loss(a: np.ndarray) -> float:
-        w = np.exp(a - a.max())
-        return log_loss(y_val, weighted_average(val_probs, w / w.sum()))
+def _wen(metric: str) -> type[WeightedAverage]:
+    class WEN(WeightedAverage, name=f"wen_{metric}", label=f"WEN-{metric}"):
+        @classmethod
+        def fit(cls, y_val: np.ndarray, val_probs: np.ndarray) -> WEN:
+            return cls(wen_weights(y_val, val_probs, metric).tolist())
 
-    a = minimize(loss, np.zeros(len(val_probs)), method="L-BFGS-B").x
-    w = np.exp(a - a.max())
-    return w / w.sum()
+    WEN.__name__ = WEN.__qualname__ = f"WEN_{metric}"
+    return WEN
+
+
+for _metric in WEN_METRICS:
+    _wen(_metric)
+
+
+class LogLossWeights(WeightedAverage, name="logloss", label="log-loss weights"):
+    """Simplex weights minimising the validation log-loss of ``weighted_average``."""
+
+    @classmethod
+    def fit(cls, y_val: np.ndarray, val_probs: np.ndarray) -> LogLossWeights:
+        def loss(a: np.ndarray) -> float:
+            w = np.exp(a - a.max())
+            return log_loss(y_val, weighted_average(val_probs, w / w.sum()))
+
+        a = minimize(loss, np.zeros(len(val_probs)), method="L-BFGS-B").x
+        w = np.exp(a - a.max())
+        return cls((w / w.sum()).tolist())
 
 
 def fit_temperature(y_val: np.ndarray, prob: np.ndarray) -> float:
@@ -92,41 +221,70 @@ def fit_temperature(y_val: np.ndarray, prob: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-@dataclass
-class EnsembleFit:
-    """What a combiner learned on validation, enough to apply it to any new image."""
-    method: str
-    weights: list[float] = field(default_factory=list)       # SAP/WEN/logloss: one per member
-    temperatures: list[float] = field(default_factory=list)  # ts_sap
-    coef: list[float] = field(default_factory=list)          # stacking: one per member, plus intercept
-    intercept: float = 0.0
+class TemperatureScaledSAP(Combiner, name="ts_sap", label="temperature-scaled SAP"):
+    temperatures: list[float]
+
+    @classmethod
+    def fit(cls, y_val: np.ndarray, val_probs: np.ndarray) -> TemperatureScaledSAP:
+        return cls([fit_temperature(y_val, p) for p in val_probs])
 
     def apply(self, probs: np.ndarray) -> np.ndarray:
-        """Combine (members, images) P(ALL) into (images,) P(ALL)."""
-        probs = np.asarray(probs, dtype=np.float64)
-        if self.method == "ts_sap":
-            t = np.asarray(self.temperatures)[:, None]
-            return sap(_sigmoid(logit(probs) / t))
-        if self.method == "stacking":
-            return _sigmoid(np.asarray(self.coef) @ logit(probs) + self.intercept)
-        return weighted_average(probs, np.asarray(self.weights))
+        t = np.asarray(self.temperatures)[:, None]
+        return sap(_sigmoid(logit(np.asarray(probs, dtype=np.float64)) / t))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logit(probs) / probs.new_tensor(self.temperatures)).mean(dim=1)
+
+    @classmethod
+    def _checked(cls, raw: dict, members: int) -> TemperatureScaledSAP:
+        return cls(finite_numbers(raw, "temperatures", members, lambda t: min(t) > 0, "positive"))
 
 
-def fit_combiner(method: str, y_val: np.ndarray, val_probs: np.ndarray) -> EnsembleFit:
-    """Fit ``method`` (see ``METHODS``) on validation labels and (members, images) probabilities."""
-    k = len(val_probs)
-    if method == "sap":
-        return EnsembleFit(method, weights=[1.0] * k)
-    if method.startswith("wen_"):
-        return EnsembleFit(method, weights=wen_weights(y_val, val_probs, method[4:]).tolist())
-    if method == "logloss":
-        return EnsembleFit(method, weights=logloss_weights(y_val, val_probs).tolist())
-    if method == "ts_sap":
-        return EnsembleFit(method, temperatures=[fit_temperature(y_val, p) for p in val_probs])
-    if method == "stacking":
+class Stacking(Combiner, name="stacking", label="logistic stacking"):
+    """Logistic regression on the members' logits; Grad-CAM weighs the members by their positive coefficients."""
+    coef: list[float]
+    intercept: float
+
+    @classmethod
+    def fit(cls, y_val: np.ndarray, val_probs: np.ndarray) -> Stacking:
         model = LogisticRegression(C=1.0, max_iter=1000).fit(logit(val_probs).T, y_val)
-        return EnsembleFit(method, coef=model.coef_[0].tolist(), intercept=float(model.intercept_[0]))
-    raise ValueError(f"unknown ensemble method {method!r}; known: {', '.join(METHODS)}")
+        return cls(model.coef_[0].tolist(), float(model.intercept_[0]))
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        return _sigmoid(np.asarray(self.coef) @ logit(np.asarray(probs, dtype=np.float64)) + self.intercept)
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logit(probs) @ probs.new_tensor(self.coef) + self.intercept)
+
+    def cam_weights(self, members: int) -> np.ndarray:
+        return np.clip(np.asarray(self.coef, dtype=np.float64), 0, None)
+
+    @classmethod
+    def _checked(cls, raw: dict, members: int) -> Stacking:
+        intercept = raw.get("intercept", 0.0)
+        if not _finite(intercept):
+            raise FieldError(f"intercept must be a finite number, got {intercept!r}")
+        return cls(finite_numbers(raw, "coef", members), float(intercept))
+
+
+def fit_combiner(method: str, y_val: np.ndarray, val_probs: np.ndarray) -> Combiner:
+    """Fit ``method`` (a name in ``COMBINERS``) on validation labels and (members, images) probabilities."""
+    if method not in COMBINERS:
+        raise ValueError(f"unknown ensemble method {method!r}; known: {', '.join(COMBINERS)}")
+    return COMBINERS[method].fit(y_val, val_probs)
+
+
+def combiner_from_json(method: str, raw: object, members: int) -> Combiner:
+    """The fitted ``method`` of a spec; ValueError saying what is wrong."""
+    if method not in COMBINERS:
+        raise ValueError(f"unknown method (known: {', '.join(COMBINERS)})")
+    if not isinstance(raw, dict):
+        raise ValueError("not a fitted combiner")
+    return COMBINERS[method].from_json(raw, members)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

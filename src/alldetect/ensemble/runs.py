@@ -3,33 +3,36 @@ the fold runs of a cross-fitted member grouped, with their out-of-fold predictio
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from ..data.index import synthetic_marker
 from ..errors import AlldetectError, DataError
 from ..formats.manifest import read_manifest
 from ..formats.predictions import Predictions, read_predictions
-
-RECORD_FILES = ("config.json", "history.csv", "epochs.csv", "metrics.json")
+from ..training.run_dir import RunDir
 
 
 @dataclass
 class MemberRun:
     """A finished training run, as the ensemble builder reads it."""
-    path: Path
+    folder: RunDir
     config: dict
     metrics: dict
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
 
     @property
     def name(self) -> str:
         return self.config["member"]
 
     def predictions(self, split: str) -> Predictions:
-        return _single(self.path / f"predictions_{split}.csv")
+        return _single(self.folder.predictions(split))
 
 
 @dataclass
@@ -56,14 +59,13 @@ def read_runs(run_dirs: list[str | Path]) -> list[MemberRuns]:
     models and must validate on disjoint donors; every member has the same number of runs, and all share one
     crop and input size."""
     runs = []
-    for run in map(lambda r: Path(r).resolve(), run_dirs):
-        config_file, metrics_file = run / "config.json", run / "metrics.json"
-        if not config_file.is_file():
-            raise AlldetectError(f"{run}: not a training run directory (no config.json)")
-        if not (run / "checkpoints" / "best.pt").is_file() or not metrics_file.is_file():
-            raise AlldetectError(f"{run}: training has not finished (no checkpoints/best.pt or metrics.json)")
-        runs.append(MemberRun(run, json.loads(config_file.read_text())["config"],
-                              json.loads(metrics_file.read_text())))
+    for run in (RunDir(Path(r).resolve(), writes=False) for r in run_dirs):
+        if not (run.path / run.CONFIG).is_file():
+            raise AlldetectError(f"{run.path}: not a training run directory (no {run.CONFIG})")
+        if not run.finished:
+            raise AlldetectError(f"{run.path}: training has not finished (no checkpoints/{run.best.name} or "
+                                 f"{run.METRICS})")
+        runs.append(MemberRun(run, run.config(), run.metrics()))
     grouped: dict[str, list[MemberRun]] = {}
     for run in runs:
         grouped.setdefault(run.name, []).append(run)
@@ -101,7 +103,7 @@ def _check_out_of_fold(member: MemberRuns) -> None:
 
 def copy_training_record(run: MemberRun, member_dir: Path) -> None:
     member_dir.mkdir(parents=True, exist_ok=True)
-    for name in RECORD_FILES:
+    for name in RunDir.RECORDS:
         if (run.path / name).is_file():
             shutil.copyfile(run.path / name, member_dir / name)
 
@@ -112,7 +114,7 @@ def run_predictions(members: list[MemberRuns]) -> dict[str, list[Predictions]]:
     its test predictions are the mean of its fold models'."""
     splits = {}
     for split in ("val", "test"):
-        if all((run.path / f"predictions_{split}.csv").is_file() for m in members for run in m.folds):
+        if all(run.folder.predictions(split).is_file() for m in members for run in m.folds):
             combine = _concatenated if split == "val" else _averaged
             splits[split] = _aligned([combine([run.predictions(split) for run in m.folds])
                                       for m in members], [m.name for m in members], split)
@@ -163,3 +165,32 @@ def _aligned(preds: list[Predictions], names: list[str], split: str) -> list[Pre
                             f"{len(mismatch)} image(s), e.g. {ref.path[mismatch[0]]}")
         out.append(reordered)
     return out
+
+
+def describe_data(manifest: str, *, folds: int = 1) -> dict:
+    """What the runs were trained on and how it was split (``folds``: the number of donor folds when the
+    members were cross-fitted), for the first line of every report."""
+    rows = read_manifest(manifest)
+    labelled = [r for r in rows if r.label]
+    marker = synthetic_marker(Path(labelled[0].path).parent) if labelled else None
+    sources = {r.source for r in labelled}
+    if marker is not None:
+        dataset = "SYNTHETIC cells from `alldetect synth` (they test the software, not the medicine)"
+    elif any(s.startswith("fold_") for s in sources):
+        dataset = "C-NMC-2019"
+    else:
+        dataset = f"image folder(s): {', '.join(sorted(sources))}"
+    paper = bool(labelled) and all((r.split == "test") == (r.source == "prelim") for r in labelled)
+    if folds > 1:
+        protocol = (f"cross-fitting: donors dealt into {folds} folds stratified by class; each member trained "
+                    f"{folds} times on the other folds; val figures are out of fold for every donor")
+    elif paper:
+        protocol = "paper protocol (Table 3): training folds split 70/30 by subject, preliminary test set = test"
+    else:
+        protocol = "subject-level split, stratified by class"
+    groups = {"every donor, out of fold": ("train", "val")} if folds > 1 else \
+        {split: (split,) for split in ("train", "val", "test")}
+    counts = {group: {label: {"images": sum(r.split in splits and r.label == label for r in labelled),
+                              "subjects": len({r.subject for r in labelled if r.split in splits and r.label == label})}
+                      for label in ("all", "hem")} for group, splits in groups.items()}
+    return {"dataset": dataset, "synthetic": marker is not None, "protocol": protocol, "counts": counts}

@@ -1,36 +1,21 @@
-"""The ensemble folder: the unit a user copies. Everything scoring needs lies inside it, under relative paths:
-
-    ensemble.json                 the spec (members, preprocessing, fitted combiners and their operating points,
-                                  default method, TTA)
-    members/<name>/weights.safetensors   each member's weights (tensors only: loading runs no code); a member
-                                  cross-fitted on K folds of donors has members/<name>/fold<k>/weights.safetensors
-                                  for each fold model, and scores as their average
-    members/<name>[/fold<k>]/{config.json,history.csv,epochs.csv,metrics.json}   training records (curves, card)
-    calibration.npz               a sample of validation crops (int8 calibration, bf16 check)
-    domain.json                   what the training cells look like: the domain check's reference (hashed)
-    predictions_{val,test}.csv    every member and every method (the ``model`` column tells them apart); for a
-                                  cross-fitted ensemble, val holds the out-of-fold predictions of every donor
-    MODEL_CARD.md, report.md, figures, ONNX graphs when exported
-
-Provenance (the run folders, the manifest, versions, weight hashes) is recorded as information, never followed
-as a path. The spec is validated when it is read: a damaged or hand-edited file is one line naming the field.
-"""
+"""``ensemble.json``, the spec of an ensemble folder (see ``folder``): members, preprocessing, fitted combiners
+and their operating points, default method, TTA, and the hashes of every file it vouches for. It is validated
+when it is read: a damaged or hand-edited file is one line naming the field."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 
+from ..data.geometry import Preprocess
 from ..errors import AlldetectError
 from ..formats.operating_point import PAPER_POINT, OperatingPoint
-from .combiners import METHODS, EnsembleFit
+from .combiners import Combiner, FieldError, combiner_from_json
 
 logger = logging.getLogger(__name__)
-SPEC_NAME = "ensemble.json"
 SPEC_FORMAT = "alldetect-ensemble"
 SPEC_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # 2: one weights file per member and no operating points (the paper's 0.5)
@@ -66,7 +51,7 @@ class MemberEntry:
 @dataclass
 class EnsembleSpec:
     members: list[MemberEntry]
-    methods: dict[str, EnsembleFit]
+    methods: dict[str, Combiner]
     default_method: str
     data: dict
     val_metrics: dict = field(default_factory=dict)
@@ -83,14 +68,11 @@ class EnsembleSpec:
         return [m.name for m in self.members]
 
     @property
-    def crop(self) -> int:
-        return self.members[0].crop
+    def preprocess(self) -> Preprocess:
+        """How every member's input is made (the members agree on it)."""
+        return Preprocess(self.members[0].crop, self.members[0].input_size)
 
-    @property
-    def input_size(self) -> int | None:
-        return self.members[0].input_size
-
-    def fit(self, method: str) -> EnsembleFit:
+    def fit(self, method: str) -> Combiner:
         if method not in self.methods:
             raise AlldetectError(f"method {method!r} is not in this ensemble; it has {', '.join(self.methods)}")
         return self.methods[method]
@@ -101,29 +83,23 @@ class EnsembleSpec:
 
     def to_json(self) -> dict:
         return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "members": [asdict(m) for m in self.members],
-                "methods": {k: asdict(v) for k, v in self.methods.items()}, "default_method": self.default_method,
+                "preprocess": self.preprocess.to_json(),
+                "methods": {k: v.to_json() for k, v in self.methods.items()}, "default_method": self.default_method,
                 "operating_points": {k: v.to_json() for k, v in self.operating_points.items()},
                 "cross_fitted": self.cross_fitted, "graphs": self.graphs, "domain": self.domain, "tta": self.tta,
                 "bf16": self.bf16,
                 "data": self.data,
                 "val_metrics": self.val_metrics, "versions": self.versions}
 
-    def save(self, ens_dir: str | Path) -> None:
-        path = Path(ens_dir) / SPEC_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        tmp.replace(path)
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), indent=2).encode()
 
 
-def load_ensemble_spec(ens_dir: str | Path) -> EnsembleSpec:
-    """Read and validate ``ensemble.json``; every problem is one line naming the file and the field."""
-    path = Path(ens_dir) / SPEC_NAME
-    if Path(ens_dir).is_file():
-        raise SpecError(f"{ens_dir}: is a file; pass the ensemble folder (the one holding {SPEC_NAME})")
-    if not path.is_file():
-        raise SpecError(f"{path}: not found; build it with `alldetect ensemble RUN_DIR... --out {ens_dir}`")
+def parse_spec(data: bytes, path: Path) -> EnsembleSpec:
+    """Validate the bytes of ``ensemble.json`` read from ``path``; every problem is one line naming the file and
+    the field."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SpecError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != SPEC_FORMAT:
@@ -131,7 +107,7 @@ def load_ensemble_spec(ens_dir: str | Path) -> EnsembleSpec:
     if raw.get("version") == 1:
         raise SpecError(f"{path}: made by an earlier alldetect whose ensembles point at member checkpoints outside "
                         "the folder; rebuild it as a self-contained folder with `alldetect ensemble RUN_DIR... "
-                        f"--out {ens_dir}`")
+                        f"--out {path.parent}`")
     if raw.get("version") not in READABLE_VERSIONS:
         raise SpecError(f"{path}: version {raw.get('version')!r} is not one this alldetect reads "
                         f"({', '.join(map(str, READABLE_VERSIONS))})")
@@ -181,6 +157,8 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
                                    entry.get("provenance") or {}))
     if len({(m.crop, m.input_size) for m in members}) > 1:
         raise SpecError(f"{path}: members disagree on crop/input_size")
+    if "preprocess" in raw and raw["preprocess"] != Preprocess(members[0].crop, members[0].input_size).to_json():
+        raise SpecError(f"{path}: field preprocess {raw['preprocess']!r} disagrees with the members' crop/input_size")
     if len({m.name for m in members}) < len(members):
         raise SpecError(f"{path}: a member appears twice")
     methods = {name: _validated_fit(name, fit, len(members), path)
@@ -212,38 +190,13 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
                         raw.get("cross_fitted", False), graphs, domain)
 
 
-def _validated_fit(method: str, raw: object, k: int, path: Path) -> EnsembleFit:
-    where = f"{path}: field methods.{method}"
-    if method not in METHODS:
-        raise SpecError(f"{where}: unknown method (known: {', '.join(METHODS)})")
-    if not isinstance(raw, dict) or set(raw) - {f.name for f in fields(EnsembleFit)}:
-        raise SpecError(f"{where}: not a fitted combiner")
-
-    def numbers(key: str, count: int) -> list[float]:
-        values = raw.get(key, [])
-        if not isinstance(values, list) or len(values) != count or not all(_finite(v) for v in values) \
-                or not math.isfinite(sum(abs(v) for v in values)):  # 1e308 twice is finite, its sum is not
-            raise SpecError(f"{where}.{key} must be {count} finite number(s) with a finite sum, got {values!r}")
-        return [float(v) for v in values]
-
-    if method == "ts_sap":
-        temperatures = numbers("temperatures", k)
-        if min(temperatures) <= 0:
-            raise SpecError(f"{where}.temperatures must be positive, got {temperatures}")
-        return EnsembleFit(method, temperatures=temperatures)
-    if method == "stacking":
-        intercept = raw.get("intercept", 0.0)
-        if not _finite(intercept):
-            raise SpecError(f"{where}.intercept must be a finite number, got {intercept!r}")
-        return EnsembleFit(method, coef=numbers("coef", k), intercept=float(intercept))
-    weights = numbers("weights", k)
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise SpecError(f"{where}.weights must be non-negative with a positive sum, got {weights}")
-    return EnsembleFit(method, weights=weights)
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _validated_fit(method: str, raw: object, k: int, path: Path) -> Combiner:
+    try:
+        return combiner_from_json(method, raw, k)
+    except FieldError as e:
+        raise SpecError(f"{path}: field methods.{method}.{e}") from None
+    except ValueError as e:
+        raise SpecError(f"{path}: field methods.{method}: {e}") from None
 
 
 def _kind_name(kind: type | tuple) -> str:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..ensemble.folder import record_graph
-from ..inference.onnx_engine import ONNX_NAME
-from ..inference.torch_engine import load_ensemble
-from . import INT8_TOLERANCE
+from ..ensemble.folder import EnsembleFolder
+from ..inference.torch_engine import TorchEngine
+from ..precision import INT8_TOLERANCE
 from .graph import export_onnx
 from .quantize import Int8Summary, calibration_crops, quantize_ensemble
 
@@ -24,19 +23,20 @@ class Exported:
         return self.int8.describe()
 
 
-def export_ensemble(ens_dir: str | Path, *, out: str | Path | None = None, method: str | None = None,
+def export_ensemble(folder: EnsembleFolder | str | Path, *, out: str | Path | None = None, method: str | None = None,
                     input_dtype: str = "uint8", int8: bool = True, calibration: list[Path] | None = None,
                     calibration_cells: int = 128, int8_tolerance: float = INT8_TOLERANCE) -> Exported:
-    """Write the fp32 graph (default ``ENS_DIR/ensemble.onnx``) and, with ``int8``, its static int8 copy
+    """Write the fp32 graph (default the folder's ``ensemble.onnx``) and, with ``int8``, its static int8 copy
     calibrated on validation cells (see ``quantize_ensemble``)."""
-    model = load_ensemble(ens_dir, method=method, device="cpu")
+    folder = EnsembleFolder.of(folder)
+    model = TorchEngine.from_folder(folder, method=method, device="cpu")
     if int8:  # before the export, so that missing calibration cells fail at once
-        crops, labels, source = calibration_crops(ens_dir, model, calibration=calibration, cells=calibration_cells)
-    path = Path(out or Path(ens_dir) / ONNX_NAME)
-    record_graph(ens_dir, path, written=False)
+        crops, labels, source = calibration_crops(folder, model, calibration=calibration, cells=calibration_cells)
+    path = Path(out) if out else folder.graph()
+    folder.record_graph(path, written=False)
     export_onnx(model, path, input_dtype=input_dtype)
-    record_graph(ens_dir, path, written=True)
+    folder.record_graph(path, written=True)
     if not int8:
         return Exported(path, None)
-    return Exported(path, quantize_ensemble(ens_dir, path, model, crops, labels, source=source,
+    return Exported(path, quantize_ensemble(folder, path, model, crops, labels, source=source,
                                             input_dtype=input_dtype, tolerance=int8_tolerance))

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import AlldetectError
-from ..evaluation.metrics import logit
-from ..inference.onnx_engine import METADATA_PREFIX
-from ..inference.torch_engine import EnsembleModel
+from ..ensemble.folder import GRAPH_METADATA_PREFIX
+from ..inference.torch_engine import TorchEngine
 
 logger = logging.getLogger(__name__)
 
@@ -26,37 +25,26 @@ logger = logging.getLogger(__name__)
 class EnsembleGraph(nn.Module):
     """Members plus combiner as one module, for export."""
 
-    def __init__(self, model: EnsembleModel):
+    def __init__(self, model: TorchEngine):
         super().__init__()
         self.members = nn.ModuleList(model.members)
-        fit = model.combiner
-        self.method = fit.method
-        k = len(model.members)
-        self.register_buffer("weights", torch.tensor(fit.weights or [1.0] * k, dtype=torch.float32))
-        self.register_buffer("temperatures", torch.tensor(fit.temperatures or [1.0] * k, dtype=torch.float32))
-        self.register_buffer("coef", torch.tensor(fit.coef or [0.0] * k, dtype=torch.float32))
-        self.intercept = float(fit.intercept)
+        self.combiner = model.combiner
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.permute(0, 3, 1, 2)
         probs = torch.stack([m(x).softmax(dim=1)[:, 1] for m in self.members], dim=1)  # (N, K)
-        if self.method == "ts_sap":
-            ens = torch.sigmoid(logit(probs) / self.temperatures).mean(dim=1)
-        elif self.method == "stacking":
-            ens = torch.sigmoid(logit(probs) @ self.coef + self.intercept)
-        else:
-            ens = probs @ self.weights / self.weights.sum()
-        return ens, probs
+        return self.combiner.forward(probs), probs
 
 
-def export_onnx(model: EnsembleModel, out: str | Path, *, input_dtype: str = "uint8", opset: int = 18) -> Path:
+def export_onnx(model: TorchEngine, out: str | Path, *, input_dtype: str = "uint8", opset: int = 18) -> Path:
     """Export ``model`` (on CPU, fp32) to ``out`` and record members and method in the graph's metadata."""
 
     if input_dtype not in ("uint8", "float32"):
         raise AlldetectError(f"input dtype must be uint8 or float32, not {input_dtype!r}")
     out = Path(out)
     graph = EnsembleGraph(model).cpu().float().eval()
-    example = torch.zeros(2, model.side, model.side, 3, dtype=torch.uint8 if input_dtype == "uint8" else torch.float32)
+    side = model.preprocess.side
+    example = torch.zeros(2, side, side, 3, dtype=torch.uint8 if input_dtype == "uint8" else torch.float32)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # inside torch.export
@@ -64,8 +52,8 @@ def export_onnx(model: EnsembleModel, out: str | Path, *, input_dtype: str = "ui
                                     output_names=["prob_all", "member_prob_all"], dynamic_shapes=({0: batch},),
                                     verbose=False)
     program.save(str(out))
-    set_graph_metadata(out, {"members": json.dumps(model.names), "method": model.method, "crop": str(model.crop),
-                             "input_size": str(model.input_size or ""), "input_dtype": input_dtype,
+    set_graph_metadata(out, {"members": json.dumps(model.names), "method": model.method,
+                             "preprocess": json.dumps(model.preprocess.to_json()), "input_dtype": input_dtype,
                              "precision": "fp32"})
     return out
 
@@ -75,7 +63,8 @@ def graph_metadata(path: str | Path) -> dict[str, str]:
     import onnx
 
     props = onnx.load(str(path), load_external_data=False).metadata_props
-    return {p.key.removeprefix(METADATA_PREFIX): p.value for p in props if p.key.startswith(METADATA_PREFIX)}
+    prefix = GRAPH_METADATA_PREFIX
+    return {p.key.removeprefix(prefix): p.value for p in props if p.key.startswith(prefix)}
 
 
 def set_graph_metadata(path: str | Path, meta: dict[str, str]) -> None:
@@ -86,5 +75,5 @@ def set_graph_metadata(path: str | Path, meta: dict[str, str]) -> None:
     del proto.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_PREFIX + key, value
+        entry.key, entry.value = GRAPH_METADATA_PREFIX + key, value
     onnx.save(proto, str(path))

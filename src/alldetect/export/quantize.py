@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ensemble.folder import read_calibration, record_graph
+from ..ensemble.folder import EnsembleFolder
 from ..errors import AlldetectError
 from ..evaluation.metrics import roc_auc
-from ..inference.onnx_engine import load_onnx_ensemble
+from ..inference.onnx_engine import OnnxEngine
 from ..inference.predict import collect_inputs, load_crops_for
-from . import INT8_TOLERANCE
+from ..precision import INT8_TOLERANCE
 from .graph import graph_metadata, set_graph_metadata
 
 logger = logging.getLogger(__name__)
@@ -135,14 +135,14 @@ def _reachable(start: list, neighbours) -> set[str]:
     return seen
 
 
-def calibration_crops(ens_dir: str | Path, model, *, calibration: list[Path] | None = None,
+def calibration_crops(folder: EnsembleFolder | str | Path, model, *, calibration: list[Path] | None = None,
                       cells: int = 128) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Crops to calibrate int8 on, their labels (None for given images) and where they came from: up to
     ``cells`` of ``calibration`` images, or by default the validation crops kept in the ensemble folder."""
     if calibration:
         crops, _ = load_crops_for(model, collect_inputs(calibration).rows[:cells], {})
         return crops, None, "given"
-    crops, labels = read_calibration(ens_dir)
+    crops, labels = EnsembleFolder.of(folder).calibration()
     return crops[:cells], labels[:cells], "validation"
 
 
@@ -167,21 +167,21 @@ class Int8Summary:
                 f"on average, {self.max_change:.4f} at most{auc}{kept}")
 
 
-def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, crops: np.ndarray,
+def quantize_ensemble(folder: EnsembleFolder | str | Path, fp32_path: str | Path, model, crops: np.ndarray,
                       labels: np.ndarray | None = None, *, source: str = "validation", input_dtype: str = "uint8",
                       tolerance: float = INT8_TOLERANCE) -> Int8Summary | None:
     """Write ``<fp32 graph>.int8.onnx`` calibrated on ``crops`` (see ``calibration_crops``). A member whose
     P(ALL) int8 moves by more than ``tolerance`` on average over those cells stays fp32 in that graph; when
     that is every member, no int8 graph is written (returns None). Returns where it went and how far int8
     moves the ensemble's P(ALL) on those cells."""
-    fp32_path = Path(fp32_path)
+    folder, fp32_path = EnsembleFolder.of(folder), Path(fp32_path)
     out = fp32_path.with_suffix(".int8.onnx")
-    record_graph(ens_dir, out, written=False)
-    fp32 = load_onnx_ensemble(ens_dir, method=model.method, path=fp32_path).member_probs(crops)
+    folder.record_graph(out, written=False)
+    fp32 = OnnxEngine.from_folder(folder, method=model.method, path=fp32_path).member_probs(crops)
     float_members: list[int] = []
     while True:
         quantize_graph(fp32_path, out, crops, input_dtype=input_dtype, float_members=float_members)
-        int8 = load_onnx_ensemble(ens_dir, method=model.method, path=out).member_probs(crops)
+        int8 = OnnxEngine.from_folder(folder, method=model.method, path=out).member_probs(crops)
         drift = np.abs(int8 - fp32).mean(axis=1)
         too_far = [k for k in np.flatnonzero(drift > tolerance).tolist() if k not in float_members]
         if not too_far:
@@ -193,7 +193,7 @@ def quantize_ensemble(ens_dir: str | Path, fp32_path: str | Path, model, crops: 
         if len(float_members) == len(model.names):
             out.unlink()
             return None
-    record_graph(ens_dir, out, written=True)
+    folder.record_graph(out, written=True)
     ens32, ens8 = model.combiner.apply(fp32), model.combiner.apply(int8)
     both_classes = labels is not None and len(set(labels.tolist())) == 2
     return Int8Summary(out, len(crops), source, [model.names[k] for k in float_members],

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 from ..errors import DataError
 
@@ -55,13 +57,24 @@ def write_csv_atomic(path: str | Path, columns: tuple[str, ...] | list[str], rec
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(records)
+            _write(f, columns, records)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def csv_text(columns: tuple[str, ...] | list[str], records: list[dict]) -> str:
+    """The CSV file ``write_csv_atomic`` would write, as text (for an HTTP answer)."""
+    buffer = io.StringIO()
+    _write(buffer, columns, records)
+    return buffer.getvalue()
+
+
+def _write(f: TextIO, columns: tuple[str, ...] | list[str], records: list[dict]) -> None:
+    writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
 
 
 # Characters that do not show as themselves: C0/C1 controls, zero-width and bidirectional marks (a name can be

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.cell_measures import MEASURES, cell_measures
-from ..data.transforms import FrameGeometry, model_input
+from ..data.geometry import FrameGeometry
 from ..errors import ImageProblem
 from .engine import Engine
 
@@ -51,31 +51,33 @@ def read_cells(engine: Engine, cells: Sequence[Decoder | str], names: Sequence[s
     each one's model input (and, with ``measure``, the measures of its crop for the domain check)."""
     errors, warnings = [""] * len(cells), [""] * len(cells)
     crops, kept, measures = [], [], []
+    side = engine.preprocess.side
     for i, cell in enumerate(tqdm(cells, desc="reading cells", unit="img", leave=False, disable=None)):
         if isinstance(cell, str):
             errors[i] = cell
             continue
         try:
             rgb, note = cell()
-            crop = geometry.crop(rgb, engine.crop, name=names[i])
+            crop = engine.preprocess.cut(rgb, name=names[i], geometry=geometry)
         except ImageProblem as e:
             errors[i] = e.reason
             continue
-        crops.append(model_input(crop, engine.input_size))
+        crops.append(engine.preprocess.resize(crop))
         if measure:
             measures.append(cell_measures(crop[None])[0])
         warnings[i] = note or ""
         kept.append(i)
-    return ReadCells(np.stack(crops) if crops else np.zeros((0, engine.side, engine.side, 3), np.uint8), kept,
+    return ReadCells(np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8), kept,
                      (np.stack(measures) if measures else np.zeros((0, len(MEASURES)))) if measure else None,
                      errors, warnings)
 
 
-def score_cells(engine: Engine, cells: Sequence[Decoder | str], names: Sequence[str], *, tta: bool,
+def score_cells(engine: Engine, cells: Sequence[Decoder | str], names: Sequence[str], *, tta: bool | None = None,
                 batch_size: int = 32, domain_check: bool = True,
                 geometry: FrameGeometry = FrameGeometry()) -> ScoredCells:
-    """Score ``cells`` (see ``read_cells``). The domain check runs when asked for and the engine has a
-    reference."""
+    """Score ``cells`` (see ``read_cells``); ``tta`` None: as the combiners were fitted. The domain check runs when
+    asked for and the engine has a reference."""
+    tta = engine.uses_tta(tta)
     check = domain_check and engine.domain is not None
     read = read_cells(engine, cells, names, geometry=geometry, measure=check)
     n, kept = len(cells), read.kept

@@ -3,7 +3,7 @@
 Each member's map is computed at its registered target layer for one class (by default the class the
 ensemble predicts), upsampled to the crop and min-max scaled to [0, 1] by the package. The ensemble's
 map is the weighted mean of the members' maps with the ensemble's member weights (see
-``EnsembleModel.cam_weights``): sum_k W_k CAM_k / sum_k W_k, the image-space counterpart of Eq. 2.
+``TorchEngine.cam_weights``): sum_k W_k CAM_k / sum_k W_k, the image-space counterpart of Eq. 2.
 """
 
 from __future__ import annotations
@@ -12,30 +12,28 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from .. import _torchvision  # noqa: E402, F401  (first: lets torchvision import beside a CPU-only torch)
+from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
 from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-from ..ensemble.combiners import METHOD_LABELS  # noqa: E402
-from ..errors import AlldetectError  # noqa: E402
-from ..formats.labels import Label, call, is_all  # noqa: E402
-from .engine import Scores  # noqa: E402
-from .predict import collect_inputs, load_crops_for  # noqa: E402
-from .torch_engine import EnsembleModel, load_ensemble  # noqa: E402
+from ..ensemble.combiners import combiner_label
+from ..ensemble.folder import EnsembleFolder
+from ..errors import AlldetectError
+from ..formats.labels import Label, call, is_all
+from .engine import Scores
+from .predict import collect_inputs, load_crops_for
+from .torch_engine import TorchEngine
 
 logger = logging.getLogger(__name__)
 
 
-def member_cams(model: EnsembleModel, crops: np.ndarray, classes: list[int]) -> np.ndarray:
+def member_cams(model: TorchEngine, crops: np.ndarray, classes: list[int]) -> np.ndarray:
     """(members, N, S, S) Grad-CAM maps in [0, 1] for uint8 crops (N, S, S, 3) and target classes."""
     x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float().div(255).to(model.device)
     targets = [ClassifierOutputTarget(c) for c in classes]
@@ -81,10 +79,10 @@ class CellCams:
     ensemble: np.ndarray  # (N, S, S)
 
 
-def cell_cams(model: EnsembleModel, crops: np.ndarray, *, target: str = "predicted") -> CellCams:
+def cell_cams(model: TorchEngine, crops: np.ndarray, *, target: str = "predicted") -> CellCams:
     """Maps of every member and of the ensemble for uint8 crops, explaining ``target``: the class the ensemble
     predicts (scored as the ensemble was fitted, with or without TTA), ``all`` or ``hem``."""
-    scores = model.predict(crops, tta=model.default_tta)
+    scores = model.predict(crops)
     if target == "predicted":
         classes = is_all(scores.ensemble).astype(int).tolist()
     else:
@@ -93,12 +91,12 @@ def cell_cams(model: EnsembleModel, crops: np.ndarray, *, target: str = "predict
     return CellCams(classes, scores, members, ensemble_cam(members, model.cam_weights))
 
 
-def explain_files(ens_dir: str | Path, paths: list[str | Path], out: str | Path, *, method: str | None = None,
+def explain_files(folder: EnsembleFolder | str | Path, paths: list[str | Path], out: str | Path, *, method: str | None = None,
                   device: str = "auto", target: str = "predicted", rows_per_grid: int | None = None) -> list[Path]:
     """Grad-CAM grids (``explain``) of the cell images at ``paths``, with the ensemble's torch engine (Grad-CAM
     needs gradients); unreadable images are warned about and left out. With ``rows_per_grid`` the cells are
     split into grids of that many rows, in numbered subfolders of ``out``. Returns the grid paths."""
-    model = load_ensemble(ens_dir, method=method, device=device)
+    model = TorchEngine.from_folder(folder, method=method, device=device)
     collected = collect_inputs(paths)
     errors = dict(collected.errors)
     crops, kept = load_crops_for(model, collected.rows, errors)
@@ -114,7 +112,7 @@ def explain_files(ens_dir: str | Path, paths: list[str | Path], out: str | Path,
             for s in range(0, len(names), rows_per_grid)]
 
 
-def explain(model: EnsembleModel, crops: np.ndarray, names: list[str], out: str | Path, *,
+def explain(model: TorchEngine, crops: np.ndarray, names: list[str], out: str | Path, *,
             target: str = "predicted") -> Path:
     """Write one overlay PNG per cell and member, and ``gradcam_grid.png`` (rows: cells; columns: the
     members and the ensemble, titled with predicted class and probability). Returns the grid path."""
@@ -122,11 +120,11 @@ def explain(model: EnsembleModel, crops: np.ndarray, names: list[str], out: str 
     out.mkdir(parents=True, exist_ok=True)
     cams = cell_cams(model, crops, target=target)
     classes = cams.classes
-    columns = model.names + [METHOD_LABELS.get(model.method, model.method)]
+    columns = model.names + [combiner_label(model.method)]
     probs = np.vstack([cams.scores.members, cams.scores.ensemble[None]])
     all_maps = np.concatenate([cams.members, cams.ensemble[None]])
-    fig, axes = plt.subplots(len(crops), len(columns) + 1, figsize=(2.0 * (len(columns) + 1), 2.1 * len(crops)),
-                             squeeze=False)
+    fig = Figure(figsize=(2.0 * (len(columns) + 1), 2.1 * len(crops)))
+    axes = fig.subplots(len(crops), len(columns) + 1, squeeze=False)
     stems = _unique_stems(names)
     for i, name in enumerate(names):
         axes[i, 0].imshow(crops[i])
@@ -142,6 +140,5 @@ def explain(model: EnsembleModel, crops: np.ndarray, names: list[str], out: str 
     fig.tight_layout()
     grid = out / "gradcam_grid.png"
     fig.savefig(grid, dpi=110)
-    plt.close(fig)
     return grid
 

@@ -4,36 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..ensemble.folder import EnsembleFolder
 from ..errors import AlldetectError
-from ..models.runtime import cpu_has_native_bf16, resolve_device
+from ..precision import Precision, cpu_has_native_bf16
+from ..models.runtime import resolve_device
 from .engine import Engine
-from .onnx_engine import ONNX_INT8_NAME, ONNX_NAME, load_onnx_ensemble
-from .torch_engine import load_ensemble
+from .onnx_engine import OnnxEngine
+from .torch_engine import TorchEngine
+
+ENGINES = ("auto", "onnx", "torch")
 
 
-def load_engine(ens_dir: str | Path, *, method: str | None = None, device: str = "auto", engine: str = "auto",
-                precision: str = "auto") -> Engine:
+def load_engine(folder: EnsembleFolder | str | Path, *, method: str | None = None, device: str = "auto",
+                engine: str = "auto", precision: str = "auto") -> Engine:
     """``torch``, ``onnx`` (onnxruntime), or ``auto``, the fastest accurate engine measured (BENCHMARKS.md):
     on a CPU the exported int8 graph, else torch in bf16 where the CPU has native bf16, else the exported
     fp32 graph, else torch in fp32; on a GPU torch in bf16. ``precision`` narrows the choice (auto, fp32,
     bf16 on torch, int8 on onnx)."""
-    if engine not in ("auto", "onnx", "torch"):
+    if engine not in ENGINES:
         raise AlldetectError(f"engine must be auto, onnx or torch, not {engine!r}")
-    if precision not in ("auto", "fp32", "bf16", "int8"):
+    if precision not in {p.value for p in Precision}:
         raise AlldetectError(f"precision must be auto, fp32, bf16 or int8, not {precision!r}")
     if (engine, precision) in (("torch", "int8"), ("onnx", "bf16")):
         raise AlldetectError(f"precision {precision} runs on the {'onnx' if precision == 'int8' else 'torch'} "
                              f"engine, not {engine}")
-    ens_dir = Path(ens_dir)
+    folder = EnsembleFolder.of(folder)
     on_cpu = resolve_device(device).type == "cpu"
-    has_int8, has_fp32 = (ens_dir / ONNX_INT8_NAME).is_file(), (ens_dir / ONNX_NAME).is_file()
+    has_int8, has_fp32 = folder.graph(int8=True).is_file(), folder.graph().is_file()
     if engine == "onnx" or precision == "int8":
         int8 = precision == "int8" or (precision == "auto" and has_int8)
-        return load_onnx_ensemble(ens_dir, method=method, precision="int8" if int8 else "fp32")
+        return OnnxEngine.from_folder(folder, method=method, precision="int8" if int8 else "fp32")
     if engine == "auto" and on_cpu:
         if has_int8 and precision == "auto":
-            return load_onnx_ensemble(ens_dir, method=method, precision="int8")
+            return OnnxEngine.from_folder(folder, method=method, precision="int8")
         bf16 = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
         if has_fp32 and not bf16:
-            return load_onnx_ensemble(ens_dir, method=method)
-    return load_ensemble(ens_dir, method=method, device=device, precision=precision)
+            return OnnxEngine.from_folder(folder, method=method)
+    return TorchEngine.from_folder(folder, method=method, device=device, precision=precision)

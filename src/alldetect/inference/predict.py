@@ -17,7 +17,7 @@ import numpy as np
 from ..data.images import read_rgb
 from ..data.index import index_folder
 from ..data.names import is_image_file, parse_cell_name
-from ..data.transforms import FrameGeometry
+from ..data.geometry import FrameGeometry
 from ..errors import DataError
 from ..evaluation.evaluate import subject_level
 from ..formats.csvfiles import write_csv_atomic
@@ -93,7 +93,7 @@ def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *, tta: boo
     With ``domain_check`` and a domain reference in the ensemble, every scored cell gets ``in_domain`` and,
     when outside, a ``domain_note``; the patient summary counts them (see ``subject_level``)."""
     out_csv = Path(out_csv)
-    tta = model.default_tta if tta is None else tta
+    tta = model.uses_tta(tta)
     rows = inputs.rows
     if domain_check and model.domain is None:
         logger.warning("this ensemble folder has no domain reference (built by an earlier alldetect): cells are "
@@ -106,7 +106,7 @@ def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *, tta: boo
         texts["in_domain"] = _on_scored(["yes" if v else "no" for v in cells.in_domain], kept)
         texts["domain_note"] = cells.domain_notes
     if geometry != FrameGeometry():
-        texts["geometry"] = _on_scored([geometry.describe(model.crop)] * len(rows), kept)
+        texts["geometry"] = _on_scored([geometry.describe(model.preprocess.crop)] * len(rows), kept)
     name = f"{model.method}+tta" if tta else model.method
     columns, records = prediction_records(
         [r.path for r in rows], [r.label for r in rows], {name: cells.prob}, subjects=[r.subject for r in rows],

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..ensemble.combiners import EnsembleFit
 from ..data.domain import DomainReference
-from ..ensemble.folder import load_domain, load_member
-from ..ensemble.spec import EnsembleSpec, load_ensemble_spec
+from ..data.geometry import Preprocess
+from ..ensemble.combiners import Combiner
+from ..ensemble.folder import EnsembleFolder
+from ..ensemble.spec import EnsembleSpec
 from ..formats.operating_point import OperatingPoint
 from ..models import Member
 from ..models.folds import FoldAverage
@@ -27,17 +28,29 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EnsembleModel(Engine):
+class TorchEngine(Engine):
     members: list[Member | FoldAverage]
-    combiner: EnsembleFit
+    combiner: Combiner
     method: str
-    crop: int
-    input_size: int | None
+    preprocess: Preprocess
     spec: EnsembleSpec
     device: torch.device
     precision: str = "auto"  # see inference_autocast
     fp32_members: frozenset[str] = frozenset()  # members that bf16 moves too far: always run in fp32
     domain: DomainReference | None = None  # what the training cells look like (None: no domain check)
+
+    @classmethod
+    def from_folder(cls, folder: EnsembleFolder | str | Path, *, method: str | None = None, device: str = "auto",
+                    precision: str = "auto") -> TorchEngine:
+        """Load the ensemble's members; nothing outside the folder is read. Errors name the file and what is wrong
+        with it."""
+        folder = EnsembleFolder.of(folder)
+        spec = folder.spec
+        method = method or spec.default_method
+        dev = resolve_device(device)
+        members = [m.to(dev).to(memory_format=torch.channels_last).eval() for m in folder.load_members()]
+        fp32 = frozenset((spec.bf16 or {}).get("fp32_members", []))
+        return cls(members, spec.fit(method), method, spec.preprocess, spec, dev, precision, fp32, folder.domain())
 
     @property
     def names(self) -> list[str]:
@@ -54,33 +67,11 @@ class EnsembleModel(Engine):
 
     @property
     def cam_weights(self) -> np.ndarray:
-        """Member weights for combining Grad-CAM maps: the method's weights (SAP, WEN, log-loss), the positive
-        part of the stacking coefficients, or equal weights (temperature-scaled SAP)."""
-        if self.combiner.weights:
-            w = np.asarray(self.combiner.weights, dtype=np.float64)
-        elif self.combiner.coef:
-            w = np.clip(np.asarray(self.combiner.coef, dtype=np.float64), 0, None)
-        else:
-            w = np.ones(len(self.members))
+        """Member weights for combining Grad-CAM maps (the combiner's; equal when they sum to 0)."""
+        w = self.combiner.cam_weights(len(self.members))
         return w if w.sum() > 0 else np.ones(len(self.members))
 
     def member_probs(self, crops: np.ndarray, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
         """(members, N) P(ALL) for uint8 crops (N, S, S, 3)."""
         return score_members(self.members, crops, device=self.device, precision=self.precision,
                              fp32_members=self.fp32_members, tta=tta, batch_size=batch_size)
-
-
-def load_ensemble(ens_dir: str | Path, *, method: str | None = None, device: str = "auto",
-                  precision: str = "auto") -> EnsembleModel:
-    """Load an ensemble folder; nothing outside it is read. Errors name the file and what is wrong with it."""
-    spec = load_ensemble_spec(ens_dir)
-    method = method or spec.default_method
-    combiner = spec.fit(method)
-    dev = resolve_device(device)
-    members = [load_member(Path(ens_dir), entry).to(dev).to(memory_format=torch.channels_last).eval()
-               for entry in spec.members]
-    fp32 = frozenset((spec.bf16 or {}).get("fp32_members", []))
-    return EnsembleModel(members, combiner, method, spec.crop, spec.input_size, spec, dev, precision, fp32,
-                         load_domain(ens_dir, spec))
-
-

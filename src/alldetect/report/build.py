@@ -11,40 +11,37 @@ import warnings
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from ..data.domain import measure_images  # noqa: E402
-from ..ensemble.card import write_model_card  # noqa: E402
-from ..ensemble.folder import load_domain  # noqa: E402
-from ..ensemble.combiners import METHOD_LABELS, METHODS  # noqa: E402
-from ..ensemble.spec import load_ensemble_spec  # noqa: E402
-from ..evaluation.evaluate import bootstrap_ci, paired_bootstrap, subject_level  # noqa: E402
-from ..evaluation.metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity  # noqa: E402
-from ..formats.csvfiles import write_csv_atomic  # noqa: E402
+from ..data.domain import measure_images
+from ..ensemble.card import write_model_card
+from ..ensemble.combiners import COMBINERS, combiner_label
+from ..ensemble.folder import EnsembleFolder
+from ..evaluation.evaluate import bootstrap_ci, paired_bootstrap, subject_level
+from ..evaluation.metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
+from ..formats.csvfiles import write_csv_atomic
 from ..formats.labels import THRESHOLD
 from ..formats.operating_point import PAPER_POINT
-from ..formats.predictions import Predictions, read_predictions  # noqa: E402
-from ..formats.tables import format_table  # noqa: E402
+from ..formats.predictions import Predictions, read_predictions
+from ..formats.tables import format_table
 
 logger = logging.getLogger(__name__)
 TABLE4_COLUMNS = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa")
 
 
-def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, target_sensitivity: float = 0.95) -> Path:
-    """Write ``report.md``, ``table4.csv``/``table4.json``, ``subjects.csv`` and PNG figures into ``ens_dir``."""
-    ens_dir = Path(ens_dir)
-    spec = load_ensemble_spec(ens_dir)
-    test_file = ens_dir / "predictions_test.csv"
-    split = "test" if test_file.is_file() else "val"
-    preds = read_predictions(ens_dir / f"predictions_{split}.csv")
-    val = read_predictions(ens_dir / "predictions_val.csv")
+def make_report(folder: EnsembleFolder | str | Path, *, n_boot: int = 1000, seed: int = 0,
+                target_sensitivity: float = 0.95) -> Path:
+    """Write ``report.md``, ``table4.csv``/``table4.json``, ``subjects.csv`` and PNG figures into the folder."""
+    folder = EnsembleFolder.of(folder)
+    ens_dir, spec = folder.path, folder.spec
+    split = "test" if folder.predictions("test").is_file() else "val"
+    preds = read_predictions(folder.predictions(split))
+    val = read_predictions(folder.predictions("val"))
     members = spec.names
-    order = members + [m for m in METHODS if m in preds]
+    order = members + [m for m in COMBINERS if m in preds]
     first = next(iter(preds.values()))
     y, groups = first.y, np.array([s or p for s, p in zip(first.subject, first.path)])
 
@@ -57,7 +54,7 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
     ensembles = [m for m in order if m not in members]
     best_ensemble = max(ensembles, key=lambda m: (val_point[m]["ba"], val_point[m]["auc"]))
 
-    table4 = [{"model": _label(m), "kind": "member" if m in members else "ensemble",
+    table4 = [{"model": combiner_label(m), "kind": "member" if m in members else "ensemble",
                **{k: point[m][k] for k in TABLE4_COLUMNS},
                **{f"{k}_ci": f"{cis[m][k][0]:.3f}-{cis[m][k][1]:.3f}" for k in TABLE4_COLUMNS}} for m in order]
     write_csv_atomic(ens_dir / "table4.csv", list(table4[0]), table4)
@@ -72,8 +69,8 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
     if subjects:
         write_csv_atomic(ens_dir / "subjects.csv", ["model", *dict.fromkeys(k for rows in subjects.values()
                                                                             for k in rows[0])],
-                         [{"model": _label(m), **row} for m, rows in subjects.items() for row in rows])
-    (ens_dir / "table4.json").write_text(json.dumps(
+                         [{"model": combiner_label(m), **row} for m, rows in subjects.items() for row in rows])
+    (ens_dir / folder.TABLE4).write_text(json.dumps(
         {"split": split, "data": spec.data, "tta": spec.tta, "metrics": point, "ci95": cis, "val_metrics": val_point,
          "best_member": best_member, "best_ensemble": best_ensemble, "gain": gain, "operating_point": operating,
          **({"fitted_point": fitted} if fitted else {})}, indent=2, default=float))
@@ -83,17 +80,17 @@ def make_report(ens_dir: str | Path, *, n_boot: int = 1000, seed: int = 0, targe
     _calibration_figure(ens_dir / "calibration.png", y, preds, members + [spec.default_method, best_ensemble])
     has_curves = training_curves_figure(ens_dir / "training.png", ens_dir, spec)
     report = _markdown(spec, split, table4, point, best_member, best_ensemble, gain, operating, subjects, fitted,
-                       has_gradcam=(ens_dir / "gradcam" / "gradcam_grid.png").is_file(), has_curves=has_curves)
-    report += "\n" + "\n".join(_domain_section(ens_dir, spec, split, preds[spec.default_method]))
-    (ens_dir / "report.md").write_text(report)
-    write_model_card(ens_dir)
-    return ens_dir / "report.md"
+                       has_gradcam=(ens_dir / folder.GRADCAM / "gradcam_grid.png").is_file(), has_curves=has_curves)
+    report += "\n" + "\n".join(_domain_section(folder, split, preds[spec.default_method]))
+    (ens_dir / folder.REPORT).write_text(report)
+    write_model_card(folder)
+    return ens_dir / folder.REPORT
 
 
-def _domain_section(ens_dir: Path, spec, split: str, preds: Predictions) -> list[str]:
+def _domain_section(folder: EnsembleFolder, split: str, preds: Predictions) -> list[str]:
     """The domain check on the report's cells: how many it flags, and the default method's figures on the cells
     inside beside those on all cells."""
-    reference = load_domain(ens_dir, spec)
+    spec, reference = folder.spec, folder.domain()
     lines = ["## Domain check", ""]
     if reference is None:
         return lines + ["This ensemble has no domain reference (built by an earlier alldetect).", ""]
@@ -118,12 +115,8 @@ def _domain_section(ens_dir: Path, spec, split: str, preds: Predictions) -> list
         rows.append({"cells": f"in domain {int(inside.sum())}", "coverage": f"{inside.mean():.1%}",
                      **{k: within[k] for k in ("ba", "auc", "sensitivity", "specificity")}})
     return lines + [f"On the {split} split the check flags {int((~inside).sum())} of {len(idx)} cells. "
-                    f"{_label(spec.default_method)} at the shipped operating point:", "",
+                    f"{combiner_label(spec.default_method)} at the shipped operating point:", "",
                     format_table(rows, markdown=True), ""]
-
-
-def _label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
 
 
 def _fitted_point(spec, y: np.ndarray, prob: np.ndarray, subjects: list[dict] | None) -> dict | None:
@@ -171,18 +164,18 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
     fitted_on = ("Weights are fitted on these same out-of-fold predictions, so the ensembles' rows are slightly "
                  "optimistic." if spec.cross_fitted else "Weights are fitted on the validation split only.")
     lines += ["", f"{fitted_on} The best member and the best ensemble "
-              f"are chosen by validation balanced accuracy: **{_label(best_member)}** and "
-              f"**{_label(best_ensemble)}**.", "", "## Is the ensemble better?", ""]
+              f"are chosen by validation balanced accuracy: **{combiner_label(best_member)}** and "
+              f"**{combiner_label(best_ensemble)}**.", "", "## Is the ensemble better?", ""]
     for metric, g in gain.items():
         verdict = "a real gain" if g["ci"][0] > 0 else "a loss" if g["ci"][1] < 0 else "not distinguishable"
-        lines.append(f"- {metric.upper()}: {_label(best_ensemble)} minus {_label(best_member)} = "
+        lines.append(f"- {metric.upper()}: {combiner_label(best_ensemble)} minus {combiner_label(best_member)} = "
                      f"{g['difference']:+.3f} (95% CI {g['ci'][0]:+.3f} to {g['ci'][1]:+.3f}, paired bootstrap "
                      f"over subjects, {g['resamples']} resamples): {verdict}.")
     lines += ["", "## Table 5: confusion matrices", "", "![confusion matrices](confusion.png)", ""]
     for m in (best_member, best_ensemble):
         c = point[m]
         hem, all_ = c["tn"] + c["fp"], c["fn"] + c["tp"]
-        lines += [f"**{_label(m)}**", "", "| actual \\ predicted | HEM | ALL |", "|---|---|---|",
+        lines += [f"**{combiner_label(m)}**", "", "| actual \\ predicted | HEM | ALL |", "|---|---|---|",
                   f"| HEM | {c['tn']} ({_pct(c['tn'], hem)}) | {c['fp']} ({_pct(c['fp'], hem)}) |",
                   f"| ALL | {c['fn']} ({_pct(c['fn'], all_)}) | {c['tp']} ({_pct(c['tp'], all_)}) |", ""]
     lines += [*(["## Training curves", "", "Each member's training loss and learning rate per step, and its "
@@ -194,26 +187,26 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
                  "is the weighted mean of the members' maps.", "", "![Grad-CAM grid](gradcam/gradcam_grid.png)", ""]
                 if has_gradcam else []),
               "## Operating point for few false negatives", "",
-              f"For {_label(spec.default_method)}, the threshold that reaches sensitivity "
+              f"For {combiner_label(spec.default_method)}, the threshold that reaches sensitivity "
               f"{operating['target_sensitivity']:.2f} on validation is {operating['threshold']:.3f}; on {split} it "
               f"gives sensitivity {operating['sensitivity']:.3f} and specificity {operating['specificity']:.3f} "
               f"({operating['fn']} false negatives, {operating['fp']} false positives).", "",
               *(["## Shipped operating point", "",
-                 f"{_label(spec.default_method)}: {spec.operating_point().describe()}. On the {split} split it gives "
+                 f"{combiner_label(spec.default_method)}: {spec.operating_point().describe()}. On the {split} split it gives "
                  f"BA {fitted['ba']:.3f}, sensitivity {fitted['sensitivity']:.3f} and specificity "
                  f"{fitted['specificity']:.3f}; {fitted['subjects_right']} of {fitted['subjects']} subjects are "
                  "called right." + (" The thresholds were fitted on these same out-of-fold predictions, so these "
                                     "figures are optimistic; judge them on donors of other batches." if
                                     spec.cross_fitted else ""), ""] if fitted else []),
               "## Subjects", "",
-              f"Subjects are called by each model's operating point ({_label(spec.default_method)}: "
+              f"Subjects are called by each model's operating point ({combiner_label(spec.default_method)}: "
               f"{spec.operating_point().describe()}; members: the paper's 0.5)." if fitted else
               f"A subject is called ALL when the mean P(ALL) of its cells is at least {THRESHOLD}." if subjects
               else "No subjects could be parsed from the file names, so there is no subject-level result.", ""]
     for m, rows in subjects.items():
         labelled = [r for r in rows if r["truth"]]
         right = sum(r["correct"] == "yes" for r in labelled)
-        lines += [f"**{_label(m)}**: {right} of {len(labelled)} subjects called right.", "",
+        lines += [f"**{combiner_label(m)}**: {right} of {len(labelled)} subjects called right.", "",
                   format_table([{k: r[k] for k in ("subject", "cells", "flagged_all", "mean_prob_all", "call",
                                                    "truth", "correct")} for r in rows], markdown=True), ""]
     return "\n".join(lines)
@@ -232,7 +225,8 @@ def training_curves_figure(path: Path, ens_dir: Path, spec) -> bool:
     records = [(m, h, e) for m, h, e in records if h and e]
     if not records:
         return False
-    fig, axes = plt.subplots(len(records), 2, figsize=(11, 2.8 * len(records)), squeeze=False)
+    fig = Figure(figsize=(11, 2.8 * len(records)))
+    axes = fig.subplots(len(records), 2, squeeze=False)
     for (member, history, epochs), (left, right) in zip(records, axes):
         steps = [int(r["step"]) for r in history]
         per_epoch = max(int(epochs[0]["step"]), 1)
@@ -253,7 +247,6 @@ def training_curves_figure(path: Path, ens_dir: Path, spec) -> bool:
         right.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -265,24 +258,25 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _roc_figure(path: Path, y: np.ndarray, preds: dict[str, Predictions], order: list[str], members: list[str]) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 6))
-    colours = plt.get_cmap("tab20").colors
+    fig = Figure(figsize=(6.5, 6))
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab20"].colors
     for i, m in enumerate(order if len(set(y.tolist())) == 2 else []):
         fpr, tpr, _ = roc_curve(y, preds[m].prob_all)
         auc = classification_metrics(y, preds[m].prob_all)["auc"]
         ax.plot(fpr, tpr, lw=1.2 if m in members else 2.0, ls="--" if m in members else "-",
-                color=colours[(2 * i) % 20 + (i * 2 >= 20)], label=f"{_label(m)} (AUC {auc:.3f})")
+                color=colours[(2 * i) % 20 + (i * 2 >= 20)], label=f"{combiner_label(m)} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
            title="ROC: members (dashed) and ensembles", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def _confusion_figure(path: Path, counts: dict[str, dict]) -> None:
-    fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts), 3.8))
+    fig = Figure(figsize=(4.2 * len(counts), 3.8))
+    axes = fig.subplots(1, len(counts))
     for ax, (m, c) in zip(np.atleast_1d(axes), counts.items()):
         matrix = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]], dtype=float)
         rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -292,21 +286,20 @@ def _confusion_figure(path: Path, counts: dict[str, dict]) -> None:
                 ax.text(j, i, f"{int(matrix[i, j])}\n{100 * rates[i, j]:.2f}%", ha="center", va="center",
                         color="white" if rates[i, j] > 0.5 else "black")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["HEM", "ALL"], yticklabels=["HEM", "ALL"],
-               xlabel="predicted", ylabel="actual", title=_label(m))
+               xlabel="predicted", ylabel="actual", title=combiner_label(m))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def _calibration_figure(path: Path, y: np.ndarray, preds: dict[str, Predictions], models: list[str]) -> None:
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfectly calibrated")
     for m in dict.fromkeys(models):
         frac, mean = calibration_curve(y, preds[m].prob_all, n_bins=10, strategy="quantile")
-        ax.plot(mean, frac, marker="o", ms=3, label=_label(m))
+        ax.plot(mean, frac, marker="o", ms=3, label=combiner_label(m))
     ax.set(xlabel="mean predicted P(ALL)", ylabel="observed fraction ALL", title="Reliability diagram",
            xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import csv
 import ctypes
 import ctypes.util
 import gc
@@ -38,18 +37,17 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from ..data.names import parse_cell_name
-from ..data.transforms import FrameGeometry
-from ..ensemble.card import CARD_NAME
-from ..ensemble.folder import model_id as fingerprint
-from ..ensemble.spec import load_ensemble_spec
+from ..data.geometry import FrameGeometry
+from ..ensemble.combiners import WeightedAverage
+from ..ensemble.folder import EnsembleFolder
 from ..evaluation.evaluate import subject_level
 from ..formats.labels import Label, call
+from ..formats.csvfiles import csv_text
 from ..formats.predictions import prediction_records
 from ..inference.load import load_engine
-from ..inference.onnx_engine import ONNX_NAME
 from ..inference.cells import score_cells
 from ..inference.explain import cell_cams, overlay  # imported with the app: a first Grad-CAM adds no modules
-from ..inference.torch_engine import EnsembleModel, load_ensemble
+from ..inference.torch_engine import TorchEngine
 from .connections import ConnectionLimits
 from .store import PredictionStore
 from .uploads import Limits, UploadedCell, UploadRejected, decode_cell, expand_uploads
@@ -82,35 +80,54 @@ OUTSIDE = "OUTSIDE"  # the call of a cell the domain check flags: outside what t
 MULTIPART_OVERHEAD = 256 * 1024  # part headers and boundaries on top of the uploaded files themselves
 
 
-def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    ens_dir = Path(ens_dir)
-    spec = load_ensemble_spec(ens_dir)
-    choice = settings.engine
-    if choice == "prefer-onnx":
-        choice = "onnx" if (ens_dir / ONNX_NAME).is_file() else "auto"
-    if settings.history not in HISTORY_CHOICES:
-        raise ValueError(f"history must be one of {HISTORY_CHOICES}, not {settings.history!r}")
-    engine = load_engine(ens_dir, device=settings.device, engine=choice)
-    point = engine.operating_point
-    check_domain = settings.domain_check and engine.domain is not None
-    if settings.domain_check and not check_domain:
-        logger.warning("%s has no domain reference (built by an earlier alldetect): uploaded cells are not checked "
-                       "against its training cells; rebuild it with `alldetect ensemble`", ens_dir)
-    model_id = fingerprint(ens_dir)
-    store = PredictionStore(settings.db_path)
-    # The models run in one worker thread, never on the event loop: pages and health answer while it scores,
-    # and one batch at a time keeps memory bounded.
-    scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alldetect-score")
-    queued, receiving = [0], [0]
-    app = FastAPI(title="alldetect", version="1", description="ALL detection in single-cell images with a "
-                  "weighted ensemble of CNNs. Research software, not a medical device.")
+def create_app(folder: EnsembleFolder | str | Path, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The web app serving the ensemble in ``folder``."""
+    return LabServer(EnsembleFolder.of(folder), settings).app
 
-    @app.middleware("http")
-    async def same_origin_only(request: Request, call_next):
+
+class LabServer:
+    """One ensemble served: its engine, the prediction record, and one scoring thread with a bounded queue. The
+    models run in that thread, never on the event loop: pages and health answer while it scores, and one batch at
+    a time keeps memory bounded."""
+
+    def __init__(self, folder: EnsembleFolder, settings: ServeSettings):
+        if settings.history not in HISTORY_CHOICES:
+            raise ValueError(f"history must be one of {HISTORY_CHOICES}, not {settings.history!r}")
+        self.folder, self.settings = folder, settings
+        choice = settings.engine
+        if choice == "prefer-onnx":
+            choice = "onnx" if folder.graph().is_file() else "auto"
+        self.engine = load_engine(folder, device=settings.device, engine=choice)
+        self.point = self.engine.operating_point
+        self.check_domain = settings.domain_check and self.engine.domain is not None
+        if settings.domain_check and not self.check_domain:
+            logger.warning("%s has no domain reference (built by an earlier alldetect): uploaded cells are not "
+                           "checked against its training cells; rebuild it with `alldetect ensemble`", folder.path)
+        self.store = PredictionStore(settings.db_path)
+        self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alldetect-score")
+        self.queued = self.receiving = 0
+        self.app = self._routes(FastAPI(title="alldetect", version="1", description="ALL detection in single-cell "
+                                        "images with a weighted ensemble of CNNs. Research software, not a medical "
+                                        "device."))
+
+    def _routes(self, app: FastAPI) -> FastAPI:
+        app.middleware("http")(self.same_origin_only)
+        app.exception_handler(UploadRejected)(_rejected)
+        app.exception_handler(RequestValidationError)(_invalid)
+        app.get("/", response_class=HTMLResponse, include_in_schema=False)(_page)
+        app.get("/model-card", response_class=PlainTextResponse, include_in_schema=False)(self.card)
+        app.get("/api/health")(self.health)
+        app.get("/api/model")(self.model_info)
+        app.post("/api/predict")(self.predict)
+        app.get("/api/results/{request_id}.csv")(self.results_csv)
+        app.get("/history", response_class=HTMLResponse, include_in_schema=False)(self.history)
+        return app
+
+    async def same_origin_only(self, request: Request, call_next):
         """Refuse Host names the server was not bound to (DNS rebinding) and cross-site writes (CSRF); give each
         browser a client token, so that its history is its own."""
         host = request.headers.get("host", "")
-        if settings.allowed_hosts is not None and _hostname(host) not in settings.allowed_hosts:
+        if self.settings.allowed_hosts is not None and _hostname(host) not in self.settings.allowed_hosts:
             return JSONResponse({"detail": f"host {host!r} is not served here; start `alldetect serve` with "
                                            "--allow-host for the names clients use"}, status_code=421)
         origin = request.headers.get("origin")
@@ -127,89 +144,75 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             response.set_cookie(CLIENT_COOKIE, token, httponly=True, samesite="strict", max_age=365 * 86400)
         return response
 
-    @app.exception_handler(UploadRejected)
-    async def rejected(_request: Request, exc: UploadRejected) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> str:
-        return package_files("alldetect.serve").joinpath("page.html").read_text()
-
-    @app.get("/model-card", response_class=PlainTextResponse, include_in_schema=False)
-    def card() -> str:
-        path = ens_dir / CARD_NAME
+    def card(self) -> str:
+        path = self.folder.path / self.folder.CARD
         if not path.is_file():
             raise HTTPException(404, "this ensemble folder has no MODEL_CARD.md; rebuild it with `alldetect ensemble`")
         return path.read_text()
 
-    @app.get("/api/health")
-    def health() -> dict:
+    def health(self) -> dict:
         """Liveness: the model is loaded; the prediction record is writable (else predictions are answered but
         not recorded); how many requests wait for scoring."""
-        problem = store.problem()
-        return {"status": "ok" if problem is None else "degraded", "model_id": model_id,
-                "store": "ok" if problem is None else problem, "queued": queued[0]}
+        problem = self.store.problem()
+        return {"status": "ok" if problem is None else "degraded", "model_id": self.folder.model_id,
+                "store": "ok" if problem is None else problem, "queued": self.queued}
 
-    @app.get("/api/model")
-    def model_info() -> dict:
+    def model_info(self) -> dict:
         """Members, their weights in the ensemble, the method, and the data the ensemble was trained on."""
+        engine, point, spec = self.engine, self.point, self.folder.spec
         fit = spec.fit(engine.method)
-        return {"model_id": model_id, "method": engine.method, "engine": type(engine).__name__,
-                "crop": engine.crop, "threshold": point.cell_threshold,
+        return {"model_id": self.folder.model_id, "method": engine.method, "engine": type(engine).__name__,
+                "crop": engine.preprocess.crop, "threshold": point.cell_threshold,
                 "patient_threshold": point.patient_threshold, "min_cells": point.min_cells,
                 "operating_point": point.describe(), "tta": engine.default_tta,
-                "domain_check": None if not check_domain else {
+                "domain_check": None if not self.check_domain else {
                     "fitted_on": engine.domain.fitted_on, "flagged_out_of_fold": engine.domain.flagged_out_of_fold},
-                "members": [{"name": m.name, "weight": (fit.weights or [None] * len(spec.members))[i],
+                "members": [{"name": m.name, "weight": fit.weights[i] if isinstance(fit, WeightedAverage) else None,
                              "val_metrics": spec.val_metrics.get(m.name)}
                             for i, m in enumerate(spec.members)],
                 "data": spec.data}
 
-    @app.post("/api/predict")
-    async def predict(request: Request, cam: bool = False) -> dict:
+    async def predict(self, request: Request, cam: bool = False) -> dict:
         """Score uploaded cells. Multipart form, field ``files``: images (BMP, PNG, JPEG, TIFF) and/or zips
         of one patient's cells. ``cam=true`` adds a Grad-CAM overlay of each cell (PNG, base64)."""
+        settings = self.settings
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise UploadRejected(400, "send the images as multipart/form-data in the field 'files'")
-        if receiving[0] >= settings.max_receiving:
-            raise UploadRejected(503, f"busy: {receiving[0]} uploads are arriving; retry shortly", retry_after=5)
-        receiving[0] += 1
+        if self.receiving >= settings.max_receiving:
+            raise UploadRejected(503, f"busy: {self.receiving} uploads are arriving; retry shortly", retry_after=5)
+        self.receiving += 1
         try:
             files = await _read_files(request, settings.limits)
         finally:
-            receiving[0] -= 1
+            self.receiving -= 1
         # A queue place is taken once the body is in: a client that sends slowly holds none.
-        if queued[0] >= settings.max_queued:
-            raise UploadRejected(503, f"busy: {queued[0]} requests are waiting to be scored; retry shortly",
+        if self.queued >= settings.max_queued:
+            raise UploadRejected(503, f"busy: {self.queued} requests are waiting to be scored; retry shortly",
                                  retry_after=5)
-        queued[0] += 1
+        self.queued += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(scorer, _work, files, cam,
+            return await asyncio.get_running_loop().run_in_executor(self.scorer, self._work, files, cam,
                                                                     request.state.client)
         finally:
-            queued[0] -= 1
+            self.queued -= 1
 
-    def _work(files: list[tuple[str, bytes]], cam: bool, client: str) -> dict:
+    def _work(self, files: list[tuple[str, bytes]], cam: bool, client: str) -> dict:
         try:
-            cells = expand_uploads(files, settings.limits)
+            cells = expand_uploads(files, self.settings.limits)
             files.clear()  # the cells hold what is still needed
-            request_id = uuid.uuid4().hex
-            result = _score(cells, cam)
-            recorded = store.record(request_id, model_id, result["cells"], client=client)
-            return {"request_id": request_id, "model_id": model_id, "method": engine.method,
-                    "threshold": point.cell_threshold, "patient_threshold": point.patient_threshold,
-                    "tta": engine.default_tta, **result, "recorded": recorded,
+            request_id, model_id = uuid.uuid4().hex, self.folder.model_id
+            result = self._score(cells, cam)
+            recorded = self.store.record(request_id, model_id, result["cells"], client=client)
+            return {"request_id": request_id, "model_id": model_id, "method": self.engine.method,
+                    "threshold": self.point.cell_threshold, "patient_threshold": self.point.patient_threshold,
+                    "tta": self.engine.default_tta, **result, "recorded": recorded,
                     "csv_url": f"/api/results/{request_id}.csv"}
         finally:
             release_memory()
 
-    def _score(cells: list[UploadedCell], cam: bool) -> dict:
+    def _score(self, cells: list[UploadedCell], cam: bool) -> dict:
+        engine, point, settings = self.engine, self.point, self.settings
+
         def decoder(cell: UploadedCell):
             def decode():
                 try:
@@ -219,8 +222,8 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             return decode
 
         scores = score_cells(engine, [cell.error or decoder(cell) for cell in cells], [c.name for c in cells],
-                             tta=engine.default_tta, domain_check=settings.domain_check, geometry=settings.geometry)
-        overlays = _cams(scores.crops[: settings.max_cam_cells]) if cam and len(scores.crops) else []
+                             domain_check=settings.domain_check, geometry=settings.geometry)
+        overlays = self._cams(scores.crops[: settings.max_cam_cells]) if cam and len(scores.crops) else []
         position = {cell_index: j for j, cell_index in enumerate(scores.kept)}
         out = []
         for i, cell in enumerate(cells):
@@ -248,11 +251,11 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
                 p["mean_prob_all"] = None
         return {"cells": out, "patients": patients}
 
-    def _cams(batch: np.ndarray) -> list[str]:
+    def _cams(self, batch: np.ndarray) -> list[str]:
         """Grad-CAM needs the torch members: the engine's own, or (beside an ONNX engine) a copy loaded for
         this request and let go after it, so that only one ensemble stays in memory."""
-        model = engine if isinstance(engine, EnsembleModel) else \
-            load_ensemble(ens_dir, method=engine.method, device=settings.device)
+        model = self.engine if isinstance(self.engine, TorchEngine) else \
+            TorchEngine.from_folder(self.folder, method=self.engine.method, device=self.settings.device)
         maps = cell_cams(model, batch).ensemble
         del model
         gc.collect()
@@ -263,10 +266,9 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             encoded.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
         return encoded
 
-    @app.get("/api/results/{request_id}.csv")
-    def results_csv(request_id: str) -> Response:
+    def results_csv(self, request_id: str) -> Response:
         """The cells of one request as a predictions CSV (contract columns plus members)."""
-        rows = store.request(request_id)
+        rows = self.store.request(request_id)
         if not rows:
             raise HTTPException(404, f"no request {request_id!r}")
         nan = float("nan")
@@ -277,26 +279,21 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
             "domain_note": [n or "" for n in notes]}
         columns, records = prediction_records(
             [r["file_name"] for r in rows], [""] * len(rows),
-            {engine.method: np.array([nan if r["prob_all"] is None else r["prob_all"] for r in rows])},
+            {self.engine.method: np.array([nan if r["prob_all"] is None else r["prob_all"] for r in rows])},
             subjects=[r["subject"] or _subject(r["file_name"]) for r in rows], errors=[r["error"] for r in rows],
-            texts=texts, extra={f"prob_{n}": np.array([m.get(n, nan) for m in members]) for n in engine.names},
+            texts=texts, extra={f"prob_{n}": np.array([m.get(n, nan) for m in members]) for n in self.engine.names},
             spreadsheet_safe=True)
         for record, r in zip(records, rows):
             record["sha256"] = r["sha256"]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=[*columns, "sha256"])
-        writer.writeheader()
-        writer.writerows(records)
-        return Response(buffer.getvalue(), media_type="text/csv",
+        return Response(csv_text([*columns, "sha256"], records), media_type="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="alldetect-{request_id}.csv"'})
 
-    @app.get("/history", response_class=HTMLResponse, include_in_schema=False)
-    def history(request: Request) -> str:
+    def history(self, request: Request) -> str:
         """Recent predictions: this browser's own (private), everyone's (shared) or none (off)."""
-        if settings.history == "off":
+        if self.settings.history == "off":
             raise HTTPException(404, "the prediction history is not shown on this server (serve --history off)")
-        private = settings.history == "private"
-        rows = store.recent(client=request.state.client if private else None)
+        private = self.settings.history == "private"
+        rows = self.store.recent(client=request.state.client if private else None)
         scope = "this browser's predictions" if private else "every client's predictions"
         body = "".join(
             f"<tr><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['time']))}</td>"
@@ -310,7 +307,19 @@ def create_app(ens_dir: str | Path, settings: ServeSettings = ServeSettings()) -
                 f"</th><th>file</th><th>sha256</th><th>P(ALL)</th><th>model</th><th>error</th></tr>{body}</table>"
                 f"</body></html>")
 
-    return app
+
+async def _rejected(_request: Request, exc: UploadRejected) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+
+async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+
+def _page() -> str:
+    return package_files("alldetect.serve").joinpath("page.html").read_text()
 
 
 async def _read_files(request: Request, limits: Limits) -> list[tuple[str, bytes]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from enum import Enum
 
+from ..data.geometry import Preprocess
 from ..errors import AlldetectError
 
 
@@ -19,7 +20,6 @@ OPTIMIZERS = ("adamax", "adamw")
 SCHEDULES = ("triangular2", "cosine")
 AUGMENTATIONS = ("paper", "dihedral", "dihedral+stain", "none")
 AUGMENT_PLACES = ("auto", "loader", "device")
-PRECISIONS = ("auto", "bf16", "fp32")
 # fields that change where or how fast a run goes, never what it learns
 MACHINERY = frozenset({"device", "workers", "compile", "checkpoint_every", "cache_dir"})
 LOCATION = frozenset({"out", "manifest"})  # where a run reads and writes: a moved run is still the same run
@@ -73,11 +73,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from ..models import member_spec  # raises AlldetectError naming the known members
+        from ..precision import TRAINING_PRECISIONS
 
         member_spec(self.member)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("augment", AUGMENTATIONS),
                               ("augment_on", AUGMENT_PLACES),
-                              ("precision", PRECISIONS), ("select_metric", tuple(SELECTION))):
+                              ("precision", TRAINING_PRECISIONS), ("select_metric", tuple(SELECTION))):
             if getattr(self, name) not in allowed:
                 raise AlldetectError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         for name in ("epochs", "batch_size", "crop"):
@@ -86,6 +87,10 @@ class TrainConfig:
         for name in ("label_smoothing", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise AlldetectError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.crop, self.input_size)
 
 
 PROFILES: dict[Profile, dict] = {

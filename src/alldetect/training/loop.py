@@ -29,10 +29,11 @@ from ..errors import AlldetectError
 from ..evaluation.metrics import METRIC_NAMES, classification_metrics, log_loss
 from ..formats.manifest import read_manifest
 from ..models import create_member
-from ..models.runtime import autocast, predict_probs, resolve_device
+from ..precision import training_autocast
+from ..models.runtime import predict_probs, resolve_device
 from .checkpoint import load_checkpoint, restore_rng
 from .config import SELECTION, TrainConfig, resumed_config
-from .data import SplitImages, load_split
+from .split_images import SplitImages, load_split
 from .distributed import barrier, init_distributed, shutdown
 from .run_dir import Best, RunDir, StepRecord
 from .sampler import EpochBatches
@@ -59,7 +60,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
     rows = read_manifest(cfg.manifest)
     check_subject_disjoint(rows)
     cache_dir = cfg.cache_dir or Path(cfg.manifest).resolve().parent / ".alldetect-cache"
-    load = dict(crop=cfg.crop, size=cfg.input_size, cache_dir=cache_dir)
+    load = dict(preprocess=cfg.preprocess, cache_dir=cache_dir)
     # keeping the last epoch needs no validation: such a run may train on every donor (a refit)
     train = load_split(rows, "train", **load)
     val = load_split(rows, "val", required=SELECTION[cfg.select_metric] != "last", **load)
@@ -126,7 +127,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(device, non_blocking=True)
-            with autocast(device, cfg.precision):
+            with training_autocast(device, cfg.precision):
                 loss = loss_fn(net(images).float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,8 +148,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
             torch.cuda.synchronize(device)
         train_img_s = epoch_images / max(time.perf_counter() - epoch_started, 1e-9)
         scores = {} if val is None else _scores(val.labels, predict_probs(
-            kept, val.images, val.positions, batch_size=cfg.batch_size * 2, device=device, precision=cfg.precision,
-            channels_last=cfg.channels_last))
+            kept, val.images, val.positions, batch_size=cfg.batch_size * 2, device=device, precision=cfg.precision))
         score = _selection_score(cfg.select_metric, scores, epoch)
         selected = score > best.score
         if selected:
@@ -220,7 +220,7 @@ def _finish(run: RunDir, cfg: TrainConfig, device: torch.device, val: SplitImage
         if split is None:
             continue
         prob = predict_probs(model, split.images, split.positions, batch_size=cfg.batch_size * 2, device=device,
-                             precision=cfg.precision, channels_last=cfg.channels_last)
+                             precision=cfg.precision)
         run.write_scores(name, split.rows, prob, cfg.member)
         metrics[name] = classification_metrics(split.labels, prob)
     run.write_metrics(metrics)

@@ -16,7 +16,6 @@ import csv
 import json
 import math
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import versions
 from ..formats.csvfiles import write_csv_atomic
 from ..formats.predictions import write_predictions
 from ..formats.problems import Problem, write_problems
@@ -51,11 +50,37 @@ class StepRecord:
 
 
 class RunDir:
+    """A run folder: ``fit`` writes it (only the main process of a distributed run); the ensemble reads it."""
+    CONFIG = "config.json"
+    HISTORY = "history.csv"
+    EPOCHS = "epochs.csv"
+    METRICS = "metrics.json"
+    PROBLEMS = "problems.csv"
+    RECORDS = (CONFIG, HISTORY, EPOCHS, METRICS)  # what an ensemble folder keeps of each member's training
+
     def __init__(self, path: str | Path, *, writes: bool = True):
         self.path = Path(path)
         self.writes = writes
         self.last = self.path / "checkpoints" / "last.pt"
         self.best = self.path / "checkpoints" / "best.pt"
+
+    @property
+    def finished(self) -> bool:
+        return self.best.is_file() and (self.path / self.METRICS).is_file()
+
+    def config(self) -> dict:
+        """The run's training config, as ``config.json`` recorded it."""
+        return json.loads((self.path / self.CONFIG).read_text())["config"]
+
+    def metrics(self) -> dict:
+        return json.loads((self.path / self.METRICS).read_text())
+
+    def best_state(self) -> dict:
+        """The selected epoch's checkpoint (weights, member, config, epoch)."""
+        return load_checkpoint(self.best)
+
+    def predictions(self, split: str) -> Path:
+        return self.path / f"predictions_{split}.csv"
 
     def resume_state(self) -> dict | None:
         """The last checkpoint, or None when there is none."""
@@ -67,18 +92,18 @@ class RunDir:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         if fresh:
-            for name in ("history.csv", "epochs.csv", "metrics.json"):
+            for name in (self.HISTORY, self.EPOCHS, self.METRICS):
                 (self.path / name).unlink(missing_ok=True)
         else:
-            _truncate_csv(self.path / "history.csv", lambda r: int(r["step"]) < step)
-            _truncate_csv(self.path / "epochs.csv", lambda r: int(r["step"]) <= step)
-        (self.path / "config.json").write_text(json.dumps({"config": asdict(cfg), "seed": cfg.seed,
-                                                           "versions": versions()}, indent=2))
-        write_problems(problems, self.path / "problems.csv")
+            _truncate_csv(self.path / self.HISTORY, lambda r: int(r["step"]) < step)
+            _truncate_csv(self.path / self.EPOCHS, lambda r: int(r["step"]) <= step)
+        (self.path / self.CONFIG).write_text(json.dumps({"config": asdict(cfg), "seed": cfg.seed,
+                                                         "versions": versions()}, indent=2))
+        write_problems(problems, self.path / self.PROBLEMS)
 
     def log_epoch(self, columns: tuple[str, ...], record: dict) -> None:
         if self.writes:
-            _append_csv(self.path / "epochs.csv", columns, [record])
+            _append_csv(self.path / self.EPOCHS, columns, [record])
 
     def save_best(self, model: nn.Module, cfg: TrainConfig, epoch: int, step: int) -> None:
         if self.writes:
@@ -92,7 +117,7 @@ class RunDir:
         those rows are dropped on resume)."""
         if self.writes:
             losses = torch.stack([r.loss for r in pending]).float().cpu().tolist() if pending else []  # syncs
-            _append_csv(self.path / "history.csv", HISTORY_COLUMNS,
+            _append_csv(self.path / self.HISTORY, HISTORY_COLUMNS,
                         [{"step": r.step, "epoch": r.epoch, "lr": f"{r.lr:.10g}", "loss": f"{loss:.6f}"}
                          for r, loss in zip(pending, losses)])
             state = {"member": cfg.member, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -103,20 +128,11 @@ class RunDir:
         pending.clear()
 
     def write_scores(self, split: str, rows: list, prob: np.ndarray, member: str) -> None:
-        write_predictions(self.path / f"predictions_{split}.csv", [r.path for r in rows], [r.label for r in rows],
+        write_predictions(self.predictions(split), [r.path for r in rows], [r.label for r in rows],
                           prob, model=member, subjects=[r.subject for r in rows])
 
     def write_metrics(self, metrics: dict) -> None:
-        (self.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-
-def versions() -> dict[str, str]:
-    """The libraries a result depends on, recorded with every run and ensemble."""
-    import timm
-
-    return {"alldetect": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "numpy": np.__version__, "cuda": str(torch.version.cuda),
-            "platform": platform.platform()}
+        (self.path / self.METRICS).write_text(json.dumps(metrics, indent=2))
 
 
 def _append_csv(path: Path, columns: tuple[str, ...], records: list[dict]) -> None:

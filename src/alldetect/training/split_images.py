@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.cache import load_crops
+from ..data.geometry import Preprocess
 from ..errors import DataError
 from ..formats.manifest import ManifestRow
 from ..formats.problems import Problem
@@ -28,7 +29,7 @@ class SplitImages:
         return np.array([r.y for r in self.rows], dtype=np.int64)
 
 
-def load_split(rows: list[ManifestRow], split: str, *, crop: int, size: int | None, cache_dir: str | Path,
+def load_split(rows: list[ManifestRow], split: str, preprocess: Preprocess, *, cache_dir: str | Path,
                required: bool = True) -> SplitImages | None:
     """Crops for the labelled rows of ``split``; unusable images are reported and left out."""
     chosen = [r for r in rows if r.split == split and r.label]
@@ -36,7 +37,7 @@ def load_split(rows: list[ManifestRow], split: str, *, crop: int, size: int | No
         if required:
             raise DataError(f"the manifest has no labelled '{split}' rows; run `alldetect split` first")
         return None
-    cache = load_crops([r.path for r in chosen], crop=crop, size=size, cache_dir=cache_dir)
+    cache = load_crops([r.path for r in chosen], preprocess, cache_dir=cache_dir)
     usable = np.flatnonzero(cache.usable)
     if len(usable) == 0:
         raise DataError(f"none of the {len(chosen)} '{split}' images could be used")
