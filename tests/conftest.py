@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
-import pytest
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # before torch starts: the workers share the cores, and so do
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))  # their children
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
 
-import alldetect._torchvision  # noqa: F401  (before any test imports timm or torchvision)
-from helpers import tiny_config
+import pytest  # noqa: E402
+
+import alldetect._torchvision  # noqa: E402, F401  (before any test imports timm or torchvision)
+from helpers import tiny_config  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -49,11 +54,14 @@ def split_manifest(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def member_runs(split_manifest, tmp_path_factory) -> list[Path]:
-    """Two members trained for one epoch on the tiny synthetic split."""
+    """Two members trained for one epoch on the tiny synthetic split: two that export to ONNX quickly (every
+    member's export is a slow test, tests/export). EfficientNet-Lite0 starts from the ImageNet weights its pip
+    package ships, as the CPU recipe's members do: from random weights its activations are too large for int8."""
     from alldetect.training import fit
 
     root = tmp_path_factory.mktemp("members")
-    return [fit(tiny_config(split_manifest, root / m, member=m, epochs=1)) for m in ("mobilenet", "densenet121")]
+    return [fit(tiny_config(split_manifest, root / m, member=m, epochs=1, pretrained=m == "efficientnet_lite0"))
+            for m in ("mobilenet", "efficientnet_lite0")]
 
 
 @pytest.fixture(scope="session")

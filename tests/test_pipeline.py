@@ -23,7 +23,7 @@ def tiny_demo(monkeypatch):
 
 
 def _cfg(out):
-    return PipelineConfig(out=str(out), members=("mobilenet", "densenet121", "efficientnet_lite0"), epochs=1,
+    return PipelineConfig(out=str(out), members=("mobilenet", "efficientnet_lite0"), epochs=1,
                           batch_size=8, bootstrap=50, device="cpu")
 
 
@@ -32,7 +32,7 @@ def test_run_end_to_end_then_reuses_every_stage(tiny_demo, tmp_path):
     text = report.read_text()
     assert text.startswith("**Data: SYNTHETIC") and "| WEN-kappa |" in text
     stages = json.loads((tmp_path / "stages.json").read_text())
-    assert all(s["done"] for s in stages.values()) and len(stages) == 8
+    assert all(s["done"] for s in stages.values()) and len(stages) == 7
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "stages.json"}
 
     run_pipeline(_cfg(tmp_path))
@@ -53,16 +53,16 @@ def test_run_end_to_end_then_reuses_every_stage(tiny_demo, tmp_path):
 
 def test_killed_run_resumes_without_losing_finished_work(tmp_path):
     """A real `alldetect run` process, SIGKILLed while training its second member, then rerun."""
-    command = run_command(TINY, 76, ["run", "--members", "mobilenet,densenet121", "--epochs", "2", "--batch-size",
+    command = run_command(TINY, 76, ["run", "--members", "mobilenet,efficientnet_lite0", "--epochs", "2", "--batch-size",
                                      "4", "--bootstrap", "50", "--device", "cpu"], tmp_path)
-    kill_when_written(command, tmp_path / "members" / "densenet121" / "checkpoints" / "last.pt")
+    kill_when_written(command, tmp_path / "members" / "efficientnet_lite0" / "checkpoints" / "last.pt")
     first_done = (tmp_path / "members" / "mobilenet" / "metrics.json").stat().st_mtime_ns
     stages = json.loads((tmp_path / "stages.json").read_text())
-    assert stages["train densenet121"]["done"] is False
+    assert stages["train efficientnet_lite0"]["done"] is False
 
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     assert (tmp_path / "members" / "mobilenet" / "metrics.json").stat().st_mtime_ns == first_done
-    steps = history_steps(tmp_path / "members" / "densenet121")
+    steps = history_steps(tmp_path / "members" / "efficientnet_lite0")
     assert steps == list(range(len(steps)))  # resumed: no step lost, none repeated
     assert (tmp_path / "ensemble" / "report.md").is_file()
 

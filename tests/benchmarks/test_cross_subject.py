@@ -29,7 +29,7 @@ def test_subject_folds_hold_out_every_subject_once_with_both_classes(tiny_synth)
 
 def test_quick_yardstick_scores_every_subject_out_of_fold(tiny_synth, tmp_path):
     out = tmp_path / "cs"
-    command = [sys.executable, str(SCRIPT), "--quick", "--data", str(tiny_synth), "--crop", "64",
+    command = [sys.executable, str(SCRIPT), "--quick", "--data", str(tiny_synth), "--crop", "32", "--folds", "2",
                "--members", "mobilenet,efficientnet_lite0", "--no-pretrained", "--recipe", "paper",
                "--recipe", "plus-e2=plus:epochs=2", "--device", "cpu", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)

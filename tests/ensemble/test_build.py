@@ -16,13 +16,13 @@ runner = CliRunner()
 def test_members_covering_different_images_are_refused(member_runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(member_runs[1], other)
-    preds = read_predictions(other / "predictions_val.csv")["densenet121"]
+    preds = read_predictions(other / "predictions_val.csv")["efficientnet_lite0"]
     write_predictions(other / "predictions_val.csv", preds.path[1:], ["all" if y else "hem" for y in preds.y[1:]],
-                      preds.prob_all[1:], model="densenet121")
+                      preds.prob_all[1:], model="efficientnet_lite0")
     with pytest.raises(DataError, match="cover different images: 1 only in"):
         build_ensemble([member_runs[0], other], tmp_path / "ens")
     labels = ["hem" if y else "all" for y in preds.y]  # every label flipped
-    write_predictions(other / "predictions_val.csv", preds.path, labels, preds.prob_all, model="densenet121")
+    write_predictions(other / "predictions_val.csv", preds.path, labels, preds.prob_all, model="efficientnet_lite0")
     with pytest.raises(DataError, match="disagree on the label"):
         build_ensemble([member_runs[0], other], tmp_path / "ens")
 
@@ -35,12 +35,12 @@ def test_bf16_check_keeps_a_member_that_bf16_moves_in_fp32(ensemble_dir, tmp_pat
     ens = tmp_path / "ens"
     shutil.copytree(ensemble_dir, ens)
     verdict = check_bf16(EnsembleFolder(ens), tolerance=1.0)
-    assert verdict["fp32_members"] == [] and set(verdict["mean_change"]) == {"mobilenet", "densenet121"}
+    assert verdict["fp32_members"] == [] and set(verdict["mean_change"]) == {"mobilenet", "efficientnet_lite0"}
     assert all(0 < d < 1.0 for d in verdict["mean_change"].values())
     verdict = check_bf16(EnsembleFolder(ens), tolerance=0.0)
-    assert verdict["fp32_members"] == ["mobilenet", "densenet121"]
+    assert verdict["fp32_members"] == ["mobilenet", "efficientnet_lite0"]
     model = TorchEngine.from_folder(ens, device="cpu", precision="bf16")
-    assert model.fp32_members == {"mobilenet", "densenet121"}
+    assert model.fp32_members == {"mobilenet", "efficientnet_lite0"}
     crops = EnsembleFolder(ens).calibration()[0][:8]
     fp32 = TorchEngine.from_folder(ens, device="cpu", precision="fp32").member_probs(crops)
     np.testing.assert_array_equal(model.member_probs(crops), fp32)  # bf16 asked, fp32 run

@@ -61,17 +61,17 @@ def test_wen_falls_back_to_equal_weights_when_no_member_beats_chance():
 
 
 def test_a_new_combiner_is_one_registered_class_that_the_spec_and_the_onnx_graph_carry(ensemble_dir, tmp_path):
-    """The loudest member decides: a combiner written as one class in one file, fitted into an ensemble folder,
-    read back from its spec, and run inside the exported graph."""
+    """The loudest member decides: a combiner written as one class, fitted into an ensemble folder, read back from
+    its spec, and run inside the graph `alldetect export --method loudest --no-int8` writes."""
     import shutil
 
     import torch
 
+    from alldetect.cli import app
     from alldetect.ensemble.combiners import COMBINERS, Combiner
     from alldetect.ensemble.folder import EnsembleFolder
-    from alldetect.export.graph import export_onnx
     from alldetect.formats.predictions import read_predictions
-    from alldetect.inference.onnx_engine import onnx_session
+    from alldetect.inference.onnx_engine import OnnxEngine
     from alldetect.inference.torch_engine import TorchEngine
 
     class Loudest(Combiner, name="loudest", label="loudest member"):  # registered as it is defined
@@ -90,7 +90,7 @@ def test_a_new_combiner_is_one_registered_class_that_the_spec_and_the_onnx_graph
             return cls()
 
     try:
-        ens = shutil.copytree(ensemble_dir, tmp_path / "ens")
+        ens = shutil.copytree(ensemble_dir, tmp_path / "ens", ignore=shutil.ignore_patterns("calibration.npz"))
         folder = EnsembleFolder(ens)
         spec = folder.spec
         val = read_predictions(folder.predictions("val"))
@@ -102,9 +102,13 @@ def test_a_new_combiner_is_one_registered_class_that_the_spec_and_the_onnx_graph
         crops = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
         ensemble, members = model.predict(crops, tta=False)
         np.testing.assert_array_equal(ensemble, members.max(axis=0))
-        graph = export_onnx(model, tmp_path / "loudest.onnx")
-        graph_prob, graph_members = onnx_session(graph).run(None, {"images": crops})
-        np.testing.assert_allclose(graph_prob, graph_members.max(axis=1), atol=1e-6)
+
+        r = runner.invoke(app, ["export", str(ens), "--method", "loudest", "--no-int8"])  # no calibration needed
+        assert r.exit_code == 0, r.output
+        assert (ens / "ensemble.onnx").is_file() and not (ens / "ensemble.int8.onnx").exists()
+        graph = OnnxEngine.from_folder(ens, method="loudest")
+        graph_prob, graph_members = graph.session.run(None, {"images": crops})
+        np.testing.assert_allclose(graph_prob, graph_members.max(axis=1), atol=1e-6)  # the combiner in the graph
         np.testing.assert_allclose(graph_prob, ensemble, atol=1e-4)
         with torch.no_grad():
             assert Loudest().forward(torch.tensor([[0.2, 0.7]])).tolist() == pytest.approx([0.7])

@@ -69,7 +69,7 @@ def test_predict_writes_members_patients_and_error_rows(model, tmp_path):
     assert "not an image" in errors["UID_7_2_1_all.png"] and "smaller than the 64x64" in errors["UID_7_3_1_all.png"]
     good = [r for r in rows if not r["error"]]
     for r in good:
-        members = np.array([float(r["prob_mobilenet"]), float(r["prob_densenet121"])])
+        members = np.array([float(r["prob_mobilenet"]), float(r["prob_efficientnet_lite0"])])
         w = np.array(model.combiner.weights)
         assert float(r["prob_all"]) == pytest.approx(w @ members / w.sum(), abs=1e-6)
     patients = {p["subject"]: p for p in summary.patients}
@@ -110,9 +110,9 @@ def test_ensemble_spec_that_does_not_match_the_code_is_a_clear_error(ensemble_di
     broken = tmp_path / "ens"
     shutil.copytree(ensemble_dir, broken)
     spec = json.loads((broken / "ensemble.json").read_text())
-    spec["members"][0]["name"], spec["members"][1]["name"] = "densenet121", "mobilenet"  # weights swapped
+    spec["members"][0]["name"], spec["members"][1]["name"] = "efficientnet_lite0", "mobilenet"  # weights swapped
     (broken / "ensemble.json").write_text(json.dumps(spec))
-    with pytest.raises(AlldetectError, match="does not match the installed densenet121"):
+    with pytest.raises(AlldetectError, match="does not match the installed efficientnet_lite0"):
         TorchEngine.from_folder(broken, device="cpu")
     spec["version"] = 99
     (broken / "ensemble.json").write_text(json.dumps(spec))

@@ -17,12 +17,12 @@ def test_ensemble_and_report_end_to_end(member_runs, tmp_path):
     r = runner.invoke(app, ["ensemble", *map(str, member_runs), "--out", str(tmp_path / "ens")])
     assert r.exit_code == 0, r.output
     spec = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
-    assert [m["name"] for m in spec["members"]] == ["mobilenet", "densenet121"]
+    assert [m["name"] for m in spec["members"]] == ["mobilenet", "efficientnet_lite0"]
     assert spec["default_method"] == "wen_kappa" and spec["data"]["synthetic"]
     test = read_predictions(tmp_path / "ens" / "predictions_test.csv")
-    assert set(test) == {"mobilenet", "densenet121", "sap", "wen_acc", "wen_auc", "wen_f1", "wen_kappa",
+    assert set(test) == {"mobilenet", "efficientnet_lite0", "sap", "wen_acc", "wen_auc", "wen_f1", "wen_kappa",
                          "logloss", "ts_sap", "stacking"}
-    members = np.stack([test["mobilenet"].prob_all, test["densenet121"].prob_all])
+    members = np.stack([test["mobilenet"].prob_all, test["efficientnet_lite0"].prob_all])
     np.testing.assert_allclose(test["sap"].prob_all, members.mean(0), atol=1e-7)
     w = np.array(spec["methods"]["wen_kappa"]["weights"])
     np.testing.assert_allclose(test["wen_kappa"].prob_all, (w @ members) / w.sum(), atol=1e-7)

@@ -52,7 +52,7 @@ def test_health_model_and_openapi(served):
     client, _ = served
     assert client.get("/api/health").json()["status"] == "ok"
     info = client.get("/api/model").json()
-    assert [m["name"] for m in info["members"]] == ["mobilenet", "densenet121"]
+    assert [m["name"] for m in info["members"]] == ["mobilenet", "efficientnet_lite0"]
     assert info["method"] == "wen_kappa" and info["data"]["synthetic"] is True
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/predict", "/api/health", "/api/model"} <= set(paths)
@@ -67,7 +67,7 @@ def test_predict_cells_members_cam_patients_csv_and_record(served):
     body = r.json()
     assert [c["name"] for c in body["cells"]] == ["UID_7_1_1_all.png", "UID_7_1_2_all.png", "UID_H3_1_1_hem.png"]
     for c in body["cells"]:
-        assert 0 <= c["prob_all"] <= 1 and set(c["members"]) == {"mobilenet", "densenet121"}
+        assert 0 <= c["prob_all"] <= 1 and set(c["members"]) == {"mobilenet", "efficientnet_lite0"}
         assert c["cam_png"].startswith("data:image/png;base64,")
     patients = {p["subject"]: p for p in body["patients"]}
     assert patients["7"]["cells"] == 2 and patients["H3"]["cells"] == 1

@@ -102,15 +102,22 @@ def test_test_split_never_influences_training_or_selection(tiny_run, split_manif
 
 @pytest.mark.parametrize("options", [["--augment-on", "loader"], ["--augment-on", "device"], ["--ema-decay", "0.9"]])
 def test_resume_after_sigkill_is_exact(split_manifest, tmp_path, options):
-    def command(out):
-        return [sys.executable, "-m", "alldetect.cli", "train", str(split_manifest), "--member", "mobilenet",
-                "--out", str(out), "--crop", "64", "--epochs", "3", "--batch-size", "8", "--no-pretrained",
-                "--device", "cpu", "--workers", "0", "--checkpoint-every", "2", "--seed", "0",
-                *options]
+    """The whole run and the resume run in this process (the same command line); the killed one is a real
+    process."""
+    from typer.testing import CliRunner
+
+    from alldetect.cli import app
+
+    def arguments(out):
+        return ["train", str(split_manifest), "--member", "mobilenet", "--out", str(out), "--crop", "64", "--epochs",
+                "3", "--batch-size", "8", "--no-pretrained", "--device", "cpu", "--workers", "0",
+                "--checkpoint-every", "2", "--seed", "0", *options]
 
     whole, out = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(command(whole), check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = CliRunner().invoke(app, arguments(whole))
+    assert done.exit_code == 0, done.output
+    proc = subprocess.Popen([sys.executable, "-m", "alldetect.cli", *arguments(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     last = out / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -121,7 +128,8 @@ def test_resume_after_sigkill_is_exact(split_manifest, tmp_path, options):
     total = len(_csv(whole / "history.csv"))
     assert 0 < killed_at < total, "the kill must land mid-run"
     assert not (out / "metrics.json").exists()
-    subprocess.run([*command(out), "--resume"], check=True, capture_output=True, timeout=300)
+    done = CliRunner().invoke(app, [*arguments(out), "--resume"])
+    assert done.exit_code == 0, done.output
     assert _same_weights(_weights(out / "checkpoints" / "last.pt"), _weights(whole / "checkpoints" / "last.pt"))
     assert _same_weights(_weights(out / "checkpoints" / "best.pt"), _weights(whole / "checkpoints" / "best.pt"))
     assert _csv(out / "history.csv") == _csv(whole / "history.csv")

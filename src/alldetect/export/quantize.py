@@ -64,12 +64,14 @@ def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarr
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        float_nodes = _float_nodes(prepared, float_members)
         with _root_info_silenced():
             quantize_static(str(prepared), str(out), Cells(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=_float_nodes(prepared, float_members),
+                            nodes_to_exclude=float_nodes,
                             extra_options={"CalibStridedMinMax": 1, "QDQOpTypePerChannelSupportToAxis": {
                                 "BatchNormalization": 0}})  # its scale is one value per channel
+        _float_inputs_restored(out, float_nodes)
     meta = graph_metadata(fp32_path) | {"precision": "int8", "float_members": json.dumps(list(float_members))}
     set_graph_metadata(out, meta)
     return out
@@ -106,6 +108,27 @@ def _float_nodes(path: Path, float_members: list[int]) -> list[str]:
     keep |= _reachable([softmaxes[k] for k in float_members],
                        lambda node: (producer[i] for i in node.input if i in producer))
     return sorted(keep)
+
+
+def _float_inputs_restored(path: Path, float_nodes: list[str]) -> None:
+    """Feed the float nodes the float tensors again. Members with the same normalisation share its nodes in the
+    exported graph, and the quantiser gives every reader of a tensor it quantises the dequantised copy: a member
+    kept in fp32 would otherwise see its input rounded to 8 bits."""
+    import onnx
+
+    model = onnx.load(str(path))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    keep = set(float_nodes)
+    for node in model.graph.node:
+        if node.name not in keep:
+            continue
+        for k, name in enumerate(node.input):
+            dequantize = producer.get(name)
+            quantize = dequantize is not None and dequantize.op_type == "DequantizeLinear" and \
+                producer.get(dequantize.input[0])
+            if quantize and quantize.op_type == "QuantizeLinear":
+                node.input[k] = quantize.input[0]
+    onnx.save(model, str(path))
 
 
 def _member_columns(producer: dict) -> list[str]:
