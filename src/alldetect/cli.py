@@ -217,22 +217,22 @@ def split(
              "subject: any manifest, by the fractions below.")] = Protocol.subject,
     val_fraction: Annotated[float | None, typer.Option(
         help="Share of each class's subjects for validation [default: 0.3 paper, 0.2 subject].")] = None,
-    test_fraction: Annotated[float, typer.Option(help="Share of each class's subjects for test "
-                                                      "(protocol subject).")] = 0.2,
+    test_fraction: Annotated[float | None, typer.Option(help="Share of each class's subjects for test "
+                                                             "(protocol subject) [default: 0.2].")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for the subject shuffle.")] = 0,
 ) -> None:
     """Assign train/val/test by subject, stratified by class; no subject is ever in two splits."""
     from .formats.manifest import read_manifest, summarize, write_manifest
-    from .data.split import PAPER_VAL_FRACTION, paper_split, subject_split
+    from .data.split import paper_split, subject_split
     from .formats.tables import format_table
 
     rows = read_manifest(manifest)
+    asked = {k: v for k, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)) if v is not None}
     if protocol is Protocol.paper:
-        rows = paper_split(rows, val_fraction=PAPER_VAL_FRACTION if val_fraction is None else val_fraction,
-                           seed=seed)
+        asked.pop("test_fraction", None)  # the preliminary test set is the test split
+        rows = paper_split(rows, seed=seed, **asked)
     else:
-        rows = subject_split(rows, val_fraction=0.2 if val_fraction is None else val_fraction,
-                             test_fraction=test_fraction, seed=seed)
+        rows = subject_split(rows, seed=seed, **asked)
     write_manifest(rows, out or manifest)
     typer.echo(format_table(summarize(rows, by="split")))
     typer.echo(f"wrote {out or manifest}: subject-disjoint splits checked")

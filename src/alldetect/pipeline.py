@@ -36,11 +36,11 @@ from .export.ensemble import export_ensemble
 from .formats.manifest import read_manifest, write_manifest
 from .formats.predictions import read_predictions
 from .formats.problems import write_problems
-from .models.members import LITE_MEMBERS, PAPER_MEMBERS
+from .models.members import MEMBER_SETS, PAPER_MEMBERS
 from .models.runtime import resolve_device
 from .report.build import make_report
 from .training import fit, profile_config
-from .training.config import MACHINERY, Profile, TrainConfig
+from .training.config import DEMO_CROP, MACHINERY, RECIPES, Profile, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +48,6 @@ logger = logging.getLogger(__name__)
 DEMO_SYNTH = SynthConfig(size=112, all_subjects=12, hem_subjects=6, test_all_subjects=4, test_hem_subjects=2,
                          final_subjects=2, cells_per_subject=10)
 GRID_CELLS = 4  # Grad-CAM grid rows: half ALL, half HEM
-DEMO_CROP = 80  # 112 -> 80 keeps the paper's 450 -> 300 proportion of cell to frame; InceptionResNet-V2 needs 75
-# Real cells on a machine without a GPU: the plus profile with the three members whose ImageNet weights ship in
-# pip packages, 300 px crops resized to 96 px, which trains 1.7 times faster than 128. Inside one batch 96 px
-# generalised better than 128 (cell AUC 0.851 against 0.833); on donors of other batches 128 did better (0.697
-# against 0.601 for refit members, BENCHMARKS.md) but would take the CPU run past its time budget.
-CPU_MEMBERS = LITE_MEMBERS
-CPU_INPUT_SIZE = 96
-# Cross-fitting costs K trainings per member, each on (K-1)/K of the donors: 3 folds keep about 1,500 cells
-# within the time budget on 2 cores (BENCHMARKS.md); more folds train each model on more donors.
-CPU_FOLDS = 3
-CPU_MINUTES = 35  # 1,507 cells of 36 donors: 24 min 55 s at 8 epochs here, 12 epochs projected (BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
@@ -173,22 +162,25 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 def choose_recipe(cfg: PipelineConfig) -> PipelineConfig:
     """Fill in the profile, members and input size the user left open, and say what was chosen and why."""
     if cfg.data is None:
-        return replace(cfg, profile=cfg.profile or Profile.demo, members=cfg.members or PAPER_MEMBERS)
+        recipe = RECIPES["synthetic"]
+        return replace(cfg, profile=cfg.profile or recipe.profile, members=cfg.members or MEMBER_SETS[recipe.members])
     if cfg.profile is not None:
         input_size = cfg.input_size or (DEMO_CROP if cfg.profile is Profile.demo else None)
         return replace(cfg, members=cfg.members or PAPER_MEMBERS, input_size=input_size)
     if resolve_device(cfg.device).type == "cuda":
+        recipe = RECIPES["gpu"]
         logger.info("real cells on a GPU: the plus profile with the paper's five networks at 300 px "
                     "(--profile paper for the paper's protocol exactly)")
-        return replace(cfg, profile=Profile.plus, members=cfg.members or PAPER_MEMBERS)
-    members = cfg.members or CPU_MEMBERS
-    input_size = cfg.input_size or CPU_INPUT_SIZE
-    folds = cfg.folds or CPU_FOLDS
+        return replace(cfg, profile=recipe.profile, members=cfg.members or MEMBER_SETS[recipe.members])
+    recipe = RECIPES["cpu"]
+    members = cfg.members or MEMBER_SETS[recipe.members]
+    input_size = cfg.input_size or recipe.input_size
+    folds = cfg.folds or recipe.folds
     logger.info("real cells without a GPU: the plus profile with %s (ImageNet weights from pip packages), 300 px "
                 "crops resized to %d px, cross-fitted in %d folds of donors, so that about 1,500 cells train in "
                 "about %d minutes on 2 cores; for the paper's protocol (five networks at 300 px, hours on a CPU) "
-                "pass --profile paper", ", ".join(members), input_size, folds, CPU_MINUTES)
-    return replace(cfg, profile=Profile.plus, members=members, input_size=input_size, folds=folds)
+                "pass --profile paper", ", ".join(members), input_size, folds, recipe.minutes)
+    return replace(cfg, profile=recipe.profile, members=members, input_size=input_size, folds=folds)
 
 
 def _train_config(cfg: PipelineConfig, member: str, manifest: Path, fold: str = ""):
@@ -223,7 +215,7 @@ def _index_and_split(data_dir: Path, manifest: Path, seed: int) -> None:
     if any(r.source == "prelim" for r in rows):
         rows = paper_split(rows, seed=seed)
     else:
-        rows = subject_split(rows, val_fraction=0.2, test_fraction=0.2, seed=seed)
+        rows = subject_split(rows, seed=seed)
     write_manifest(rows, manifest)
     logger.info("manifest: %s (%d images)", manifest, len(rows))
 

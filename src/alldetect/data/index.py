@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DataError, ImageProblem
+from ..formats.labels import Label
 from ..formats.manifest import ManifestRow, nameable
 from ..formats.problems import Problem
 from .images import read_rgb
@@ -164,7 +165,7 @@ def _index_prelim(csv_path: Path, images: list[Path], root: Path, problems: list
             problems.append(Problem(str(found[name]), f"{where}: label {label_code!r} is not 0 (HEM) or 1 (ALL)",
                                     "skipped"))
             continue
-        label = "all" if label_code == "1" else "hem"
+        label = Label.from_text(label_code).text
         parsed = parse_cell_name(patient)
         if parsed is not None and parsed.label != label:
             problems.append(Problem(str(found[name]), f"{where}: Patient_ID {patient!r} says {parsed.label} "

@@ -16,6 +16,7 @@ from ..formats.manifest import ManifestRow
 logger = logging.getLogger(__name__)
 
 PAPER_VAL_FRACTION = 0.3  # Table 3: 15 of 47 ALL and 7 of 26 HEM training subjects go to validation
+SUBJECT_FRACTIONS = {"val_fraction": 0.2, "test_fraction": 0.2}  # any other manifest: of each class's subjects
 MOST_FOLDS = 5  # cross-fitting: more folds train each model on more donors, but cost more trainings
 
 
@@ -24,7 +25,8 @@ def subject_key(row: ManifestRow) -> str:
     return row.subject or f"image:{row.path}"
 
 
-def subject_split(rows: list[ManifestRow], *, val_fraction: float = 0.2, test_fraction: float = 0.2,
+def subject_split(rows: list[ManifestRow], *, val_fraction: float = SUBJECT_FRACTIONS["val_fraction"],
+                  test_fraction: float = SUBJECT_FRACTIONS["test_fraction"],
                   seed: int = 0, every_class: bool = False) -> list[ManifestRow]:
     """Assign ``train``/``val``/``test`` by subject, stratified by class, reproducibly for ``seed``.
 

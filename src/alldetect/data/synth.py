@@ -13,7 +13,6 @@ cells and the paper's description of blasts:
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,6 +22,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..formats.csvfiles import write_csv_atomic
+from ..formats.labels import Label
 from .index import PRELIM_HEADER, SYNTHETIC_MARKER
 
 REFERENCE_SIZE = 450  # C-NMC frame size; geometry below is in pixels at this size
@@ -211,9 +212,6 @@ def _write_test_part(folder: Path, cells: list[tuple[str, np.ndarray, str]], cfg
         original, pixels, label = cells[i]
         new_name = f"{number}.{cfg.image_format}"
         _save(pixels, folder / new_name)
-        records.append((original, new_name, 1 if label == "all" else 0))
+        records.append((original, new_name, int(Label.from_text(label))))
     if labels_csv is not None:
-        with open(labels_csv, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(PRELIM_HEADER)
-            writer.writerows(records)
+        write_csv_atomic(labels_csv, PRELIM_HEADER, [dict(zip(PRELIM_HEADER, r)) for r in records])

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 
 from ..errors import AlldetectError
-from ..formats.labels import THRESHOLD
+from ..formats.labels import THRESHOLD, Label
 from ..formats.operating_point import PAPER_POINT, OperatingPoint
 from ..formats.predictions import Predictions
 from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
@@ -72,10 +72,10 @@ def subject_level(y: np.ndarray, prob: np.ndarray, subjects: list[str], *,
         mask = subjects_arr == s
         used = mask & inside
         labels = set(y[mask].tolist()) - {-1}
-        truth = ("all" if labels.pop() == 1 else "hem") if len(labels) == 1 else ""
+        truth = Label(labels.pop()).text if len(labels) == 1 else ""
         callable_ = used.sum() * 2 > mask.sum()
         mean = float(prob[used].mean()) if used.any() else float("nan")
-        call = ("all" if point.patient_all(mean) else "hem") if callable_ else ""
+        call = (Label.ALL if point.patient_all(mean) else Label.HEM).text if callable_ else ""
         row = {"subject": s, "cells": int(mask.sum()), "flagged_all": int(point.cells_all(prob[used]).sum()),
                "mean_prob_all": mean, "call": call, "truth": truth,
                "correct": "" if not truth or not call else ("yes" if truth == call else "no")}

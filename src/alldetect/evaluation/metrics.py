@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ..formats.labels import THRESHOLD
+from ..formats.labels import THRESHOLD, is_all
 
 METRIC_NAMES = ("wp", "wr", "wfs", "acc", "ba", "auc", "kappa", "sensitivity", "specificity", "tn", "fp", "fn", "tp")
 
@@ -127,7 +127,7 @@ def classification_metrics(y_true: ArrayLike, prob_all: ArrayLike, *, threshold:
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     y, p = check_inputs(y_true, prob_all)
-    result = metrics_from_counts(*confusion_counts(y, p >= threshold))
+    result = metrics_from_counts(*confusion_counts(y, is_all(p, threshold)))
     result["auc"] = roc_auc(y, p)
     return {k: result[k] for k in METRIC_NAMES}
 

@@ -64,6 +64,22 @@ def write_csv_atomic(path: str | Path, columns: tuple[str, ...] | list[str], rec
         raise
 
 
+def append_csv(path: str | Path, columns: tuple[str, ...] | list[str], records: list[dict]) -> None:
+    """Add ``records`` to a log CSV (its header first when the file is new), flushed to disk before returning:
+    a run killed after this call keeps the rows."""
+    if not records:
+        return
+    path = Path(path)
+    new = not path.is_file()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(records)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def csv_text(columns: tuple[str, ...] | list[str], records: list[dict]) -> str:
     """The CSV file ``write_csv_atomic`` would write, as text (for an HTTP answer)."""
     buffer = io.StringIO()

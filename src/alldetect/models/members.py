@@ -64,3 +64,4 @@ for _k, _name in enumerate(LITE_MEMBERS):
                                offline_weights=lite_package_weights(_k)))
 
 PAPER_MEMBERS = ("vgg16", "xception", "mobilenet", "inception_resnet_v2", "densenet121")
+MEMBER_SETS = {"paper": PAPER_MEMBERS, "lite": LITE_MEMBERS}  # as recipes name them (training.config.RECIPES)

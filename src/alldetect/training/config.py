@@ -93,9 +93,11 @@ class TrainConfig:
         return Preprocess(self.crop, self.input_size)
 
 
+DEMO_CROP = 80  # of the built-in synthetic 112 px frames: the paper's 450 -> 300 proportion; InceptionResNet-V2
+                # needs 75
 PROFILES: dict[Profile, dict] = {
     Profile.paper: {},
-    Profile.demo: {"crop": 80, "epochs": 4, "batch_size": 16, "clr_step_epochs": 1, "pretrained": False},
+    Profile.demo: {"crop": DEMO_CROP, "epochs": 4, "batch_size": 16, "clr_step_epochs": 1, "pretrained": False},
     # Measured on real cells of unseen donors (benchmarks/cross_subject.py, BENCHMARKS.md): a cyclic peak of
     # 2e-3 wipes out ImageNet features and BA at 0.5 on one healthy validation donor picks epochs by chance.
     # 12 epochs rather than 8: on donors of other batches every member gained 0.07-0.13 cell AUC
@@ -103,6 +105,30 @@ PROFILES: dict[Profile, dict] = {
     Profile.plus: {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "schedule": "cosine",
                    "warmup_epochs": 1.0, "label_smoothing": 0.1, "augment": "dihedral", "epochs": 12,
                    "select_metric": "last"},
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What `alldetect run` trains when the user leaves it open, for a kind of data and machine: a profile, a set
+    of members (``models.members.MEMBER_SETS``), the input side and the cross-fit's folds (None: the profile's)."""
+    profile: Profile
+    members: str
+    input_size: int | None = None
+    folds: int | None = None
+    minutes: int | None = None  # what it takes on 2 CPU cores, for the message that names the choice
+
+
+RECIPES: dict[str, Recipe] = {
+    "synthetic": Recipe(Profile.demo, "paper"),  # the built-in cells, whatever the machine
+    "gpu": Recipe(Profile.plus, "paper"),        # real cells: the paper's five networks at 300 px
+    # Real cells without a GPU: the three members whose ImageNet weights ship in pip packages, 300 px crops
+    # resized to 96 px, which trains 1.7 times faster than 128. Inside one batch 96 px generalised better than
+    # 128 (cell AUC 0.851 against 0.833); on donors of other batches 128 did better (0.697 against 0.601 for
+    # refit members, BENCHMARKS.md) but would take the CPU run past its time budget. 3 folds keep about 1,500
+    # cells within it on 2 cores (more folds train each model on more donors): 1,507 cells of 36 donors took
+    # 24 min 55 s at 8 epochs here, 12 epochs projected at 35 (BENCHMARKS.md).
+    "cpu": Recipe(Profile.plus, "lite", input_size=96, folds=3, minutes=35),
 }
 
 

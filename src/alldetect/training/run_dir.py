@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import versions
-from ..formats.csvfiles import write_csv_atomic
+from ..formats.csvfiles import append_csv, write_csv_atomic
 from ..formats.predictions import write_predictions
 from ..formats.problems import Problem, write_problems
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint
@@ -103,7 +102,7 @@ class RunDir:
 
     def log_epoch(self, columns: tuple[str, ...], record: dict) -> None:
         if self.writes:
-            _append_csv(self.path / self.EPOCHS, columns, [record])
+            append_csv(self.path / self.EPOCHS, columns, [record])
 
     def save_best(self, model: nn.Module, cfg: TrainConfig, epoch: int, step: int) -> None:
         if self.writes:
@@ -117,7 +116,7 @@ class RunDir:
         those rows are dropped on resume)."""
         if self.writes:
             losses = torch.stack([r.loss for r in pending]).float().cpu().tolist() if pending else []  # syncs
-            _append_csv(self.path / self.HISTORY, HISTORY_COLUMNS,
+            append_csv(self.path / self.HISTORY, HISTORY_COLUMNS,
                         [{"step": r.step, "epoch": r.epoch, "lr": f"{r.lr:.10g}", "loss": f"{loss:.6f}"}
                          for r, loss in zip(pending, losses)])
             state = {"member": cfg.member, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -133,19 +132,6 @@ class RunDir:
 
     def write_metrics(self, metrics: dict) -> None:
         (self.path / self.METRICS).write_text(json.dumps(metrics, indent=2))
-
-
-def _append_csv(path: Path, columns: tuple[str, ...], records: list[dict]) -> None:
-    if not records:
-        return
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(records)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _truncate_csv(path: Path, keep: Callable[[dict], bool]) -> None:
