@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 
 from ..errors import AlldetectError
-from ..formats.labels import THRESHOLD, Label
+from ..formats.labels import THRESHOLD, Label, is_all
 from ..formats.operating_point import PAPER_POINT, OperatingPoint
 from ..formats.predictions import Predictions
 from .metrics import UndefinedMetricWarning, classification_metrics, threshold_for_sensitivity
@@ -97,7 +97,7 @@ def donor_metrics(y: np.ndarray, prob: np.ndarray, subjects: list[str], *,
         cells = classification_metrics(y, prob, threshold=point.cell_threshold)
         means, truth, _ = donor_means(y, prob, subjects)
         donors = classification_metrics(truth, means, threshold=point.patient_threshold)
-    called_all = means >= point.patient_threshold
+    called_all = is_all(means, point.patient_threshold)
     return {**{k: cells[k] for k in CI_METRICS}, "subjects_right": float(np.mean(called_all == truth)),
             "all_right": float(np.mean(called_all[truth == 1])) if (truth == 1).any() else np.nan,
             "hem_right": float(np.mean(~called_all[truth == 0])) if (truth == 0).any() else np.nan,

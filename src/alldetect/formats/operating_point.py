@@ -47,7 +47,7 @@ class OperatingPoint:
 
     def patient_all(self, mean_prob_all: float) -> bool:
         """The patient call: the mean P(ALL) of the patient's cells at or above the patient threshold."""
-        return bool(mean_prob_all >= self.patient_threshold)
+        return bool(is_all(mean_prob_all, self.patient_threshold))
 
     def describe(self) -> str:
         """One line, as predict, the report and the card print it.
