@@ -10,7 +10,8 @@ Packages, by stage (each imports only from those above it):
 - ``models``: the member registry, and running members (device, batched scoring).
 - ``evaluation``: metrics as the paper defines them, subject-level calls, bootstrap intervals, the baseline.
 - ``training``: validated config and profiles, ``fit``, the run folder, schedules, sampler, distributed.
-- ``ensemble``: registered combiners, the ensemble folder (``EnsembleFolder``) and its spec, building it from runs, the model card.
+- ``ensemble``: registered combiners, the ensemble folder (``EnsembleFolder``) and its spec, building it from
+  runs, the model card.
 - ``inference``: the engine interface (torch, ONNX), scoring files, Grad-CAM.
 - ``export``: the ONNX graph and its int8 copy.
 - ``report``: tables and figures of an ensemble's results.

@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 DOMAIN_CELLS = 4000    # most training cells the domain reference is fitted on (drawn evenly when there are more)
 
 
-def build_ensemble(run_dirs: list[str | Path], out: EnsembleFolder | str | Path, *, default_method: str = DEFAULT_METHOD,
-                   tta: bool | None = None, operating_point: str = "auto",
+def build_ensemble(run_dirs: list[str | Path], out: EnsembleFolder | str | Path, *,
+                   default_method: str = DEFAULT_METHOD, tta: bool | None = None, operating_point: str = "auto",
                    target: float | None = None) -> EnsembleSpec:
     """Write a self-contained ensemble folder from finished member runs: each member's selected weights as
     safetensors with its training record, every combiner fitted on validation, predictions, a sample of
