@@ -439,13 +439,15 @@ def predict(
     Unreadable files get a row with an error; the exit status is 1 if any file failed. Cells unlike the
     training cells are flagged (in_domain no, with the reason): a guard, not a guarantee.
     """
+    from .ensemble.folder import EnsembleFolder
     from .formats.tables import format_table
     from .inference.load import load_engine
     from .inference.predict import collect_inputs, predict_rows
 
     geometry = frame_geometry(frame_size, no_crop)
     writable_file(out, siblings=(".patients.csv", ".submission.txt"))
-    model = load_engine(ens_dir, method=method, device=device.value, engine=engine.value, precision=precision.value)
+    folder = EnsembleFolder(ens_dir)  # one reading of ensemble.json for the engine and the Grad-CAM members
+    model = load_engine(folder, method=method, device=device.value, engine=engine.value, precision=precision.value)
     logger.info("engine: %s", type(model).__name__)
     collected = collect_inputs(inputs)
     summary = predict_rows(model, collected, out, tta=tta, batch_size=batch_size, domain_check=domain_check,
@@ -465,7 +467,7 @@ def predict(
     if cam is not None and flagged:
         from .inference.explain import explain_files
 
-        explain_files(ens_dir, [r.path for r in collected.rows if r.path in flagged], cam, method=method,
+        explain_files(folder, [r.path for r in collected.rows if r.path in flagged], cam, method=method,
                       device=device.value, rows_per_grid=8)
         typer.echo(f"Grad-CAM overlays of {len(flagged)} flagged cell(s): {cam}")
     if summary.failed:

@@ -199,12 +199,17 @@ def test_a_graph_that_preprocesses_otherwise_than_the_spec_is_refused(exported, 
 
 
 def test_the_spec_is_read_once_by_the_web_app_and_once_by_predict(exported, tmp_path, monkeypatch):
-    """ensemble.json is read and validated once per process that loads the ensemble: serving (with a Grad-CAM
-    request, which loads the torch members beside the ONNX engine) and `predict` each read it once."""
+    """ensemble.json is read and validated once per process that loads the ensemble: serving and `predict` each
+    read it once, with Grad-CAM too (which loads the torch members beside the ONNX engine)."""
     import builtins
     import io
+    from dataclasses import replace
 
-    ens = exported
+    ens = shutil.copytree(exported, tmp_path / "ens")
+    folder = EnsembleFolder(ens)
+    spec = folder.spec
+    spec.operating_points = {m: replace(spec.operating_point(m), cell_threshold=0.0) for m in spec.methods}
+    folder.save_spec(spec)  # every cell is called ALL, so `predict --cam` draws each one
     reads = []
     real_open = io.open
 
@@ -222,9 +227,10 @@ def test_the_spec_is_read_once_by_the_web_app_and_once_by_predict(exported, tmp_
     assert answer.status_code == 200 and answer.json()["cells"][0]["cam_png"]
     assert len(reads) == 1, reads
     reads.clear()
-    r = runner.invoke(app, ["predict", str(ens), str(cell), "-o", str(tmp_path / "p.csv"), "--device", "cpu"])
+    r = runner.invoke(app, ["predict", str(ens), str(cell), "-o", str(tmp_path / "p.csv"), "--device", "cpu",
+                            "--cam", str(tmp_path / "cams")])  # Grad-CAM of the flagged cells: torch members too
     assert r.exit_code == 0, r.output
-    assert len(reads) == 1, reads
+    assert "Grad-CAM overlays of 1 flagged cell" in r.output and len(reads) == 1, reads
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from ..evaluation.metrics import classification_metrics
 from ..evaluation.operating_point import fit_operating_point
 from ..formats.labels import Label
 from ..formats.predictions import Predictions, write_prediction_blocks
-from .combiners import COMBINERS, Combiner
+from .combiners import COMBINERS, Combiner, fit_combiner
 from .folder import EnsembleFolder
 from .spec import EnsembleSpec, MemberEntry
 
@@ -26,7 +26,7 @@ def write_ensemble(folder: EnsembleFolder, members: list[MemberEntry], splits: d
         raise AlldetectError(f"unknown method {default_method!r}; known: {', '.join(COMBINERS)}")
     val = splits["val"]
     y_val, val_probs = val[0].y, np.stack([p.prob_all for p in val])
-    fits = {method: combiner.fit(y_val, val_probs) for method, combiner in COMBINERS.items()}
+    fits = {method: fit_combiner(method, y_val, val_probs) for method in COMBINERS}
     for split, preds in splits.items():
         _write_split(folder.predictions(split), preds, fits)
     points = {}
