@@ -34,7 +34,7 @@ from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
 from alldetect.data.split import subject_split
 from alldetect.data.synth import SynthConfig, generate
-from alldetect.data.geometry import center_crop
+from alldetect.data.geometry import Preprocess, center_crop
 from alldetect.data.transforms import augmentation, batch_augmentation, normalize
 from alldetect.formats.manifest import write_manifest
 from alldetect.formats.tables import format_table
@@ -170,7 +170,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         manifest = synthetic_manifest(tmp / "set", max(n, 3 * args.batch), workers=workers or 2)
         train = [r for r in index_folder(tmp / "set" / "data").rows][:n]
         paths, labels = [r.path for r in train], np.array([r.y for r in train])
-        cache = load_crops(paths, crop=crop, size=args.size, cache_dir=tmp / "cache")
+        cache = load_crops(paths, Preprocess(crop, args.size), cache_dir=tmp / "cache")
         on_device = device.type == "cuda"
         for name in args.members.split(","):
             model = create_member(name).to(device)

@@ -10,9 +10,9 @@ Every weight is fitted on the *validation* split only; test predictions are neve
 - ts_sap: each member temperature-scaled on validation (Guo et al. 2017), then averaged.
 - stacking: logistic regression on the members' validation logits.
 
-A combiner is one class (see ``Combiner``): ``fit`` on validation (or out-of-fold) probabilities, ``apply`` in numpy,
-``forward`` in torch (the torch engine's Grad-CAM and the exported ONNX graph run it), its fitted numbers as JSON,
-and the member weights its Grad-CAM map uses. ``COMBINERS`` maps each method name to its class.
+A combiner is one class (see ``Combiner``): ``fit`` on validation (or out-of-fold) probabilities, ``apply`` in
+numpy (the engines), ``forward`` in torch (inside the exported ONNX graph), its fitted numbers as JSON, and the
+member weights its Grad-CAM map uses. ``COMBINERS`` maps each method name to its class.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Combiner(ABC):
 
     @abstractmethod
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        """``apply`` in torch on (images, members) P(ALL): what the engine's graph runs."""
+        """``apply`` in torch on (images, members) P(ALL): what the exported graph runs."""
 
     def cam_weights(self, members: int) -> np.ndarray:
         """Weights for combining the members' Grad-CAM maps (default: equal)."""

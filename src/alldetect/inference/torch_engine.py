@@ -18,7 +18,7 @@ from ..data.geometry import Preprocess
 from ..ensemble.combiners import Combiner
 from ..ensemble.folder import EnsembleFolder
 from ..ensemble.spec import EnsembleSpec
-from ..formats.operating_point import OperatingPoint
+from ..formats.operating_point import PAPER_POINT, OperatingPoint
 from ..models import Member
 from ..models.folds import FoldAverage
 from ..models.runtime import resolve_device, score_members
@@ -33,7 +33,7 @@ class TorchEngine(Engine):
     combiner: Combiner
     method: str
     preprocess: Preprocess
-    spec: EnsembleSpec
+    spec: EnsembleSpec | None  # None: members put together in code (benchmarks): no TTA, the paper's 0.5
     device: torch.device
     precision: str = "auto"  # see inference_autocast
     fp32_members: frozenset[str] = frozenset()  # members that bf16 moves too far: always run in fp32
@@ -58,12 +58,12 @@ class TorchEngine(Engine):
 
     @property
     def operating_point(self) -> OperatingPoint:
-        return self.spec.operating_point(self.method)
+        return PAPER_POINT if self.spec is None else self.spec.operating_point(self.method)
 
     @property
     def default_tta(self) -> bool:
         """Whether the combiners were fitted on test-time-augmented probabilities (score the same way)."""
-        return self.spec.tta
+        return self.spec is not None and self.spec.tta
 
     @property
     def cam_weights(self) -> np.ndarray:
