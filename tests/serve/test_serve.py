@@ -88,11 +88,20 @@ def test_same_cells_as_the_predict_command(served, ensemble_dir, tmp_path):
     from alldetect.formats.predictions import read_predictions
 
     client, _ = served
-    (tmp_path / "UID_9_1_1_all.png").write_bytes(_png(100))
-    predict_rows(load_engine(ensemble_dir, device="cpu"), collect_inputs([tmp_path]), tmp_path / "p.csv")
-    expected = read_predictions(tmp_path / "p.csv")["wen_kappa"].prob_all[0]
-    got = client.post("/api/predict", files=[("files", ("UID_9_1_1_all.png", _png(100)))]).json()
-    assert got["cells"][0]["prob_all"] == pytest.approx(expected, abs=1e-6)
+    cells = {"UID_9_1_1_all.png": _png(100), "UID_9_1_2_all.png": _png(60), "UID_H4_1_1_hem.png": _png(140)}
+    for name, data in cells.items():
+        (tmp_path / "cells" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "cells" / name).write_bytes(data)
+    summary = predict_rows(load_engine(ensemble_dir, device="cpu"), collect_inputs([tmp_path / "cells"]),
+                           tmp_path / "p.csv", domain_check=False)  # as the server of this file
+    expected = read_predictions(tmp_path / "p.csv")["wen_kappa"]
+    got = client.post("/api/predict", files=[("files", item) for item in cells.items()]).json()
+    served_probs = {c["name"]: c["prob_all"] for c in got["cells"]}
+    assert [served_probs[Path(p).name] for p in expected.path] == pytest.approx(expected.prob_all.tolist(), abs=1e-6)
+    keys = ("subject", "cells", "flagged_all", "call")
+    assert [{k: p[k] for k in keys} for p in got["patients"]] == [{k: p[k] for k in keys} for p in summary.patients]
+    assert [p["mean_prob_all"] for p in got["patients"]] == \
+        pytest.approx([p["mean_prob_all"] for p in summary.patients], abs=1e-6)
 
 
 def test_a_zip_is_one_patient(served):
