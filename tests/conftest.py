@@ -56,7 +56,8 @@ def split_manifest(tmp_path_factory) -> Path:
 def member_runs(split_manifest, tmp_path_factory) -> list[Path]:
     """Two members trained for one epoch on the tiny synthetic split: two that export to ONNX quickly (every
     member's export is a slow test, tests/export). EfficientNet-Lite0 starts from the ImageNet weights its pip
-    package ships, as the CPU recipe's members do: from random weights its activations are too large for int8."""
+    package ships, as the CPU recipe's members do (from random weights, int8 moved the ensemble's P(ALL) by
+    0.021, past the 0.02 tests/export allows)."""
     from alldetect.training import fit
 
     root = tmp_path_factory.mktemp("members")
