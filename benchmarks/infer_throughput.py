@@ -178,7 +178,8 @@ def print_domain_check_share(ens_dir: Path, batch: int, repeats: int) -> None:
     rng = np.random.default_rng(0)
     crops = np.stack([engine.preprocess.resize(synthetic_cell(engine.preprocess.crop, rng)) for _ in range(batch)])
     check = domain_check_rate(engine.preprocess.crop, batch, repeats)
-    rows = [{"what": f"domain check ({engine.preprocess.crop} px crops)", "cells/s": f"{check:.1f}", "check's share": "-"}]
+    rows = [{"what": f"domain check ({engine.preprocess.crop} px crops)", "cells/s": f"{check:.1f}",
+             "check's share": "-"}]
     for tta in (False, True):
         rate = batch / timed(lambda: engine.predict(crops, tta=tta), repeats)
         rows.append({"what": f"{type(engine).__name__} of {ens_dir}{' with TTA' if tta else ''}",

@@ -53,8 +53,8 @@ def test_run_end_to_end_then_reuses_every_stage(tiny_demo, tmp_path):
 
 def test_killed_run_resumes_without_losing_finished_work(tmp_path):
     """A real `alldetect run` process, SIGKILLed while training its second member, then rerun."""
-    command = run_command(TINY, 76, ["run", "--members", "mobilenet,efficientnet_lite0", "--epochs", "2", "--batch-size",
-                                     "4", "--bootstrap", "50", "--device", "cpu"], tmp_path)
+    command = run_command(TINY, 76, ["run", "--members", "mobilenet,efficientnet_lite0", "--epochs", "2",
+                                     "--batch-size", "4", "--bootstrap", "50", "--device", "cpu"], tmp_path)
     kill_when_written(command, tmp_path / "members" / "efficientnet_lite0" / "checkpoints" / "last.pt")
     first_done = (tmp_path / "members" / "mobilenet" / "metrics.json").stat().st_mtime_ns
     stages = json.loads((tmp_path / "stages.json").read_text())

@@ -254,8 +254,7 @@ def _explain_examples(folder: EnsembleFolder, device: str) -> None:
     """A Grad-CAM grid of the first test cells of each class (Figs. 6-8 of the paper)."""
     from .inference.explain import explain_files
 
-    split = "test" if folder.predictions("test").is_file() else "val"
-    preds = read_predictions(folder.predictions(split))[folder.spec.default_method]
+    preds = read_predictions(folder.predictions(folder.report_split))[folder.spec.default_method]
     chosen = [p for label in (1, 0) for p in [q for q, y in zip(preds.path, preds.y) if y == label][:GRID_CELLS // 2]]
     explain_files(folder, chosen, folder.path / folder.GRADCAM, device=device)
 

@@ -73,18 +73,11 @@ class DomainReference:
 
     def check(self, measures: np.ndarray) -> DomainVerdict:
         """The verdict on cells' ``cell_measures`` (of crops of ``side`` pixels)."""
-        diameter = measures[:, MEASURES.index("diameter")]
-        border = measures[:, MEASURES.index("black_border")]
-        ratio = diameter / self.diameter
-        no_cell = diameter < NO_CELL_DIAMETER
-        failed = {
-            "no cell: the frame is (nearly) empty": no_cell,
-            "background is not black: the cell does not look segmented": border < self.min_black_border,
-            "size": ~no_cell & ((ratio < self.size_ratio[0]) | (ratio > self.size_ratio[1])),
-            "colours far from the training stain": ~no_cell & (self.colour.distance(measures) > self.colour_limit),
-            "features far from every training cell": ~no_cell & (self.features.distance(measures) >
-                                                                   self.features_limit),
-        }
+        scores = _scores(measures, {"diameter": self.diameter, "colour": self.colour, "features": self.features})
+        limits = {"border": self.min_black_border, "size": self.size_ratio, "colour": self.colour_limit,
+                  "features": self.features_limit}
+        failed = _failures(scores, limits, measures[:, MEASURES.index("diameter")])
+        ratio = scores[:, 1]
         notes = []
         for i in range(len(measures)):
             reasons = [(_size_note(ratio[i]) if reason == "size" else reason)
@@ -150,10 +143,11 @@ def fit_domain(measures: np.ndarray, donors: list[str], side: int, *,
             scores[held] = _scores(measures[held], _centre(measures[~held]))
     else:
         scores = _scores(measures, _centre(measures))
+    diameter = measures[:, MEASURES.index("diameter")]
     low, high = 0.0, target
     for _ in range(30):  # bisection on the feature check's share
         level = (low + high) / 2
-        share = _flagged(scores, _limits(scores, level)).mean()
+        share = _flagged(scores, _limits(scores, level), diameter).mean()
         low, high = (level, high) if share < target else (low, level)
     limits = _limits(scores, low)
     centre = _centre(measures)
@@ -161,7 +155,7 @@ def fit_domain(measures: np.ndarray, donors: list[str], side: int, *,
         side=side, diameter=centre["diameter"], min_black_border=limits["border"], size_ratio=limits["size"],
         colour=centre["colour"], colour_limit=limits["colour"], features=centre["features"],
         features_limit=limits["features"], fitted_on=f"{len(measures)} cells of {len(unique)} donors",
-        flagged_out_of_fold=float(_flagged(scores, limits).mean()))
+        flagged_out_of_fold=float(_flagged(scores, limits, diameter).mean()))
 
 
 def _centre(measures: np.ndarray) -> dict:
@@ -184,7 +178,17 @@ def _limits(scores: np.ndarray, features_level: float) -> dict:
             "features": float(np.quantile(features, 1 - features_level))}
 
 
-def _flagged(scores: np.ndarray, limits: dict) -> np.ndarray:
+def _failures(scores: np.ndarray, limits: dict, diameter: np.ndarray) -> dict[str, np.ndarray]:
+    """Each check's verdict per cell (True: failed), named as the note says it; a frame without a cell fails
+    only the first."""
     border, ratio, colour, features = scores.T
-    return ((border < limits["border"]) | (ratio < limits["size"][0]) | (ratio > limits["size"][1])
-            | (colour > limits["colour"]) | (features > limits["features"]))
+    no_cell = diameter < NO_CELL_DIAMETER
+    return {"no cell: the frame is (nearly) empty": no_cell,
+            "background is not black: the cell does not look segmented": border < limits["border"],
+            "size": ~no_cell & ((ratio < limits["size"][0]) | (ratio > limits["size"][1])),
+            "colours far from the training stain": ~no_cell & (colour > limits["colour"]),
+            "features far from every training cell": ~no_cell & (features > limits["features"])}
+
+
+def _flagged(scores: np.ndarray, limits: dict, diameter: np.ndarray) -> np.ndarray:
+    return np.logical_or.reduce(list(_failures(scores, limits, diameter).values()))

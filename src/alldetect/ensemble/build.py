@@ -62,7 +62,7 @@ def build_ensemble(run_dirs: list[str | Path], out: EnsembleFolder | str | Path,
     if tta is None:
         tta = all(run.config.get("augment") in DIHEDRAL_AUGMENTATIONS for m in members for run in m.folds)
     splits = run_predictions(members)
-    preprocess = Preprocess(entries[0].crop, entries[0].input_size)
+    preprocess = entries[0].preprocess
     with tempfile.TemporaryDirectory() as cache:
         if tta:
             splits = {name: _rescored(preds, members, entries, folder, preprocess, cache, out_of_fold=name == "val")
@@ -113,7 +113,8 @@ def _member_entry(member: MemberRuns, out: Path) -> MemberEntry:
         files.append((record / "weights.safetensors").as_posix())
         hashes.append(sha256_file(weights))
         provenance.append({"run": str(run.path), "manifest": run.config["manifest"],
-                           "checkpoint": run.folder.best.relative_to(run.path).as_posix(), "select_metric": run.config["select_metric"],
+                           "checkpoint": run.folder.best.relative_to(run.path).as_posix(),
+                           "select_metric": run.config["select_metric"],
                            "epoch": state.get("epoch"), "config": run.config})
     info = provenance[0] if not member.cross_fitted else {"config": member.config, "folds": provenance}
     return MemberEntry(member.name, files, hashes, member.config["crop"], member.config["input_size"],

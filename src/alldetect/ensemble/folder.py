@@ -55,6 +55,7 @@ class EnsembleFolder:
         self.path = Path(path)
         self._spec: EnsembleSpec | None = None
         self._spec_sha256 = ""
+        self._domain: tuple[str, DomainReference] | None = None  # the reference read, with the hash it had
 
     @classmethod
     def of(cls, folder: EnsembleFolder | str | Path) -> EnsembleFolder:
@@ -101,6 +102,11 @@ class EnsembleFolder:
 
     def predictions(self, split: str) -> Path:
         return self.path / f"predictions_{split}.csv"
+
+    @property
+    def report_split(self) -> str:
+        """The split the report and its Grad-CAM examples come from: test when the folder has its predictions."""
+        return "test" if self.predictions("test").is_file() else "val"
 
     def graph(self, *, int8: bool = False) -> Path:
         return self.path / (self.GRAPH_INT8 if int8 else self.GRAPH)
@@ -160,10 +166,12 @@ class EnsembleFolder:
         self.save_spec(spec)
 
     def domain(self) -> DomainReference | None:
-        """The folder's domain reference, after checking it is the file the spec recorded; None for a folder built
-        without one."""
+        """The folder's domain reference, after checking it is the file the spec recorded (read once); None for a
+        folder built without one."""
         if self.spec.domain is None:
             return None
+        if self._domain is not None and self._domain[0] == self.spec.domain:
+            return self._domain[1]
         path = self.path / self.DOMAIN
         try:
             data = path.read_bytes()
@@ -173,9 +181,11 @@ class EnsembleFolder:
             raise SpecError(f"{path}: does not match the hash recorded in {self.SPEC} (file damaged or replaced); "
                             "copy the ensemble folder again")
         try:
-            return DomainReference.from_json(json.loads(data))
+            reference = DomainReference.from_json(json.loads(data))
         except (ValueError, KeyError, TypeError) as e:
             raise SpecError(f"{path}: not a domain reference this alldetect reads ({first_line(e)})") from None
+        self._domain = (self.spec.domain, reference)
+        return reference
 
 
 def sha256_file(path: str | Path) -> str:

@@ -47,6 +47,10 @@ class MemberEntry:
     def folds(self) -> int:
         return len(self.weights)
 
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.crop, self.input_size)
+
 
 @dataclass
 class EnsembleSpec:
@@ -70,7 +74,7 @@ class EnsembleSpec:
     @property
     def preprocess(self) -> Preprocess:
         """How every member's input is made (the members agree on it)."""
-        return Preprocess(self.members[0].crop, self.members[0].input_size)
+        return self.members[0].preprocess
 
     def fit(self, method: str) -> Combiner:
         if method not in self.methods:
@@ -155,9 +159,9 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
         members.append(MemberEntry(name, weights, hashes, crop, input_size,
                                    entry.get("mean") or [], entry.get("std") or [], entry.get("best_epoch"),
                                    entry.get("provenance") or {}))
-    if len({(m.crop, m.input_size) for m in members}) > 1:
+    if len({m.preprocess for m in members}) > 1:
         raise SpecError(f"{path}: members disagree on crop/input_size")
-    if "preprocess" in raw and raw["preprocess"] != Preprocess(members[0].crop, members[0].input_size).to_json():
+    if "preprocess" in raw and raw["preprocess"] != members[0].preprocess.to_json():
         raise SpecError(f"{path}: field preprocess {raw['preprocess']!r} disagrees with the members' crop/input_size")
     if len({m.name for m in members}) < len(members):
         raise SpecError(f"{path}: a member appears twice")

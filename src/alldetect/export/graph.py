@@ -68,12 +68,17 @@ def graph_metadata(path: str | Path) -> dict[str, str]:
 
 
 def set_graph_metadata(path: str | Path, meta: dict[str, str]) -> None:
-    """Replace the graph's metadata with ``meta`` (keys get the alldetect prefix)."""
+    """Replace the metadata of the graph file at ``path`` with ``meta`` (see ``replace_graph_metadata``)."""
     import onnx
 
     proto = onnx.load(str(path))
+    replace_graph_metadata(proto, meta)
+    onnx.save(proto, str(path))
+
+
+def replace_graph_metadata(proto, meta: dict[str, str]) -> None:
+    """Replace a loaded graph's metadata with ``meta`` (keys get the alldetect prefix)."""
     del proto.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = GRAPH_METADATA_PREFIX + key, value
-    onnx.save(proto, str(path))

@@ -25,7 +25,7 @@ from ..evaluation.metrics import roc_auc
 from ..inference.onnx_engine import OnnxEngine
 from ..inference.predict import collect_inputs, load_crops_for
 from ..precision import INT8_TOLERANCE
-from .graph import graph_metadata, set_graph_metadata
+from .graph import graph_metadata, replace_graph_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarr
     """Write a static int8 (QDQ) copy of the ONNX graph at ``fp32_path``, calibrated on ``calibration``,
     uint8 crops (N, S, S, 3) fed through the graph's ``images`` input. Members (by position) listed in
     ``float_members`` stay fp32."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -71,9 +72,11 @@ def quantize_graph(fp32_path: str | Path, out: str | Path, calibration: np.ndarr
                             nodes_to_exclude=float_nodes,
                             extra_options={"CalibStridedMinMax": 1, "QDQOpTypePerChannelSupportToAxis": {
                                 "BatchNormalization": 0}})  # its scale is one value per channel
-        _float_inputs_restored(out, float_nodes)
-    meta = graph_metadata(fp32_path) | {"precision": "int8", "float_members": json.dumps(list(float_members))}
-    set_graph_metadata(out, meta)
+    quantised = onnx.load(str(out))  # finished in one pass: float inputs back, then the metadata
+    _float_inputs_restored(quantised, float_nodes)
+    replace_graph_metadata(quantised, graph_metadata(fp32_path) | {"precision": "int8",
+                                                                   "float_members": json.dumps(list(float_members))})
+    onnx.save(quantised, str(out))
     return out
 
 
@@ -110,13 +113,10 @@ def _float_nodes(path: Path, float_members: list[int]) -> list[str]:
     return sorted(keep)
 
 
-def _float_inputs_restored(path: Path, float_nodes: list[str]) -> None:
+def _float_inputs_restored(model, float_nodes: list[str]) -> None:
     """Feed the float nodes the float tensors again. Members with the same normalisation share its nodes in the
     exported graph, and the quantiser gives every reader of a tensor it quantises the dequantised copy: a member
     kept in fp32 would otherwise see its input rounded to 8 bits."""
-    import onnx
-
-    model = onnx.load(str(path))
     producer = {out: node for node in model.graph.node for out in node.output}
     keep = set(float_nodes)
     for node in model.graph.node:
@@ -128,7 +128,6 @@ def _float_inputs_restored(path: Path, float_nodes: list[str]) -> None:
                 producer.get(dequantize.input[0])
             if quantize and quantize.op_type == "QuantizeLinear":
                 node.input[k] = quantize.input[0]
-    onnx.save(model, str(path))
 
 
 def _member_columns(producer: dict) -> list[str]:

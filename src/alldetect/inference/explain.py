@@ -91,8 +91,9 @@ def cell_cams(model: TorchEngine, crops: np.ndarray, *, target: str = "predicted
     return CellCams(classes, scores, members, ensemble_cam(members, model.cam_weights))
 
 
-def explain_files(folder: EnsembleFolder | str | Path, paths: list[str | Path], out: str | Path, *, method: str | None = None,
-                  device: str = "auto", target: str = "predicted", rows_per_grid: int | None = None) -> list[Path]:
+def explain_files(folder: EnsembleFolder | str | Path, paths: list[str | Path], out: str | Path, *,
+                  method: str | None = None, device: str = "auto", target: str = "predicted",
+                  rows_per_grid: int | None = None) -> list[Path]:
     """Grad-CAM grids (``explain``) of the cell images at ``paths``, with the ensemble's torch engine (Grad-CAM
     needs gradients); unreadable images are warned about and left out. With ``rows_per_grid`` the cells are
     split into grids of that many rows, in numbered subfolders of ``out``. Returns the grid paths."""

@@ -46,11 +46,15 @@ def score_members(members: list[Member], crops: np.ndarray, positions: np.ndarra
     the ``autocast`` rule (default: scoring's); members named in ``fp32_members`` always run in fp32. With ``tta``
     each member's probability is the mean over the eight flips and 90-degree rotations of the cell (cells have no
     orientation)."""
-    positions = np.arange(len(crops)) if positions is None else np.asarray(positions)
-    out = np.zeros((len(members), len(positions)))
-    for start in range(0, len(positions), batch_size):
-        batch = crops[positions[start:start + batch_size]]
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+    count = len(crops) if positions is None else len(positions)
+    out = np.zeros((len(members), count))
+    for start in range(0, count, batch_size):
+        rows = slice(start, start + batch_size) if positions is None else \
+            np.asarray(positions[start:start + batch_size])
+        batch = np.ascontiguousarray(crops[rows])
+        if not batch.flags.writeable:  # a slice of the read-only crop cache: torch wants memory it may write
+            batch = batch.copy()
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         views = dihedral_views(x) if tta else [x]
         for k, member in enumerate(members):

@@ -37,7 +37,7 @@ def make_report(folder: EnsembleFolder | str | Path, *, n_boot: int = 1000, seed
     """Write ``report.md``, ``table4.csv``/``table4.json``, ``subjects.csv`` and PNG figures into the folder."""
     folder = EnsembleFolder.of(folder)
     ens_dir, spec = folder.path, folder.spec
-    split = "test" if folder.predictions("test").is_file() else "val"
+    split = folder.report_split
     preds = read_predictions(folder.predictions(split))
     val = read_predictions(folder.predictions("val"))
     members = spec.names
@@ -192,7 +192,8 @@ def _markdown(spec, split, table4, point, best_member, best_ensemble, gain, oper
               f"gives sensitivity {operating['sensitivity']:.3f} and specificity {operating['specificity']:.3f} "
               f"({operating['fn']} false negatives, {operating['fp']} false positives).", "",
               *(["## Shipped operating point", "",
-                 f"{combiner_label(spec.default_method)}: {spec.operating_point().describe()}. On the {split} split it gives "
+                 f"{combiner_label(spec.default_method)}: {spec.operating_point().describe()}. On the {split} split "
+                 "it gives "
                  f"BA {fitted['ba']:.3f}, sensitivity {fitted['sensitivity']:.3f} and specificity "
                  f"{fitted['specificity']:.3f}; {fitted['subjects_right']} of {fitted['subjects']} subjects are "
                  "called right." + (" The thresholds were fitted on these same out-of-fold predictions, so these "
