@@ -3,12 +3,11 @@ costs beyond the network.
 
   (a) naive: decode and crop every BMP at every step, float NCHW, fp32, default DataLoader, per-image
       augmentation;
-  (b) optimised: the decoded-crop cache, uint8 batches, channels_last, workers and pinned memory on CUDA,
-      bf16 autocast on CUDA (and with --bf16 on a CPU), augmentation where the shipped loop puts it;
-  (c) bare step: uint8 batches already on the device, the same model, optimizer and precision: forward,
-      backward, step, nothing else;
-  (d) shipped loop: `fit()` itself (sampler, augmentation, history, checkpoints), its training images/s over
-      the last of two epochs (validation excluded), as a share of (c).
+  (b) bare step: uint8 batches already on the device, the same model, optimizer and precision (bf16 autocast on
+      CUDA, and with --bf16 on a CPU), channels_last: forward, backward, step, nothing else;
+  (c) shipped loop: `fit()` itself (crops held on the device and augmented there as a batch on CUDA, DataLoader
+      workers on a CPU; history, checkpoints), its training images/s over the last of two epochs (validation
+      excluded), as a share of (b) at the same batch size.
 Ratios are measured in the same run. Peak GPU memory is given on CUDA.
 
     python benchmarks/train_throughput.py [--size 300] [--batch 32] [--steps 5] [--device cpu|cuda] [--json OUT]
@@ -29,13 +28,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from alldetect.data.cache import load_crops
-from alldetect.data.dataset import CellDataset
 from alldetect.data.images import read_rgb
 from alldetect.data.index import index_folder
 from alldetect.data.split import subject_split
 from alldetect.data.synth import SynthConfig, generate
 from alldetect.data.geometry import Preprocess, center_crop
-from alldetect.data.transforms import augmentation, batch_augmentation, normalize
+from alldetect.data.transforms import augmentation, normalize
 from alldetect.formats.manifest import write_manifest
 from alldetect.formats.tables import format_table
 from alldetect.models import create_member
@@ -64,7 +62,7 @@ class DecodeEveryTime(Dataset):
         return normalize(self.augment(x)[None], self.mean, self.std)[0], self.labels[i]
 
 
-def images_per_second(model, loader, device, steps, *, channels_last, precision, augment_batch=None) -> float:
+def images_per_second(model, loader, device, steps, *, channels_last, precision) -> float:
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
@@ -74,8 +72,6 @@ def images_per_second(model, loader, device, steps, *, channels_last, precision,
             _sync(device)
             start, seen = time.perf_counter(), 0
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if augment_batch is not None:
-            x = augment_batch(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
@@ -91,19 +87,21 @@ def images_per_second(model, loader, device, steps, *, channels_last, precision,
 
 
 def bare_step_images_per_second(model, batch: torch.Tensor, labels: torch.Tensor, device, steps: int, *,
-                                precision: str) -> float:
-    """Forward, backward and optimizer step on a uint8 batch already on the device: the network's own cost."""
+                                precision: str, warmup: int = 1, net=None) -> float:
+    """Forward, backward and optimizer step on a uint8 batch already on the device: the network's own cost.
+    ``net``: what the step calls instead of ``model`` (``model`` compiled, say); ``warmup`` steps are not timed."""
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
+    net = model if net is None else net
     x = batch.to(device).contiguous(memory_format=torch.channels_last)
     y = labels.to(device)
-    for step in range(steps + 1):
-        if step == 1:
+    for step in range(steps + warmup):
+        if step == warmup:
             _sync(device)
             start = time.perf_counter()
         with autocast(device, precision):
-            loss = loss_fn(model(x).float(), y)
+            loss = loss_fn(net(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -161,17 +159,15 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     precision = "bf16" if args.bf16 or device.type == "cuda" else "fp32"
-    workers = 8 if device.type == "cuda" else 0
     crop = 300
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n = args.batch * (args.steps + 1)
-        manifest = synthetic_manifest(tmp / "set", max(n, 3 * args.batch), workers=workers or 2)
+        manifest = synthetic_manifest(tmp / "set", max(n, 3 * args.batch), workers=8 if device.type == "cuda" else 2)
         train = [r for r in index_folder(tmp / "set" / "data").rows][:n]
         paths, labels = [r.path for r in train], np.array([r.y for r in train])
         cache = load_crops(paths, Preprocess(crop, args.size), cache_dir=tmp / "cache")
-        on_device = device.type == "cuda"
         for name in args.members.split(","):
             model = create_member(name).to(device)
             if device.type == "cuda":
@@ -180,18 +176,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
                                                       args.size), batch_size=args.batch, shuffle=True)
             naive = images_per_second(model.net, naive_loader, device, args.steps, channels_last=False,
                                       precision="fp32")
-            fast_model = model.to(memory_format=torch.channels_last)
-            fast_loader = DataLoader(CellDataset(cache.images, labels, None if on_device else augmentation("paper")),
-                                     batch_size=args.batch, shuffle=True, num_workers=workers,
-                                     pin_memory=on_device, persistent_workers=workers > 0)
-            fast = images_per_second(fast_model, fast_loader, device, args.steps, channels_last=True,
-                                     precision=precision, augment_batch=batch_augmentation("paper") if on_device
-                                     else None)
+            model = model.to(memory_format=torch.channels_last)
             batch = torch.from_numpy(np.ascontiguousarray(cache.images[:args.batch])).permute(0, 3, 1, 2)
-            bare = bare_step_images_per_second(fast_model, batch, torch.from_numpy(labels[:args.batch]), device,
+            bare = bare_step_images_per_second(model, batch, torch.from_numpy(labels[:args.batch]), device,
                                                args.steps, precision=precision)
-            row = {"member": name, "naive img/s": naive, "optimised img/s": fast, "optimised / naive": fast / naive,
-                   "bare step img/s": bare}
+            row = {"member": name, "naive img/s": naive, "bare step img/s": bare, "bare / naive": bare / naive}
             if args.shipped:
                 shipped = shipped_loop_images_per_second(name, manifest, tmp / "runs" / name, crop=crop,
                                                          size=args.size if args.size != crop else None,

@@ -429,7 +429,8 @@ def predict(
                                                 "torch in bf16 on a GPU.")] = Engine.auto,
     precision: Annotated[Precision, typer.Option(help="auto: as the engine's choice; bf16 runs on torch, int8 on "
                                                       "the exported int8 graph.")] = Precision.auto,
-    batch_size: Annotated[int, typer.Option(help="Cells per batch.")] = 32,
+    batch_size: Annotated[int | None, typer.Option(help="Cells per batch [default: the engine's, 256 on a GPU, "
+                                                           "32 on a CPU].")] = None,
     domain_check: DomainCheckOption = True,
     frame_size: FrameSizeOption = None,
     no_crop: NoCropOption = False,

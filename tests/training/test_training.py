@@ -203,3 +203,43 @@ def test_dataloader_workers_do_not_change_the_result(split_manifest, tmp_path):
     runs = [fit(tiny_config(split_manifest, tmp_path / f"w{w}", epochs=1, workers=w)) for w in (0, 2)]
     assert _csv(runs[0] / "history.csv") == _csv(runs[1] / "history.csv")
     assert _same_weights(_weights(runs[0] / "checkpoints" / "last.pt"), _weights(runs[1] / "checkpoints" / "last.pt"))
+
+
+_HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("augment", ["paper", "dihedral", "dihedral+stain"])
+def test_a_step_reads_nothing_back_from_the_device(split_manifest, tmp_path, monkeypatch, augment):
+    """On a GPU each of these would wait for the device: between two steps of one epoch the shipped loop (batches
+    held whole and augmented as a batch, as on CUDA) calls none of them on a tensor. Counted on the CPU through the
+    same code path."""
+    from dataclasses import replace
+
+    reads: list[str] = []
+    counting = {"on": False}
+    for name in _HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _name=name, _original=original, **kwargs):
+            # torch's optimizers keep their step counters on the host by design: reading them waits for nothing
+            if counting["on"] and "torch/optim/" not in sys._getframe(1).f_code.co_filename.replace("\\", "/"):
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    per_step: dict[int, list[str]] = {}
+    steps_per_epoch = {}
+
+    def on_step(step):
+        per_step[step] = list(reads)
+        reads.clear()
+        counting["on"] = True
+
+    cfg = replace(tiny_config(split_manifest, tmp_path / "run"), augment=augment, augment_on="device", epochs=2)
+    fit(cfg, on_step=on_step)
+    history = _csv(tmp_path / "run" / "history.csv")
+    for row in history:
+        steps_per_epoch.setdefault(row["epoch"], []).append(int(row["step"]) + 1)
+    inside = [s for steps in steps_per_epoch.values() for s in steps[1:]]  # each epoch's first step follows its end
+    assert len(inside) >= 4
+    assert {s: per_step[s] for s in inside if per_step[s]} == {}

@@ -6,9 +6,10 @@ own mean/std happen last, on the device, so the same uint8 batch can feed every 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 
 import torch
+import torch.nn.functional as F
 
 from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
 from torchvision.transforms import v2  # noqa: E402
@@ -62,66 +63,90 @@ def augmentation(name: str) -> v2.Transform | None:
             "none": lambda: None}[name]()
 
 
-def batch_augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def batch_augmentation(name: str) -> BatchAugmentation | None:
     """The augmentation ``name`` for a whole uint8 NCHW batch on its own device (a GPU keeps itself fed; CPU
     workers drawing one image at a time would not): the same transformation family and ranges as
-    ``augmentation(name)``, a fresh draw per image, uint8 in and out. Random draws come from torch's global
-    generator: seed it per step for exact resumption."""
-    if name == "none":
-        return None
-    if name == "dihedral":
-        return _dihedral_batch
-    if name == "dihedral+stain":
-        return StainBatchJitter()
-    return PaperBatchAugmentation()
+    ``augmentation(name)``, a fresh draw per image, uint8 in and out. Every draw comes from the ``generator``
+    passed in, on the batch's device, so nothing is read back to the host and a run seeded per step resumes
+    exactly."""
+    return {"paper": PaperBatchAugmentation, "dihedral": DihedralBatch, "dihedral+stain": StainBatchJitter,
+            "none": lambda: None}[name]()
 
 
-class StainBatchJitter(torch.nn.Module):
-    """``dihedral+stain`` for a batch: one of the eight symmetries, then kornia's brightness, saturation and hue
-    jitter with ``stain_jitter``'s ranges, a fresh draw per image."""
+class BatchAugmentation:
+    """A batched augmentation: ``augment(batch, generator)``, uint8 NCHW in and out."""
 
-    def __init__(self):
-        super().__init__()
-        import kornia.augmentation as K
-
-        self.jitter = K.ColorJitter(brightness=STAIN_BRIGHTNESS, saturation=STAIN_SATURATION, hue=STAIN_HUE, p=1.0)
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.jitter(_dihedral_batch(batch).float().div_(255.0))
-        return out.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class PaperBatchAugmentation(torch.nn.Module):
-    """``train_augmentation`` for a batch: kornia's flips and affine (every image gets its own draw), black
-    fill, bilinear resampling, on whatever device the batch is."""
+class DihedralBatch(BatchAugmentation):
+    """One of the eight symmetries per image, drawn uniformly; exact (no resampling)."""
 
-    def __init__(self):
-        super().__init__()
-        import kornia.augmentation as K  # maintained batched geometric augmentation, CPU or GPU
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = len(batch)
+        draws = (_uniform(3, n, generator=generator, device=batch.device) < 0.5).view(3, n, 1, 1, 1)
+        batch = torch.where(draws[0], batch.flip(-1), batch)
+        batch = torch.where(draws[1], batch.flip(-2), batch)
+        return torch.where(draws[2], batch.rot90(1, dims=(-2, -1)), batch)
 
-        self.ops = torch.nn.Sequential(
-            K.RandomHorizontalFlip(p=0.5), K.RandomVerticalFlip(p=0.5),
-            K.RandomAffine(degrees=PAPER_ROTATION, translate=(PAPER_SHIFT, PAPER_SHIFT),
-                           scale=(1 - PAPER_ZOOM, 1 + PAPER_ZOOM), resample="bilinear", padding_mode="zeros", p=1.0))
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.ops(batch.float().div_(255.0))
-        return out.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+class StainBatchJitter(BatchAugmentation):
+    """``dihedral+stain`` for a batch: one of the eight symmetries, then brightness, saturation and hue jitter with
+    ``stain_jitter``'s ranges (kornia's colour functions), a fresh draw per image."""
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        from kornia.enhance import adjust_hue, adjust_saturation
+
+        n, device = len(batch), batch.device
+        brightness, saturation, hue = (_uniform(n, generator=generator, device=device, low=-r, high=r)
+                                       for r in (STAIN_BRIGHTNESS, STAIN_SATURATION, STAIN_HUE))
+        x = DihedralBatch()(batch, generator).float().div_(255.0)
+        x = x.mul_((1 + brightness).view(n, 1, 1, 1)).clamp_(0, 1)
+        x = adjust_saturation(x, 1 + saturation).clamp_(0, 1)
+        x = adjust_hue(x, hue * 2 * math.pi)  # torchvision's hue factor is a fraction of the colour circle
+        return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class PaperBatchAugmentation(BatchAugmentation):
+    """``train_augmentation`` for a batch: flips, rotation, zoom and shift drawn per image and applied as one
+    bilinear resampling with black fill (torch's ``affine_grid``/``grid_sample``), on whatever device the batch
+    is. Written on torch's primitives rather than kornia's ``RandomAffine``: kornia checks its inputs and draws on
+    the host every call, which stalls a GPU at every step."""
+
+    def draw(self, n: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per image: ``angle`` (degrees), ``scale``, ``shift`` ((n, 2), fractions of the side) and ``flip``
+        ((n, 2) booleans: horizontal, vertical)."""
+        return {"flip": _uniform(n, 2, generator=generator, device=device) < 0.5,
+                "angle": _uniform(n, generator=generator, device=device, low=-PAPER_ROTATION, high=PAPER_ROTATION),
+                "scale": _uniform(n, generator=generator, device=device, low=1 - PAPER_ZOOM, high=1 + PAPER_ZOOM),
+                "shift": _uniform(n, 2, generator=generator, device=device, low=-PAPER_SHIFT, high=PAPER_SHIFT)}
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = len(batch)
+        p = self.draw(n, generator, batch.device)
+        # affine_grid wants, per image, where each output pixel comes from: the inverse of
+        # "flip, rotate by angle and scale about the centre, then shift" in [-1, 1] coordinates
+        angle = torch.deg2rad(p["angle"])
+        cos, sin = torch.cos(angle) / p["scale"], torch.sin(angle) / p["scale"]
+        inverse = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # R(-angle) / scale
+        flips = torch.where(p["flip"], -1.0, 1.0)
+        inverse = inverse * flips.view(n, 2, 1)  # flipping first: its inverse flips last
+        offset = -(inverse @ (2 * p["shift"]).view(n, 2, 1))
+        grid = F.affine_grid(torch.cat([inverse, offset], 2), list(batch.shape), align_corners=False)
+        out = F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _uniform(*shape: int, generator: torch.Generator, device: torch.device, low: float = 0.0,
+             high: float = 1.0) -> torch.Tensor:
+    return torch.rand(*shape, generator=generator, device=device).mul_(high - low).add_(low)
 
 
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     """The eight symmetries of the square: four 90-degree rotations, each with and without a flip."""
     rotations = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
     return rotations + [torch.flip(r, dims=(3,)) for r in rotations]
-
-
-def _dihedral_batch(batch: torch.Tensor) -> torch.Tensor:
-    """One of the eight symmetries per image, drawn uniformly; exact (no resampling)."""
-    n = len(batch)
-    draws = torch.rand(3, n, device=batch.device) < 0.5
-    batch = torch.where(draws[0].view(n, 1, 1, 1), batch.flip(-1), batch)
-    batch = torch.where(draws[1].view(n, 1, 1, 1), batch.flip(-2), batch)
-    return torch.where(draws[2].view(n, 1, 1, 1), batch.rot90(1, dims=(-2, -1)), batch)
 
 
 def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

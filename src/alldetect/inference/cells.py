@@ -4,6 +4,7 @@ check, score the model inputs in batches, and check the measures against the ens
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,42 +47,53 @@ class ReadCells:
 
 
 def read_cells(engine: Engine, cells: Sequence[Decoder | str], names: Sequence[str], *,
-               geometry: FrameGeometry = FrameGeometry(), measure: bool = False) -> ReadCells:
-    """Decode ``cells`` (decoders, or the reason a cell is unusable) named ``names``, one at a time; keep only
-    each one's model input (and, with ``measure``, the measures of its crop for the domain check)."""
+               geometry: FrameGeometry = FrameGeometry(), measure: bool = False, workers: int = 1) -> ReadCells:
+    """Decode ``cells`` (decoders, or the reason a cell is unusable) named ``names`` on ``workers`` threads, in
+    order; keep only each one's model input (and, with ``measure``, the measures of its crop for the domain
+    check)."""
     errors, warnings = [""] * len(cells), [""] * len(cells)
     crops, kept, measures = [], [], []
     side = engine.preprocess.side
-    for i, cell in enumerate(tqdm(cells, desc="reading cells", unit="img", leave=False, disable=None)):
+
+    def read(i: int) -> tuple[np.ndarray, np.ndarray | None, str] | str:
+        cell = cells[i]
         if isinstance(cell, str):
-            errors[i] = cell
-            continue
+            return cell
         try:
             rgb, note = cell()
             crop = engine.preprocess.cut(rgb, name=names[i], geometry=geometry)
         except ImageProblem as e:
-            errors[i] = e.reason
-            continue
-        crops.append(engine.preprocess.resize(crop))
-        if measure:
-            measures.append(cell_measures(crop[None])[0])
-        warnings[i] = note or ""
-        kept.append(i)
+            return e.reason
+        return engine.preprocess.resize(crop), cell_measures(crop[None])[0] if measure else None, note or ""
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoders release the GIL while they decode
+        results = pool.map(read, range(len(cells))) if workers > 1 else map(read, range(len(cells)))
+        for i, result in enumerate(tqdm(results, total=len(cells), desc="reading cells", unit="img", leave=False,
+                                        disable=None)):
+            if isinstance(result, str):
+                errors[i] = result
+                continue
+            crop, measured, warnings[i] = result
+            crops.append(crop)
+            if measure:
+                measures.append(measured)
+            kept.append(i)
     return ReadCells(np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8), kept,
                      (np.stack(measures) if measures else np.zeros((0, len(MEASURES)))) if measure else None,
                      errors, warnings)
 
 
 def score_cells(engine: Engine, cells: Sequence[Decoder | str], names: Sequence[str], *, tta: bool | None = None,
-                batch_size: int = 32, domain_check: bool = True,
-                geometry: FrameGeometry = FrameGeometry()) -> ScoredCells:
-    """Score ``cells`` (see ``read_cells``); ``tta`` None: as the combiners were fitted. The domain check runs when
-    asked for and the engine has a reference."""
+                batch_size: int | None = None, domain_check: bool = True,
+                geometry: FrameGeometry = FrameGeometry(), workers: int = 1) -> ScoredCells:
+    """Score ``cells`` (see ``read_cells``, which decodes on ``workers`` threads); ``tta`` None: as the combiners
+    were fitted; ``batch_size`` None: the engine's. The domain check runs when asked for and the engine has a
+    reference."""
     tta = engine.uses_tta(tta)
     check = domain_check and engine.domain is not None
-    read = read_cells(engine, cells, names, geometry=geometry, measure=check)
+    read = read_cells(engine, cells, names, geometry=geometry, measure=check, workers=workers)
     n, kept = len(cells), read.kept
-    ens, members = _batched(engine, read.crops, tta, batch_size)
+    ens, members = _batched(engine, read.crops, tta, batch_size or engine.batch_size)
     prob, member_probs = np.full(n, np.nan), np.full((len(engine.names), n), np.nan)
     prob[kept], member_probs[:, kept] = ens, members
     notes, in_domain = [""] * n, None

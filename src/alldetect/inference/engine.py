@@ -28,6 +28,7 @@ class Engine(ABC):
     operating_point: OperatingPoint
     domain: DomainReference | None
     preprocess: Preprocess
+    batch_size: int = 32  # cells scored at once
 
     def uses_tta(self, tta: bool | None = None) -> bool:
         """Whether scoring uses test-time augmentation: as asked, or (None) as the combiners were fitted."""

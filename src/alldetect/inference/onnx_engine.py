@@ -66,10 +66,10 @@ class OnnxEngine(Engine):
         return cls(session, names, spec.fit(method), method, preprocess, meta.get("input_dtype", "uint8"),
                    meta.get("precision", "fp32"), spec.tta, spec.operating_point(method), folder.domain())
 
-    def member_probs(self, crops: np.ndarray, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
+    def member_probs(self, crops: np.ndarray, *, tta: bool = False) -> np.ndarray:
         out = np.zeros((len(self.names), len(crops)))
-        for start in range(0, len(crops), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
+        for start in range(0, len(crops), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops[start:start + self.batch_size]))
             views = [v.permute(0, 2, 3, 1) for v in dihedral_views(x.permute(0, 3, 1, 2))] if tta else [x]
             runs = [self.session.run(["member_prob_all"], {"images": self._cast(v)})[0] for v in views]
             out[:, start:start + len(x)] = np.mean(runs, axis=0).T

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,7 @@ class Scored:
 
 
 def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *, tta: bool | None = None,
-                 batch_size: int = 32, domain_check: bool = True,
+                 batch_size: int | None = None, domain_check: bool = True,
                  geometry: FrameGeometry = FrameGeometry()) -> Scored:
     """Write the predictions CSV (+ patients and submission files). ``tta`` None: as the
     ensemble was fitted (``model.default_tta``); the ``model`` column says ``<method>+tta`` when TTA is used.
@@ -99,7 +100,8 @@ def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *, tta: boo
         logger.warning("this ensemble folder has no domain reference (built by an earlier alldetect): cells are "
                        "not checked against its training cells; rebuild it with `alldetect ensemble`")
     cells = score_cells(model, _decoders(rows, inputs.errors), [r.path for r in rows], tta=tta,
-                        batch_size=batch_size, domain_check=domain_check, geometry=geometry)
+                        batch_size=batch_size, domain_check=domain_check, geometry=geometry,
+                        workers=min(8, os.cpu_count() or 1))
     kept = cells.kept
     texts = {}
     if cells.in_domain is not None:

@@ -38,6 +38,7 @@ class TorchEngine(Engine):
     precision: str = "auto"  # see inference_autocast
     fp32_members: frozenset[str] = frozenset()  # members that bf16 moves too far: always run in fp32
     domain: DomainReference | None = None  # what the training cells look like (None: no domain check)
+    scoring_batch: int | None = None  # cells scored at once (None: see batch_size)
 
     @classmethod
     def from_folder(cls, folder: EnsembleFolder | str | Path, *, method: str | None = None, device: str = "auto",
@@ -51,6 +52,11 @@ class TorchEngine(Engine):
         members = [m.to(dev).to(memory_format=torch.channels_last).eval() for m in folder.load_members()]
         fp32 = frozenset((spec.bf16 or {}).get("fp32_members", []))
         return cls(members, spec.fit(method), method, spec.preprocess, spec, dev, precision, fp32, folder.domain())
+
+    @property
+    def batch_size(self) -> int:
+        """Cells scored at once: a GPU needs large batches to be busy (BENCHMARKS.md, the GPU check)."""
+        return self.scoring_batch or (256 if self.device.type == "cuda" else 32)
 
     @property
     def names(self) -> list[str]:
@@ -71,7 +77,7 @@ class TorchEngine(Engine):
         w = self.combiner.cam_weights(len(self.members))
         return w if w.sum() > 0 else np.ones(len(self.members))
 
-    def member_probs(self, crops: np.ndarray, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
+    def member_probs(self, crops: np.ndarray, *, tta: bool = False) -> np.ndarray:
         """(members, N) P(ALL) for uint8 crops (N, S, S, 3)."""
         return score_members(self.members, crops, device=self.device, precision=self.precision,
-                             fp32_members=self.fp32_members, tta=tta, batch_size=batch_size)
+                             fp32_members=self.fp32_members, tta=tta, batch_size=self.batch_size)

@@ -16,10 +16,14 @@ from ..precision import inference_autocast, training_autocast
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for "auto", "cpu" or "cuda[:N]". On CUDA, cuDNN times its algorithms once per input shape
+    and keeps the fastest (batches keep their shape, so this is paid once)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AlldetectError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
     return torch.device(device)
 
 
@@ -45,21 +49,21 @@ def score_members(members: list[Member], crops: np.ndarray, positions: np.ndarra
     """(members, N) P(ALL) for uint8 crops (N, S, S, 3) (or ``crops[positions]``, read a batch at a time), with
     the ``autocast`` rule (default: scoring's); members named in ``fp32_members`` always run in fp32. With ``tta``
     each member's probability is the mean over the eight flips and 90-degree rotations of the cell (cells have no
-    orientation)."""
+    orientation). The probabilities stay on the device until the last batch is scored: on a GPU the host prepares
+    the next batch while the device scores this one, and copies go from pinned memory."""
     count = len(crops) if positions is None else len(positions)
-    out = np.zeros((len(members), count))
+    out = torch.zeros((len(members), count), device=device)
     for start in range(0, count, batch_size):
         rows = slice(start, start + batch_size) if positions is None else \
             np.asarray(positions[start:start + batch_size])
-        batch = np.ascontiguousarray(crops[rows])
-        if not batch.flags.writeable:  # a slice of the read-only crop cache: torch wants memory it may write
-            batch = batch.copy()
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2)
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(np.array(crops[rows]))  # a copy torch may write, also of the read-only crop cache
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         views = dihedral_views(x) if tta else [x]
         for k, member in enumerate(members):
             member_precision = "fp32" if fp32_members and member.name in fp32_members else precision
             with autocast(device, member_precision):
                 probs = [member(v).float().softmax(1)[:, 1] for v in views]
-            out[k, start:start + len(x)] = torch.stack(probs).mean(0).double().cpu().numpy()
-    return out
+            out[k, start:start + len(x)] = torch.stack(probs).mean(0)
+    return out.cpu().double().numpy()

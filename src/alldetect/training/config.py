@@ -39,8 +39,9 @@ class TrainConfig:
     oversample: bool = True             # replicate minority-class images up to the majority count
     augment: str = "paper"              # paper: flips, rotation, zoom, shift; dihedral: the 8 symmetries;
                                         # dihedral+stain: and brightness/saturation/hue jitter; none
-    augment_on: str = "auto"            # loader: per image in DataLoader workers; device: the whole batch on the
-                                        # training device (kornia); auto: device on CUDA, loader on a CPU
+    augment_on: str = "auto"            # loader: per image in DataLoader workers; device: the crops held on the
+                                        # training device and augmented there a batch at a time
+                                        # (training.batches); auto: device on CUDA, loader on a CPU
     # optimisation (paper Sec. 2.2)
     epochs: int = 12                    # one triangular2 cycle is 2 x 6 epochs: keep a multiple of 12
     batch_size: int = 32

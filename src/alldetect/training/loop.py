@@ -13,18 +13,19 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.dataset import CellDataset, oversample_indices
+from ..data.dataset import oversample_indices
 from ..data.split import check_subject_disjoint
-from ..data.transforms import augmentation, batch_augmentation
+from ..data.transforms import batch_augmentation
 from ..errors import AlldetectError
 from ..evaluation.metrics import METRIC_NAMES, classification_metrics, log_loss
 from ..formats.manifest import read_manifest
@@ -33,8 +34,9 @@ from ..precision import training_autocast
 from ..models.runtime import predict_probs, resolve_device
 from .checkpoint import load_checkpoint, restore_rng
 from .config import SELECTION, TrainConfig, resumed_config
+from .batches import LoaderBatches, ResidentBatches
 from .split_images import SplitImages, load_split
-from .distributed import barrier, init_distributed, shutdown
+from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .run_dir import Best, RunDir, StepRecord
 from .sampler import EpochBatches
 from .schedule import learning_rate_schedule
@@ -43,13 +45,57 @@ logger = logging.getLogger(__name__)
 EPOCH_COLUMNS = ("epoch", "step", "val_loss", *METRIC_NAMES, "selected", "train_img_s")
 
 
-def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
-    """Train one member; returns the run directory. ``resume`` continues from ``<run>/checkpoints/last.pt``."""
+@dataclass
+class Training:
+    """One member's training in progress: what ``fit`` sets up, and where it stands (``step``, ``best``)."""
+    cfg: TrainConfig
+    device: torch.device
+    dist: DistInfo
+    run: RunDir
+    train: SplitImages
+    val: SplitImages | None
+    test: SplitImages | None
+    model: nn.Module      # the trained weights
+    net: nn.Module        # what the steps call: ``model``, compiled and/or wrapped for several processes
+    kept: nn.Module       # the weights that are validated, selected and scored (``model`` or its moving average)
+    ema: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    batches: EpochBatches
+    source: ResidentBatches | LoaderBatches
+    step: int = 0
+    best: Best = field(default_factory=Best)
+    pending: list[StepRecord] = field(default_factory=list)  # history rows not yet written
+
+    @property
+    def total_steps(self) -> int:
+        return self.batches.steps_per_epoch * self.cfg.epochs
+
+
+def fit(cfg: TrainConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None) -> Path:
+    """Train one member; returns the run directory. ``resume`` continues from ``<run>/checkpoints/last.pt``.
+    ``on_step(step)`` is called after every optimizer step (a profiler's or a test's hook)."""
+    training = _set_up(cfg, resume=resume)
+    progress = tqdm(total=training.total_steps, initial=training.step, desc=f"train {training.cfg.member}",
+                    unit="step", disable=None if training.dist.is_main else True, dynamic_ncols=True)
+    while training.step < training.total_steps:
+        epoch = training.step // training.batches.steps_per_epoch
+        train_img_s = _train_epoch(training, epoch, progress, on_step)
+        _validate_and_keep(training, epoch, train_img_s)
+    progress.close()
+    if training.dist.is_main:
+        _finish(training.run, training.cfg, training.device, training.val, training.test)
+    barrier(training.dist)
+    shutdown(training.dist)
+    return training.run.path
+
+
+def _set_up(cfg: TrainConfig, *, resume: bool) -> Training:
+    """The device, the run folder (and the checkpoint to resume from), the data, the model and its optimizer."""
     device = resolve_device(cfg.device)
-    dist_info = init_distributed(device.type)
-    if dist_info.world_size > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    run = RunDir(cfg.out, writes=dist_info.is_main)
+    dist = init_distributed(device.type)
+    if dist.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    run = RunDir(cfg.out, writes=dist.is_main)
     state = run.resume_state() if resume else None
     if state is not None:
         cfg = resumed_config(cfg, state["config"])
@@ -70,18 +116,18 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     model = create_member(cfg.member, pretrained=cfg.pretrained and state is None, weights=cfg.weights
                           if state is None else None).to(device)
-    if dist_info.world_size > 1 and device.type == "cuda":  # batch statistics over the global batch
+    if dist.world_size > 1 and device.type == "cuda":  # batch statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(cfg, model)
+    optimizer = _optimizer(cfg, model, device)
     ema = _moving_average(model, cfg.ema_decay)
-    kept = ema.module if ema is not None else model  # the weights that are validated, selected and scored
     indices = oversample_indices(train.labels, seed=cfg.seed) if cfg.oversample else np.arange(len(train.rows))
-    batches = EpochBatches(indices, batch_size=cfg.batch_size, seed=cfg.seed,
-                           world_size=dist_info.world_size, rank=dist_info.rank)
-    steps_per_epoch, total_steps = batches.steps_per_epoch, batches.steps_per_epoch * cfg.epochs
-    lr_at = learning_rate_schedule(cfg, steps_per_epoch)
+    batches = EpochBatches(indices, batch_size=cfg.batch_size, seed=cfg.seed, world_size=dist.world_size,
+                           rank=dist.rank)
+    on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda")
+    source = (ResidentBatches(train, batches, device, batch_augmentation(cfg.augment), seed=cfg.seed) if on_device
+              else LoaderBatches(train, batches, device, cfg.augment, workers=_workers(cfg, device), seed=cfg.seed))
 
     step, best = 0, Best()
     if state is not None:
@@ -91,92 +137,74 @@ def fit(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
-        logger.info("resuming %s at step %d of %d", run.path, step, total_steps)
+        logger.info("resuming %s at step %d of %d", run.path, step, batches.steps_per_epoch * cfg.epochs)
     run.start(cfg, step, fresh=state is None,
               problems=[p for split in (train, val, test) if split is not None for p in split.problems])
     net: nn.Module = torch.compile(model) if cfg.compile else model
-    if dist_info.world_size > 1:
+    if dist.world_size > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda")
-    dataset = CellDataset(train.images, train.labels, None if on_device else augmentation(cfg.augment),
-                          positions=train.positions)
-    augment_batch = batch_augmentation(cfg.augment) if on_device else None
+    return Training(cfg, device, dist, run, train, val, test, model, net, ema.module if ema is not None else model,
+                    ema, optimizer, batches, source, step, best)
+
+
+def _train_epoch(t: Training, epoch: int, progress: tqdm, on_step: Callable[[int], None] | None) -> float:
+    """The steps of ``epoch`` from where ``t`` stands; returns the training images/s. Nothing in a step reads a
+    device value back to the host: the loss stays on the device until the epoch's history is written."""
+    cfg, device = t.cfg, t.device
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    workers = _workers(cfg, device)
-    pending: list[StepRecord] = []  # history rows not yet written
+    lr_at = learning_rate_schedule(cfg, t.batches.steps_per_epoch)
+    first = t.step - epoch * t.batches.steps_per_epoch
+    t.net.train()
+    started, images_seen = time.perf_counter(), 0
+    for images, labels in t.source.epoch(epoch, start_step=first):
+        lr = lr_at(t.step)
+        for group in t.optimizer.param_groups:
+            group["lr"] = lr
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with training_autocast(device, cfg.precision):
+            loss = loss_fn(t.net(images).float(), labels)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        if t.ema is not None:
+            t.ema.update(t.model, step=t.step + 1)  # the first update copies the weights
+        t.pending.append(StepRecord(t.step, epoch, lr, loss.detach()))
+        t.step += 1
+        images_seen += len(labels) * t.dist.world_size
+        progress.update(1)
+        if on_step is not None:
+            on_step(t.step)
+        if cfg.checkpoint_every and t.step % cfg.checkpoint_every == 0 and t.step % t.batches.steps_per_epoch:
+            t.run.save_last(t.model, t.optimizer, cfg, t.step, t.best, t.pending, ema=t.ema)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_img_s = images_seen / max(time.perf_counter() - started, 1e-9)
+    progress.set_postfix(img_s=f"{train_img_s:.1f}", lr=f"{t.optimizer.param_groups[0]['lr']:.2e}")
+    return train_img_s
 
-    progress = tqdm(total=total_steps, initial=step, desc=f"train {cfg.member}", unit="step",
-                    disable=None if dist_info.is_main else True, dynamic_ncols=True)
-    started, seen = time.perf_counter(), 0
-    while step < total_steps:
-        epoch, first = divmod(step, steps_per_epoch)
-        loader = DataLoader(dataset, batch_sampler=batches.epoch(epoch, start_step=first), num_workers=workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-        net.train()
-        epoch_started, epoch_images = time.perf_counter(), 0
-        for images, labels in loader:
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(device, non_blocking=True)
-            if augment_batch is not None:
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(_step_seed(cfg.seed, step, dist_info.rank))
-                    images = augment_batch(images)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with training_autocast(device, cfg.precision):
-                loss = loss_fn(net(images).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update(model, step=step + 1)  # the first update copies the weights
-            pending.append(StepRecord(step, epoch, lr, loss.detach()))
-            step += 1
-            seen += len(labels) * dist_info.world_size
-            epoch_images += len(labels) * dist_info.world_size
-            progress.update(1)
-            progress.set_postfix(img_s=f"{seen / (time.perf_counter() - started):.1f}", lr=f"{lr:.2e}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
-                run.save_last(model, optimizer, cfg, step, best, pending, ema=ema)
 
-        # end of epoch: validate, keep the best, checkpoint
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_img_s = epoch_images / max(time.perf_counter() - epoch_started, 1e-9)
-        scores = {} if val is None else _scores(val.labels, predict_probs(
-            kept, val.images, val.positions, batch_size=cfg.batch_size * 2, device=device, precision=cfg.precision))
-        score = _selection_score(cfg.select_metric, scores, epoch)
-        selected = score > best.score
-        if selected:
-            best = Best(epoch, score)
-            run.save_best(kept, cfg, epoch, step)
-        run.log_epoch(EPOCH_COLUMNS, {"epoch": epoch, "step": step, **scores, "selected": int(selected),
-                                      "train_img_s": f"{train_img_s:.2f}"})
-        if scores:
-            logger.info("epoch %d: val loss %.4f, ba %.4f, auc %.4f; kept epoch %d (%s)", epoch, scores["val_loss"],
-                        scores["ba"], scores["auc"], best.epoch, cfg.select_metric)
-        run.save_last(model, optimizer, cfg, step, best, pending, ema=ema)
-    progress.close()
-
-    if dist_info.is_main:
-        _finish(run, cfg, device, val, test)
-    barrier(dist_info)
-    shutdown(dist_info)
-    return run.path
+def _validate_and_keep(t: Training, epoch: int, train_img_s: float) -> None:
+    """Score the validation split, keep the epoch if it is the best so far, log it and checkpoint."""
+    cfg = t.cfg
+    scores = {} if t.val is None else _scores(t.val.labels, predict_probs(
+        t.kept, t.val.images, t.val.positions, batch_size=cfg.batch_size * 2, device=t.device,
+        precision=cfg.precision))
+    score = _selection_score(cfg.select_metric, scores, epoch)
+    selected = score > t.best.score
+    if selected:
+        t.best = Best(epoch, score)
+        t.run.save_best(t.kept, cfg, epoch, t.step)
+    t.run.log_epoch(EPOCH_COLUMNS, {"epoch": epoch, "step": t.step, **scores, "selected": int(selected),
+                                    "train_img_s": f"{train_img_s:.2f}"})
+    if scores:
+        logger.info("epoch %d: val loss %.4f, ba %.4f, auc %.4f; kept epoch %d (%s)", epoch, scores["val_loss"],
+                    scores["ba"], scores["auc"], t.best.epoch, cfg.select_metric)
+    t.run.save_last(t.model, t.optimizer, cfg, t.step, t.best, t.pending, ema=t.ema)
 
 
 def _scores(labels: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     return {"val_loss": log_loss(labels, prob), **classification_metrics(labels, prob)}
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of one step's batched augmentation: a function of (seed, step, rank) alone, so a resumed run
-    draws exactly what the uninterrupted one drew."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def _selection_score(metric: str, scores: dict[str, float], epoch: int) -> float:
@@ -199,14 +227,17 @@ def _moving_average(model: nn.Module, decay: float) -> nn.Module | None:
     return ModelEmaV3(model, decay=decay)
 
 
-def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Adamax as in the paper; AdamW with decoupled weight decay, none on biases and normalisation layers."""
+def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Adamax as in the paper; AdamW with decoupled weight decay, none on biases and normalisation layers. On CUDA
+    both update every tensor at once (torch's multi-tensor Adamax, its fused AdamW kernel); on a CPU, tensor by
+    tensor as before."""
     if cfg.optimizer == "adamax":
         return torch.optim.Adamax(model.parameters(), lr=cfg.clr_low, betas=cfg.betas, eps=cfg.eps)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             fused=True if device.type == "cuda" else None)
 
 
 def _finish(run: RunDir, cfg: TrainConfig, device: torch.device, val: SplitImages | None,
