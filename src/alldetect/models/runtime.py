@@ -16,14 +16,11 @@ from ..precision import inference_autocast, training_autocast
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """The torch device for "auto", "cpu" or "cuda[:N]". On CUDA, cuDNN times its algorithms once per input shape
-    and keeps the fastest (batches keep their shape, so this is paid once)."""
+    """The torch device for "auto", "cpu" or "cuda[:N]"."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AlldetectError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
     return torch.device(device)
 
 
