@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BUDGET_S = {"env": 30, "data": 45, "train": 90, "paper": 180, "infer": 120, "options": 75}
+BUDGET_S = {"env": 30, "data": 45, "train": 80, "paper": 170, "infer": 120, "options": 75}
 SMOKE_BUDGET_S = {"env": 60, "data": 60, "train": 90, "paper": 120, "infer": 120, "options": 120}
 PAPER_IMAGES = {"all": 5_822 + 1_450, "hem": 2_703 + 686}  # Table 3: training + validation
 PAPER_BATCH, PAPER_EPOCHS, CELLS_PER_SUBJECT = 32, 12, 243
