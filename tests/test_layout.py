@@ -10,7 +10,7 @@ import alldetect
 PACKAGE = Path(alldetect.__file__).parent
 # bottom to top; a module may import from its own stage and those before it
 STAGES = ("__init__", "_torchvision", "errors", "precision", "formats", "data", "models", "evaluation", "training",
-          "ensemble", "inference", "export", "report", "serve", "pipeline", "cli")
+          "ensemble", "inference", "export", "report", "serve", "pipeline", "api", "cli")
 
 
 def _module_imports() -> dict[str, set[str]]:

@@ -16,10 +16,28 @@ Packages, by stage (each imports only from those above it):
 - ``export``: the ONNX graph and its int8 copy.
 - ``report``: tables and figures of an ensemble's results.
 - ``serve``: the web page and JSON API.
-- ``pipeline``: ``alldetect run``, every stage cached; ``cli``: parse, call the library, print.
+- ``pipeline``: ``alldetect run``, every stage cached; ``api``: the library's front (``load``, ``train``, ``run``);
+  ``cli``: parse, call the library, print.
+
+The public names are imported from here, on first use (importing ``alldetect`` does not import torch)::
+
+    import alldetect
+    ensemble = alldetect.load("runs/demo/ensemble")
+    cells = ensemble.predict(["a.bmp", "b.png"])     # a CellTable: cells.to_pandas(), cells.patients()
 """
 
 __version__ = "0.1.0"
+__all__ = ["CellTable", "Ensemble", "Table", "__version__", "load", "run", "train", "versions"]
+_API = {"load": "api", "train": "api", "run": "api", "Ensemble": "api", "CellTable": "inference.table",
+        "Table": "inference.table"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'alldetect' has no attribute {name!r}")
 
 
 def versions() -> dict[str, str]:

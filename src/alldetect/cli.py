@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 
-from .errors import AlldetectError
+from .errors import AlldetectError, require_extra
 from .formats.csvfiles import TEMPORARY_NAME_EXTRA
 from .precision import INT8_TOLERANCE, Precision
 from .training.config import Profile
@@ -446,6 +446,8 @@ def predict(
     from .inference.predict import collect_inputs, predict_rows
 
     geometry = frame_geometry(frame_size, no_crop)
+    if cam is not None:
+        require_extra("explain", "--cam (Grad-CAM)")
     writable_file(out, siblings=(".patients.csv", ".submission.txt"))
     folder = EnsembleFolder(ens_dir)  # one reading of ensemble.json for the engine and the Grad-CAM members
     model = load_engine(folder, method=method, device=device.value, engine=engine.value, precision=precision.value)
@@ -494,6 +496,7 @@ def export(
     = INT8_TOLERANCE,
 ) -> None:
     """Export every member, its normalisation and the weighted average as one ONNX graph."""
+    require_extra("onnx", "export")
     from .export.ensemble import export_ensemble
 
     result = export_ensemble(ens_dir, out=out, method=method, input_dtype=input_dtype, int8=int8,
@@ -515,6 +518,7 @@ def explain(
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
 ) -> None:
     """Grad-CAM of every member and of the ensemble (weighted like its probabilities), as in Figs. 6-8."""
+    require_extra("explain", "explain")
     from .inference.explain import explain_files
 
     grid, = explain_files(ens_dir, images, out, method=method, device=device.value, target=target.value)
@@ -560,6 +564,8 @@ def serve(
     named with --allow-host), so a web page elsewhere cannot use or read it. Slow or half-open connections are
     closed after the time limits, and a flood of them cannot take every connection.
     """
+    require_extra("serve", "serve")
+    require_extra("explain", "serve (its Grad-CAM)")
     from .serve import ServeSettings, create_app
     from .serve.connections import ConnectionLimits
     from .serve.server import make_server

@@ -1,6 +1,11 @@
 """Errors that mean the user asked for something that cannot be done; the CLI prints them as one line."""
 
+import importlib.util
 import re
+
+# pip extras: what each one adds (pyproject.toml's optional dependencies), by the modules it installs
+EXTRAS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "serve": ("fastapi", "uvicorn", "multipart"),
+          "explain": ("pytorch_grad_cam",), "augment": ("kornia",)}
 
 
 class AlldetectError(Exception):
@@ -18,6 +23,23 @@ class ImageProblem(DataError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class MissingExtra(AlldetectError):
+    """A part of alldetect that an optional install adds was asked for without it."""
+
+
+def has_extra(extra: str) -> bool:
+    """Whether every module of the pip extra ``extra`` can be imported."""
+    return all(importlib.util.find_spec(module) is not None for module in EXTRAS[extra])
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Raise ``MissingExtra``, in one line naming the extra to install, unless ``extra`` is installed."""
+    missing = [module for module in EXTRAS[extra] if importlib.util.find_spec(module) is None]
+    if missing:
+        raise MissingExtra(f"{what} needs alldetect's '{extra}' extra ({', '.join(missing)} not installed): "
+                           f"pip install 'alldetect[{extra}]'")
 
 
 def first_line(error: BaseException) -> str:

@@ -32,6 +32,7 @@ from .data.split import MOST_FOLDS, default_folds, fold_splits, paper_split, sub
 from .data.synth import SynthConfig, generate
 from .ensemble.build import build_ensemble
 from .ensemble.folder import EnsembleFolder
+from .errors import has_extra, require_extra
 from .export.ensemble import export_ensemble
 from .formats.manifest import read_manifest, write_manifest
 from .formats.predictions import read_predictions
@@ -101,6 +102,8 @@ class Stages:
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run (or finish) every stage; returns the report path."""
     cfg = choose_recipe(cfg)
+    if cfg.export:
+        require_extra("onnx", "--export")  # before hours of training, not after
     out = Path(cfg.out).resolve()
     stages = Stages(out / "stages.json", cfg.force)
     data_dir = Path(cfg.data).resolve() if cfg.data else out / "data"
@@ -131,11 +134,15 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                                "target": cfg.target}, [ens_dir / folder.SPEC],
                   lambda status: build_ensemble([t.out for t in train_cfgs], folder,
                                                 operating_point=cfg.operating_point, target=cfg.target)))
-    steps.append(("explain", {"cells": GRID_CELLS}, [ens_dir / folder.GRADCAM / "gradcam_grid.png"],
-                  lambda status: _explain_examples(folder, cfg.device)))
+    if has_extra("explain"):
+        steps.append(("explain", {"cells": GRID_CELLS}, [ens_dir / folder.GRADCAM / "gradcam_grid.png"],
+                      lambda status: _explain_examples(folder, cfg.device)))
+    else:
+        logger.warning("no Grad-CAM grid in the report: it needs alldetect's 'explain' extra "
+                       "(pip install 'alldetect[explain]')")
     steps.append(("report", {"bootstrap": cfg.bootstrap, "seed": cfg.seed}, [ens_dir / folder.REPORT],
                   lambda status: make_report(folder, n_boot=cfg.bootstrap, seed=cfg.seed)))
-    if cfg.export if cfg.export is not None else cfg.profile is Profile.paper:
+    if _exports(cfg):
         steps.append(("export", {"int8": True}, [folder.graph()],
                       lambda status: _export(folder)))
 
@@ -243,6 +250,18 @@ def _run_index_and_folds(data_dir: Path, out: Path, cfg: PipelineConfig) -> int:
                 "; ".join(f"fold {k}: " + ", ".join(sorted(s for s, f in assignment.items() if f == k))
                           for k in range(folds)))
     return folds
+
+
+def _exports(cfg: PipelineConfig) -> bool:
+    """Whether the run ends with the ONNX export: when asked, or by default for the paper profile where the
+    ``onnx`` extra is installed."""
+    if cfg.export:
+        return True  # the extra was checked before training
+    if cfg.export is None and cfg.profile is Profile.paper:
+        if has_extra("onnx"):
+            return True
+        logger.warning("no ONNX export: it needs alldetect's 'onnx' extra (pip install 'alldetect[onnx]')")
+    return False
 
 
 def _export(folder: EnsembleFolder) -> None:

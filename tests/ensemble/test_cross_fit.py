@@ -231,3 +231,47 @@ def _png_bytes(path) -> bytes:
     buffer = io.BytesIO()
     Image.open(path).convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_the_call_column_of_predict_the_web_page_and_the_api_agree_at_the_fitted_point(cross_fit, tmp_path):
+    """A cross-fitted ensemble whose cell threshold is not 0.5 (moved between two cells' probabilities, so that
+    the 0.5 rule would call them otherwise): the predictions CSV, the web page's JSON and ``alldetect.load`` give
+    every cell the same call, the one the stored point gives."""
+    import csv
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    import alldetect
+    from alldetect.cli import app
+    from alldetect.serve import ServeSettings, create_app
+
+    ens = tmp_path / "ensemble"
+    shutil.copytree(cross_fit / "ensemble", ens)
+    cells = sorted((cross_fit / "data").rglob("*.bmp"))[::3][:8]
+    prob = np.sort(alldetect.load(ens, engine="torch", device="cpu").predict(cells)["prob_all"])
+    gaps = [(a + b) / 2 for a, b in zip(prob, prob[1:]) if a < b]
+    threshold = next(t for t in gaps if (prob >= t).sum() != (prob >= 0.5).sum())
+    folder = EnsembleFolder(ens)
+    spec = folder.spec
+    spec.operating_points = {**spec.operating_points, spec.default_method: replace(
+        spec.operating_point(), cell_threshold=float(threshold))}
+    folder.save_spec(spec)
+
+    done = CliRunner().invoke(app, ["predict", str(ens), *map(str, cells), "-o", str(tmp_path / "p.csv"),
+                                    "--engine", "torch", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    with open(tmp_path / "p.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    client = TestClient(create_app(ens, ServeSettings(db_path=str(tmp_path / "db.sqlite"), device="cpu",
+                                                      engine="torch")))
+    served = client.post("/api/predict", files=[("files", (c.name, _png_bytes(c))) for c in cells]).json()["cells"]
+    table = alldetect.load(ens, engine="torch", device="cpu").predict(cells)
+
+    expected = ["OUTSIDE" if r["in_domain"] == "no" else "ALL" if float(r["prob_all"]) >= threshold else "HEM"
+                for r in written]
+    assert [r["call"] for r in written] == expected
+    assert [c["call"] for c in served] == expected
+    assert table["call"] == expected
+    assert table["prob_all"] == pytest.approx([float(r["prob_all"]) for r in written], abs=1e-6)
+    assert threshold != 0.5

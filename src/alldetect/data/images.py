@@ -67,6 +67,25 @@ def decode_rgb(source: Path | BinaryIO, *, name: str, max_pixels: int = MAX_PIXE
         raise ImageProblem(name, f"corrupt or truncated image ({e})") from None
 
 
+def image_rgb(image: Image.Image | np.ndarray, *, name: str,
+              max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
+    """``read_rgb`` for an image already in memory: a PIL image, or an array that Pillow reads as one ((H, W) grey,
+    (H, W, 3) RGB, (H, W, 4) RGBA; uint8, 16-bit or float grey); ``name`` labels errors."""
+    if isinstance(image, np.ndarray):
+        try:
+            image = Image.fromarray(np.ascontiguousarray(image))
+        except (TypeError, ValueError, KeyError):
+            raise ImageProblem(name, f"a {image.dtype} array of shape {image.shape} is not an image: give (H, W, 3) "
+                                     "uint8 RGB") from None
+    if not isinstance(image, Image.Image):
+        raise ImageProblem(name, f"a {type(image).__name__} is not an image: give a path, an array or a PIL image")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageProblem(name, f"{width}x{height} pixels exceeds the {max_pixels:,}-pixel limit (not a single-cell "
+                                 "image)")
+    return _to_rgb(image, name)
+
+
 def _to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, str | None]:
     mode = img.mode
     if mode == "RGB":

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import require_extra
+
 from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
 from torchvision.transforms import v2  # noqa: E402
 
@@ -94,6 +96,9 @@ class DihedralBatch(BatchAugmentation):
 class StainBatchJitter(BatchAugmentation):
     """``dihedral+stain`` for a batch: one of the eight symmetries, then brightness, saturation and hue jitter with
     ``stain_jitter``'s ranges (kornia's colour functions), a fresh draw per image."""
+
+    def __init__(self):
+        require_extra("augment", "the dihedral+stain augmentation on the device")
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from kornia.enhance import adjust_hue, adjust_saturation

@@ -45,6 +45,22 @@ def is_all(prob_all: np.ndarray | float, threshold: float = THRESHOLD) -> np.nda
     return np.asarray(prob_all) >= threshold
 
 
+CALLS = ("ALL", "HEM", "OUTSIDE")  # a cell's call, as the predictions CSV, the web page and the API write it
+OUTSIDE = "OUTSIDE"  # the call of a cell the domain check flags: outside what the model was trained on
+
+
 def call(prob_all: float, threshold: float = THRESHOLD) -> str:
     """``ALL`` or ``HEM``, as pages and figures print it."""
     return "ALL" if prob_all >= threshold else "HEM"
+
+
+def cell_call(prob_all: float, threshold: float, in_domain: bool | None = None) -> str:
+    """A scored cell's call: ``OUTSIDE`` where the domain check flagged it, else ``ALL`` or ``HEM`` at the
+    threshold; empty for a cell without a probability.
+
+    >>> cell_call(0.6, 0.7), cell_call(0.8, 0.7), cell_call(0.8, 0.7, in_domain=False), cell_call(float("nan"), 0.5)
+    ('HEM', 'ALL', 'OUTSIDE', '')
+    """
+    if prob_all != prob_all:  # NaN: not scored
+        return ""
+    return OUTSIDE if in_domain is False else call(prob_all, threshold)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..ensemble.folder import EnsembleFolder
-from ..errors import AlldetectError
+from ..errors import AlldetectError, has_extra
 from ..precision import Precision, cpu_has_native_bf16
 from ..models.runtime import resolve_device
 from .engine import Engine
@@ -30,7 +30,9 @@ def load_engine(folder: EnsembleFolder | str | Path, *, method: str | None = Non
                              f"engine, not {engine}")
     folder = EnsembleFolder.of(folder)
     on_cpu = resolve_device(device).type == "cpu"
-    has_int8, has_fp32 = folder.graph(int8=True).is_file(), folder.graph().is_file()
+    runs_graphs = has_extra("onnx")  # without it, the torch engine scores what the graphs would
+    has_int8 = runs_graphs and folder.graph(int8=True).is_file()
+    has_fp32 = runs_graphs and folder.graph().is_file()
     if engine == "onnx" or precision == "int8":
         int8 = precision == "int8" or (precision == "auto" and has_int8)
         return OnnxEngine.from_folder(folder, method=method, precision="int8" if int8 else "fp32")

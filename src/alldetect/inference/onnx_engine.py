@@ -15,7 +15,7 @@ from ..data.geometry import Preprocess
 from ..data.transforms import dihedral_views
 from ..ensemble.combiners import Combiner
 from ..ensemble.folder import GRAPH_METADATA_PREFIX, EnsembleFolder
-from ..errors import AlldetectError
+from ..errors import AlldetectError, require_extra
 from ..formats.operating_point import PAPER_POINT, OperatingPoint
 from .engine import Engine
 
@@ -89,6 +89,7 @@ def graph_preprocess(meta: dict[str, str]) -> Preprocess:
 
 def onnx_session(path: str | Path, *, threads: int | None = None):
     """An onnxruntime CPU session for the graph at ``path`` (``threads``: intra-op threads, default all)."""
+    require_extra("onnx", "the ONNX engine")
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -20,13 +20,13 @@ from ..data.index import index_folder
 from ..data.names import is_image_file, parse_cell_name
 from ..data.geometry import FrameGeometry
 from ..errors import DataError
-from ..evaluation.evaluate import subject_level
-from ..formats.csvfiles import write_csv_atomic
+from ..formats.labels import cell_call
 from ..formats.manifest import ManifestRow
 from ..formats.operating_point import OperatingPoint
 from ..formats.predictions import prediction_records
 from .cells import read_cells, score_cells
 from .engine import Engine
+from .table import CellTable
 
 logger = logging.getLogger(__name__)
 
@@ -76,34 +76,49 @@ def _decoders(rows: list[ManifestRow], errors: dict[str, str]) -> list:
 class Scored:
     """What ``predict_rows`` wrote and found."""
     csv: Path
-    scored: int
-    failed: int
-    flagged: list[str]                   # cells called ALL
-    operating_point: OperatingPoint      # the calls' thresholds
+    table: CellTable                     # every cell's row, as written
     patients: list[dict] | None = None   # subject-level calls, when every scored cell names its subject
     patients_csv: Path | None = None
     submission: Path | None = None       # the challenge file, for the unlabelled final-test layout
-    out_of_domain: int | None = None     # scored cells the domain check flagged (None: not checked)
+
+    @property
+    def scored(self) -> int:
+        return self.table.scored
+
+    @property
+    def failed(self) -> int:
+        return len(self.table) - self.table.scored
+
+    @property
+    def flagged(self) -> list[str]:
+        """The cells called ALL."""
+        return [self.table.records[i]["path"] for i in self.table.kept if self.table.records[i]["call"] == "ALL"]
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        return self.table.operating_point
+
+    @property
+    def out_of_domain(self) -> int | None:
+        """Scored cells the domain check flagged (None: not checked)."""
+        inside = self.table.in_domain
+        return None if inside is None else int((~inside[self.table.kept]).sum())
 
 
-def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *, tta: bool | None = None,
-                 batch_size: int | None = None, domain_check: bool = True,
-                 geometry: FrameGeometry = FrameGeometry()) -> Scored:
-    """Write the predictions CSV (+ patients and submission files). ``tta`` None: as the
-    ensemble was fitted (``model.default_tta``); the ``model`` column says ``<method>+tta`` when TTA is used.
-    With ``domain_check`` and a domain reference in the ensemble, every scored cell gets ``in_domain`` and,
-    when outside, a ``domain_note``; the patient summary counts them (see ``subject_level``)."""
-    out_csv = Path(out_csv)
+def score_table(model: Engine, rows: list[ManifestRow], errors: dict[str, str], *, tta: bool | None = None,
+                batch_size: int | None = None, domain_check: bool = True, geometry: FrameGeometry = FrameGeometry(),
+                decoders: list | None = None) -> CellTable:
+    """Score ``rows`` (``decoders``: how to get each one's pixels; default: read its file) into the rows of the
+    predictions CSV. ``tta`` None: as the ensemble was fitted (``model.default_tta``); the ``model`` column says
+    ``<method>+tta`` when TTA is used. With ``domain_check`` and a domain reference in the ensemble, every scored
+    cell gets ``in_domain`` and, when outside, a ``domain_note``, and its call is OUTSIDE."""
     tta = model.uses_tta(tta)
-    rows = inputs.rows
-    if domain_check and model.domain is None:
-        logger.warning("this ensemble folder has no domain reference (built by an earlier alldetect): cells are "
-                       "not checked against its training cells; rebuild it with `alldetect ensemble`")
-    cells = score_cells(model, _decoders(rows, inputs.errors), [r.path for r in rows], tta=tta,
+    cells = score_cells(model, decoders or _decoders(rows, errors), [r.path for r in rows], tta=tta,
                         batch_size=batch_size, domain_check=domain_check, geometry=geometry,
                         workers=min(8, os.cpu_count() or 1))
-    kept = cells.kept
-    texts = {}
+    kept, point = cells.kept, model.operating_point
+    verdicts = [None] * len(rows) if cells.in_domain is None else [bool(v) for v in cells.in_domain]
+    texts = {"call": [cell_call(p, point.cell_threshold, v) for p, v in zip(cells.prob, verdicts)]}
     if cells.in_domain is not None:
         texts["in_domain"] = _on_scored(["yes" if v else "no" for v in cells.in_domain], kept)
         texts["domain_note"] = cells.domain_notes
@@ -114,20 +129,30 @@ def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *, tta: boo
         [r.path for r in rows], [r.label for r in rows], {name: cells.prob}, subjects=[r.subject for r in rows],
         errors=cells.errors, warnings=cells.warnings,
         texts=texts, extra={f"prob_{m}": cells.members[k] for k, m in enumerate(model.names)}, spreadsheet_safe=True)
-    write_csv_atomic(out_csv, columns, records)
-    scored_rows = [rows[i] for i in kept]
-    ens = cells.prob[kept]
-    in_domain = None if cells.in_domain is None else cells.in_domain[kept]
-    point = model.operating_point
-    called = point.cells_all(ens)
-    summary = Scored(out_csv, len(kept), len(rows) - len(kept), [r.path for r, c in zip(scored_rows, called) if c],
-                     point, out_of_domain=None if in_domain is None else int((~in_domain).sum()))
+    return CellTable(columns, records, prob=cells.prob, y=np.array([r.y for r in rows], dtype=int),
+                     subjects=[r.subject for r in rows], kept=kept, in_domain=cells.in_domain, operating_point=point)
+
+
+def predict_rows(model: Engine, inputs: Inputs, out_csv: str | Path, *, tta: bool | None = None,
+                 batch_size: int | None = None, domain_check: bool = True,
+                 geometry: FrameGeometry = FrameGeometry()) -> Scored:
+    """Write the predictions CSV (see ``score_table``), and the patients file when every scored cell names its
+    subject, and the challenge submission file for the unlabelled final-test layout."""
+    out_csv = Path(out_csv)
+    if domain_check and model.domain is None:
+        logger.warning("this ensemble folder has no domain reference (built by an earlier alldetect): cells are "
+                       "not checked against its training cells; rebuild it with `alldetect ensemble`")
+    rows = inputs.rows
+    table = score_table(model, rows, inputs.errors, tta=tta, batch_size=batch_size, domain_check=domain_check,
+                        geometry=geometry)
+    table.to_csv(out_csv)
+    summary = Scored(out_csv, table)
+    scored_rows = [rows[i] for i in table.kept]
     if scored_rows and all(r.subject for r in scored_rows):
-        y = np.array([r.y for r in scored_rows])
-        patients = subject_level(y, ens, [r.subject for r in scored_rows], point=point, in_domain=in_domain)
-        patients_file = out_csv.with_name(out_csv.stem + ".patients.csv")
-        write_csv_atomic(patients_file, list(patients[0]), patients)
-        summary.patients, summary.patients_csv = patients, patients_file
+        patients = table.patients()
+        patients_file = patients.to_csv(out_csv.with_name(out_csv.stem + ".patients.csv"))
+        summary.patients, summary.patients_csv = patients.records, patients_file
+    called = table.operating_point.cells_all(table.prob[table.kept])
     final = [(int(Path(r.path).stem), int(c)) for r, c in zip(scored_rows, called)
              if r.source == "final" and Path(r.path).stem.isdigit()]
     if final:

@@ -41,7 +41,7 @@ from ..data.geometry import FrameGeometry
 from ..ensemble.combiners import WeightedAverage
 from ..ensemble.folder import EnsembleFolder
 from ..evaluation.evaluate import subject_level
-from ..formats.labels import Label, call
+from ..formats.labels import Label, cell_call
 from ..formats.csvfiles import csv_text
 from ..formats.predictions import prediction_records
 from ..inference.load import load_engine
@@ -74,7 +74,6 @@ class ServeSettings:
 
 HISTORY_CHOICES = ("private", "shared", "off")
 CLIENT_COOKIE = "alldetect_client"  # a random token per browser: whose requests /history shows
-OUTSIDE = "OUTSIDE"  # the call of a cell the domain check flags: outside what this model was trained on
 
 
 MULTIPART_OVERHEAD = 256 * 1024  # part headers and boundaries on top of the uploaded files themselves
@@ -234,7 +233,7 @@ class LabServer:
             out.append({
                 "name": cell.name, "group": cell.group or _subject(cell.name), "sha256": cell.sha256,
                 "prob_all": float(prob) if finite else None,
-                "call": (OUTSIDE if inside is False else call(prob, point.cell_threshold)) if finite else None,
+                "call": cell_call(prob, point.cell_threshold, inside) if finite else None,
                 "in_domain": inside, "domain_note": scores.domain_notes[i],
                 "members": {} if j is None else {n: float(scores.members[k, i]) for k, n in enumerate(engine.names)},
                 "cam_png": overlays[j] if j is not None and j < len(overlays) else None,

@@ -1,0 +1,79 @@
+"""alldetect as a library: ``alldetect.load(folder).predict(images)`` gives what ``alldetect predict`` writes, for
+files, folders, arrays and PIL images, with the same calls and patients."""
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import alldetect
+from helpers import write_cell
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api-cells")
+    for name, value in (("UID_3_1_1_all.png", 90), ("UID_3_1_2_all.png", 120), ("UID_H2_1_1_hem.png", 60)):
+        write_cell(root / name, size=80, value=value)
+    (root / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def test_the_readme_lines_give_the_predict_commands_rows_and_patients(ensemble_dir, cells, tmp_path):
+    from typer.testing import CliRunner
+
+    from alldetect.cli import app
+
+    done = CliRunner().invoke(app, ["predict", str(ensemble_dir), str(cells), "-o", str(tmp_path / "p.csv"),
+                                    "--device", "cpu"])
+    assert done.exit_code == 1, done.output  # one unreadable file
+    with open(tmp_path / "p.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    with open(tmp_path / "p.patients.csv", newline="") as f:
+        patients = list(csv.DictReader(f))
+
+    ensemble = alldetect.load(ensemble_dir, device="cpu")
+    table = ensemble.predict(cells)
+    assert table.columns == list(written[0]) and "call" in table.columns
+    assert [r["path"] for r in table] == [r["path"] for r in written]
+    assert table["call"] == [r["call"] for r in written]
+    assert table["prob_all"] == pytest.approx([float(r["prob_all"]) if r["prob_all"] else np.nan for r in written],
+                                              nan_ok=True)
+    assert [r["error"] for r in table] == [r["error"] for r in written] and table.scored == 3
+    keys = ("subject", "cells", "flagged_all", "call", "truth")
+    assert [{k: str(p[k]) for k in keys} for p in table.patients()] == [{k: p[k] for k in keys} for p in patients]
+    assert ensemble.members == ["mobilenet", "efficientnet_lite0"] and ensemble.operating_point.cell_threshold
+
+
+def test_arrays_pil_images_and_files_score_alike(ensemble_dir, cells):
+    ensemble = alldetect.load(ensemble_dir, device="cpu", engine="torch")
+    path = cells / "UID_3_1_1_all.png"
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    table = ensemble.predict([path, rgb, Image.open(path), cells / "missing.png", np.zeros((4, 4, 3))],
+                             subjects=["3", "3", "3", "3", "3"])
+    prob = table["prob_all"]
+    assert prob[1] == pytest.approx(prob[0], abs=1e-6) and prob[2] == pytest.approx(prob[0], abs=1e-6)
+    assert table["path"][1:3] == ["image 1", "image 2"]
+    assert "file not found" in table["error"][3] and np.isnan(prob[3])
+    assert "float64 array of shape (4, 4, 3) is not an image" in table["error"][4]
+    assert [p["cells"] for p in table.patients()] == [3]  # the scored ones, as predict's patients file counts
+    with pytest.raises(alldetect.errors.AlldetectError, match="2 subjects for 1 images"):
+        ensemble.predict(rgb, subjects=["a", "b"])
+    with pytest.raises(alldetect.errors.AlldetectError, match="patient calls need every scored cell's subject"):
+        ensemble.predict(rgb).patients()
+
+
+def test_to_pandas_gives_numbers_as_numbers(ensemble_dir, cells):
+    pd = pytest.importorskip("pandas")
+    frame = alldetect.load(ensemble_dir, device="cpu").predict(cells).to_pandas()
+    assert isinstance(frame, pd.DataFrame) and len(frame) == 4
+    assert frame["prob_all"].dtype.kind == "f" and frame["prob_all"].isna().sum() == 1
+
+
+def test_importing_alldetect_imports_no_torch():
+    done = subprocess.run([sys.executable, "-c", "import alldetect, sys; print('torch' in sys.modules, "
+                                                 "callable(alldetect.load))"], capture_output=True, text=True)
+    assert done.stdout.split() == ["False", "True"], done.stderr
