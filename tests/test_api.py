@@ -77,3 +77,19 @@ def test_importing_alldetect_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", "import alldetect, sys; print('torch' in sys.modules, "
                                                  "callable(alldetect.load))"], capture_output=True, text=True)
     assert done.stdout.split() == ["False", "True"], done.stderr
+
+
+def test_the_readme_example_runs(ensemble_dir, cells, tmp_path, monkeypatch):
+    """README's "As a Python library" block, its scoring lines run as written (the folder and two file names
+    put in; training and the whole run are tested through the commands)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### As a Python library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if not line.startswith(("alldetect.train", "alldetect.run"))]
+    code = "\n".join(lines).replace('"runs/demo/ensemble"', repr(str(ensemble_dir))) \
+        .replace('["a.bmp", "b.png"]', repr([str(cells / "UID_3_1_1_all.png"), str(cells / "UID_H2_1_1_hem.png")]))
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["cells"].scored == 2 and len(namespace["cells"].patients()) == 2
