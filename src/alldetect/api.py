@@ -190,7 +190,7 @@ def run(*, data: str | Path | None = None, out: str | Path = "runs/demo", profil
         The report (``<out>/ensemble/report.md``).
     """
     from .pipeline import PipelineConfig, run_pipeline
-    from .training.config import Profile
+    from .choices import Profile
 
     cfg = PipelineConfig(out=str(out), data=str(data) if data else None, profile=Profile(profile) if profile else None,
                          members=tuple(members) if members else None, **options)

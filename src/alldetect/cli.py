@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 
+from .choices import AugmentOn, Criterion, Device, Engine, History, Profile
 from .errors import AlldetectError, require_extra
 from .formats.csvfiles import TEMPORARY_NAME_EXTRA
 from .precision import INT8_TOLERANCE, Precision
-from .training.config import Profile
 
 if TYPE_CHECKING:
     from .data.geometry import FrameGeometry
@@ -37,16 +37,11 @@ def _choices(name: str, *values: str) -> type[Enum]:
 
 ImageFormat = _choices("ImageFormat", "bmp", "png")
 Protocol = _choices("Protocol", "subject", "paper")
-Device = _choices("Device", "auto", "cpu", "cuda")
-Engine = _choices("Engine", "auto", "onnx", "torch")
-History = _choices("History", "private", "shared", "off")
-PointChoice = _choices("PointChoice", "auto", "paper", "balanced_accuracy")
-
-
-PointOption = Annotated[PointChoice, typer.Option(
+PointOption = Annotated[Criterion, typer.Option(
     "--operating-point", help="How each combiner's cell and patient thresholds are chosen: auto (balanced accuracy "
                               "on out-of-fold predictions when cross-fitted, else the paper's 0.5), paper, or "
-                              "balanced_accuracy on the validation predictions.")]
+                              "balanced_accuracy on the validation predictions (sensitivity and specificity: give "
+                              "--sensitivity or --specificity with the target).")]
 SensitivityOption = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Instead: the highest cell threshold that keeps at least this sensitivity.")]
 SpecificityOption = Annotated[float | None, typer.Option(
@@ -64,11 +59,13 @@ NoCropOption = Annotated[bool, typer.Option(
                       "the center.")]
 
 
-def operating_criterion(choice: PointChoice, sensitivity: float | None,
+def operating_criterion(choice: Criterion, sensitivity: float | None,
                         specificity: float | None) -> tuple[str, float | None]:
     """The criterion and target the options ask for; one at a time."""
     if sensitivity is not None and specificity is not None:
         raise AlldetectError("give --sensitivity or --specificity, not both")
+    if choice in (Criterion.sensitivity, Criterion.specificity):
+        raise AlldetectError(f"--operating-point {choice.value} needs its target: give --{choice.value} TARGET")
     if sensitivity is not None:
         return "sensitivity", sensitivity
     if specificity is not None:
@@ -262,9 +259,10 @@ def train(
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
-    augment_on: Annotated[str | None, typer.Option(
-        help="Where augmentation runs: loader (per image, DataLoader workers) or device (the whole batch on the "
-             "training device) [default: device on a GPU, loader on a CPU].")] = None,
+    augment_on: Annotated[AugmentOn, typer.Option(
+        help="Where augmentation runs: loader (per image, DataLoader workers) or device (the crops held on the "
+             "training device, each batch augmented there); auto: device on a GPU, loader on a CPU.")]
+    = AugmentOn.auto,
     precision: Annotated[Precision, typer.Option(
         help="auto: bf16 autocast on CUDA, fp32 on CPU; or force bf16 or fp32.")] = Precision.auto,
     ema_decay: Annotated[float | None, typer.Option(
@@ -287,7 +285,7 @@ def train(
                          epochs=epochs, batch_size=batch_size, crop=crop, input_size=input_size,
                          weights=str(weights) if weights else None, pretrained=True if weights else pretrained,
                          device=device.value, workers=workers, compile=compile or None, precision=precision.value,
-                         augment_on=augment_on, ema_decay=ema_decay,
+                         augment_on=augment_on.value, ema_decay=ema_decay,
                          checkpoint_every=checkpoint_every, seed=seed)
     run = fit(cfg, resume=resume)
     typer.echo(f"run directory: {run}")
@@ -378,7 +376,7 @@ def ensemble(
                                                                   "probabilities and score with TTA [default: when "
                                                                   "every member trained on the 8 flips/rotations, "
                                                                   "as in the plus profile].")] = None,
-    operating_point: PointOption = PointChoice.auto,
+    operating_point: PointOption = Criterion.auto,
     sensitivity: SensitivityOption = None,
     specificity: SpecificityOption = None,
 ) -> None:
@@ -538,9 +536,9 @@ def serve(
     max_queued: Annotated[int, typer.Option(help="Requests being received or waiting to be scored; more are "
                                                  "answered 503 with Retry-After.")] = 16,
     device: Annotated[Device, typer.Option(help="Where to run the models.")] = Device.auto,
-    engine: Annotated[Engine | None, typer.Option(
-        help="Default: the exported ONNX graph (`alldetect export`, int8 if written) when there is one, "
-             "else as auto. auto: as `predict --engine auto`.")] = None,
+    engine: Annotated[Engine, typer.Option(
+        help="prefer-onnx: the exported ONNX graph (`alldetect export`, int8 if written) when there is one, "
+             "else as auto. auto: as `predict --engine auto`.")] = Engine.prefer_onnx,
     allow_host: Annotated[list[str] | None, typer.Option(
         help="Another host name clients may use to reach the server (repeatable); requests naming any other "
              "Host are refused [default: the bound address and the loopback names].")] = None,
@@ -576,7 +574,7 @@ def serve(
     hosts = tuple(dict.fromkeys([*loopback, *([] if wildcard else [host]), *(allow_host or [])]))
     connections = ConnectionLimits(header_seconds=header_timeout, body_seconds=body_timeout,
                                    max_connections=max_connections, max_per_client=max_connections // 2)
-    settings = ServeSettings(db_path=str(db), device=device.value, engine=engine.value if engine else "prefer-onnx",
+    settings = ServeSettings(db_path=str(db), device=device.value, engine=engine.value,
                              limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files),
                              max_queued=max_queued, allowed_hosts=hosts, history=history.value,
                              connections=connections, domain_check=domain_check,
@@ -623,7 +621,7 @@ def run(
                     "held-out validation split [default: plus cross-fits, in up to 5 folds on a GPU and 3 on a "
                     "CPU; paper and demo split].")]
     = None,
-    operating_point: PointOption = PointChoice.auto,
+    operating_point: PointOption = Criterion.auto,
     sensitivity: SensitivityOption = None,
     specificity: SpecificityOption = None,
     force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,

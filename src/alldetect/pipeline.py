@@ -41,7 +41,8 @@ from .models.members import MEMBER_SETS, PAPER_MEMBERS
 from .models.runtime import resolve_device
 from .report.build import make_report
 from .training import fit, profile_config
-from .training.config import DEMO_CROP, MACHINERY, RECIPES, Profile, TrainConfig
+from .choices import Profile
+from .training.config import DEMO_CROP, MACHINERY, RECIPES, TrainConfig
 
 logger = logging.getLogger(__name__)
 

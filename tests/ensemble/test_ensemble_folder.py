@@ -57,7 +57,7 @@ def test_damaged_or_replaced_weights_are_refused(copied):
     (lambda s: s["members"][0].pop("sha256"), "missing field members\\[0\\].sha256"),
     (lambda s: s.pop("methods"), "missing field methods"),
     (lambda s: s.update(default_method="median"), "default_method 'median' is not one of its methods"),
-    (lambda s: s["methods"].update(magic={"method": "magic"}), "methods.magic: unknown method"),
+    (lambda s: s["methods"].update(magic={"method": "magic"}), "methods.magic: unknown ensemble method 'magic'"),
     (lambda s: s.update(version=1), "earlier alldetect.*rebuild it"),
 ])
 def test_a_bad_spec_is_one_line_naming_the_field(copied, change, message):

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..choices import Augmentation
 from ..errors import require_extra
 
 from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
@@ -23,7 +24,7 @@ PAPER_ROTATION, PAPER_SHIFT, PAPER_ZOOM = 180.0, 0.1, 0.1
 # background black (contrast jitter would grey it, so it is left out).
 STAIN_BRIGHTNESS, STAIN_SATURATION, STAIN_HUE = 0.15, 0.3, 0.04
 # augmentations that draw from the eight symmetries of the square: scoring averages over all eight (TTA)
-DIHEDRAL_AUGMENTATIONS = ("dihedral", "dihedral+stain")
+DIHEDRAL_AUGMENTATIONS = (Augmentation.dihedral.value, Augmentation.dihedral_stain.value)
 
 
 def train_augmentation(*, rotation: float = PAPER_ROTATION, shift: float = PAPER_SHIFT,

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from ..data.cache import load_crops
 from ..data.domain import DomainReference, fit_domain, measure_images
 from ..data.geometry import Preprocess
+from ..choices import Criterion
 from ..data.transforms import DIHEDRAL_AUGMENTATIONS
 from .. import versions
 from ..errors import AlldetectError
@@ -72,8 +73,8 @@ def build_ensemble(run_dirs: list[str | Path], out: EnsembleFolder | str | Path,
         crops, usable = _crops(paths, preprocess, cache)
         label_of = dict(zip(val.path, val.y))
         folder.write_calibration(crops, np.array([label_of[p] for p, ok in zip(paths, usable) if ok]))
-    if operating_point == "auto":
-        operating_point = "balanced_accuracy" if cross_fitted else "paper"
+    if operating_point == Criterion.auto:
+        operating_point = (Criterion.balanced_accuracy if cross_fitted else Criterion.paper).value
     write_ensemble(folder, entries, splits, default_method=default_method, tta=tta,
                    data=describe_data(members[0].config["manifest"], folds=len(members[0].folds)),
                    versions=versions(), operating_point=operating_point, target=target, cross_fitted=cross_fitted)

@@ -29,6 +29,7 @@ import torch
 from scipy.optimize import minimize, minimize_scalar
 from sklearn.linear_model import LogisticRegression
 
+from ..errors import AlldetectError
 from ..evaluation.metrics import classification_metrics, log_loss, logit
 
 logger = logging.getLogger(__name__)
@@ -267,20 +268,29 @@ class Stacking(Combiner, name="stacking", label="logistic stacking"):
         return cls(finite_numbers(raw, "coef", members), float(intercept))
 
 
+class UnknownMethod(AlldetectError, ValueError):
+    """A combiner name that is not registered."""
+
+
+def combiner_class(method: str) -> type[Combiner]:
+    """The registered combiner called ``method``; ``UnknownMethod`` names the known ones."""
+    try:
+        return COMBINERS[method]
+    except KeyError:
+        raise UnknownMethod(f"unknown ensemble method {method!r}; known: {', '.join(COMBINERS)}") from None
+
+
 def fit_combiner(method: str, y_val: np.ndarray, val_probs: np.ndarray) -> Combiner:
     """Fit ``method`` (a name in ``COMBINERS``) on validation labels and (members, images) probabilities."""
-    if method not in COMBINERS:
-        raise ValueError(f"unknown ensemble method {method!r}; known: {', '.join(COMBINERS)}")
-    return COMBINERS[method].fit(y_val, val_probs)
+    return combiner_class(method).fit(y_val, val_probs)
 
 
 def combiner_from_json(method: str, raw: object, members: int) -> Combiner:
     """The fitted ``method`` of a spec; ValueError saying what is wrong."""
-    if method not in COMBINERS:
-        raise ValueError(f"unknown method (known: {', '.join(COMBINERS)})")
+    combiner = combiner_class(method)
     if not isinstance(raw, dict):
         raise ValueError("not a fitted combiner")
-    return COMBINERS[method].from_json(raw, members)
+    return combiner.from_json(raw, members)
 
 
 def _finite(value: object) -> bool:

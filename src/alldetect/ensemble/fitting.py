@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AlldetectError
 from ..evaluation.metrics import classification_metrics
 from ..evaluation.operating_point import fit_operating_point
 from ..formats.labels import Label
 from ..formats.predictions import Predictions, write_prediction_blocks
-from .combiners import COMBINERS, Combiner, fit_combiner
+from .combiners import COMBINERS, Combiner, combiner_class, fit_combiner
 from .folder import EnsembleFolder
 from .spec import EnsembleSpec, MemberEntry
 
@@ -22,8 +21,7 @@ def write_ensemble(folder: EnsembleFolder, members: list[MemberEntry], splits: d
                    target: float | None = None, cross_fitted: bool = False) -> EnsembleSpec:
     """Fit every combiner, and each combiner's operating point (``paper``: 0.5; else the criterion of
     ``fit_operating_point``), on the validation split; write the predictions of every split and the spec."""
-    if default_method not in COMBINERS:
-        raise AlldetectError(f"unknown method {default_method!r}; known: {', '.join(COMBINERS)}")
+    combiner_class(default_method)  # refused before anything is fitted
     val = splits["val"]
     y_val, val_probs = val[0].y, np.stack([p.prob_all for p in val])
     fits = {method: fit_combiner(method, y_val, val_probs) for method in COMBINERS}

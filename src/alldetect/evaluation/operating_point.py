@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from ..choices import FITTED_CRITERIA
 from ..formats.operating_point import OperatingPoint
 from .metrics import check_inputs, threshold_for_sensitivity
 
@@ -31,7 +32,7 @@ def fit_operating_point(y: np.ndarray, prob: np.ndarray, subjects: list[str], *,
     elif criterion == "specificity":
         cell = threshold_for_specificity(y, prob, target)
     else:
-        raise ValueError(f"unknown criterion {criterion!r}; choose balanced_accuracy, sensitivity or specificity")
+        raise ValueError(f"unknown criterion {criterion!r}; choose {', '.join(FITTED_CRITERIA)}")
     means, truth, counts = donor_means(y, prob, subjects)
     patient = patient_threshold(means, truth) if len(set(truth.tolist())) == 2 else cell
     min_cells = fit_min_cells(y, prob, subjects, patient, seed=seed)

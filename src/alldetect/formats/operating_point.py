@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..choices import FITTED_CRITERIA, Criterion
 from .labels import THRESHOLD, is_all
 
-CRITERIA = ("paper", "balanced_accuracy", "sensitivity", "specificity")
+CRITERIA = (Criterion.paper.value, *FITTED_CRITERIA)  # a stored point's: "auto" is resolved when it is fitted
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from ..choices import Engine, History
 from ..data.names import parse_cell_name
 from ..data.geometry import FrameGeometry
 from ..ensemble.combiners import WeightedAverage
@@ -61,18 +62,17 @@ class ServeSettings:
     db_path: str = "alldetect-predictions.sqlite"
     limits: Limits = field(default_factory=Limits)
     device: str = "auto"
-    engine: str = "prefer-onnx"  # the exported ONNX graph when there is one, else the `auto` choice
+    engine: str = Engine.prefer_onnx.value  # choices.Engine
     max_cam_cells: int = 32      # Grad-CAM is the slow part: at most this many overlays per request
     max_queued: int = 16         # requests read and waiting for the scoring thread; more get 503 with Retry-After
     max_receiving: int = 64      # request bodies being received at once (each holds up to the upload limit)
     allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any; `serve` sets them)
-    history: str = "private"     # /history shows: each client its own requests (private), all (shared), nothing (off)
+    history: str = History.private.value  # choices.History: what /history shows
     domain_check: bool = True    # flag cells unlike the training cells (when the ensemble has a domain reference)
     geometry: FrameGeometry = FrameGeometry()  # how an uploaded image becomes the crop (see --frame-size, --no-crop)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
-HISTORY_CHOICES = ("private", "shared", "off")
 CLIENT_COOKIE = "alldetect_client"  # a random token per browser: whose requests /history shows
 
 
@@ -90,13 +90,9 @@ class LabServer:
     a time keeps memory bounded."""
 
     def __init__(self, folder: EnsembleFolder, settings: ServeSettings):
-        if settings.history not in HISTORY_CHOICES:
-            raise ValueError(f"history must be one of {HISTORY_CHOICES}, not {settings.history!r}")
+        History.checked(settings.history, "history")
         self.folder, self.settings = folder, settings
-        choice = settings.engine
-        if choice == "prefer-onnx":
-            choice = "onnx" if folder.graph().is_file() else "auto"
-        self.engine = load_engine(folder, device=settings.device, engine=choice)
+        self.engine = load_engine(folder, device=settings.device, engine=settings.engine)
         self.point = self.engine.operating_point
         self.check_domain = settings.domain_check and self.engine.domain is not None
         if settings.domain_check and not self.check_domain:
@@ -289,9 +285,9 @@ class LabServer:
 
     def history(self, request: Request) -> str:
         """Recent predictions: this browser's own (private), everyone's (shared) or none (off)."""
-        if self.settings.history == "off":
+        if self.settings.history == History.off:
             raise HTTPException(404, "the prediction history is not shown on this server (serve --history off)")
-        private = self.settings.history == "private"
+        private = self.settings.history == History.private
         rows = self.store.recent(client=request.state.client if private else None)
         scope = "this browser's predictions" if private else "every client's predictions"
         body = "".join(

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from enum import Enum
 
+from ..choices import AugmentOn, Augmentation, Optimizer, Profile, Schedule
 from ..data.geometry import Preprocess
 from ..errors import AlldetectError
 
-
-class Profile(str, Enum):
-    """Named sets of defaults; an option given explicitly always wins over the profile."""
-    demo = "demo"    # minutes on a laptop CPU with the built-in synthetic set
-    paper = "paper"  # the paper's protocol, exactly
-    plus = "plus"    # the paper's networks and data, trained the way that generalised to unseen donors
-
-
-OPTIMIZERS = ("adamax", "adamw")
-SCHEDULES = ("triangular2", "cosine")
-AUGMENTATIONS = ("paper", "dihedral", "dihedral+stain", "none")
-AUGMENT_PLACES = ("auto", "loader", "device")
 # fields that change where or how fast a run goes, never what it learns
 MACHINERY = frozenset({"device", "workers", "compile", "checkpoint_every", "cache_dir"})
 LOCATION = frozenset({"out", "manifest"})  # where a run reads and writes: a moved run is still the same run
@@ -37,20 +25,17 @@ class TrainConfig:
     crop: int = 300                     # pixel-exact center crop of the 450x450 frame
     input_size: int | None = None       # resize after cropping; None feeds the crop itself (paper)
     oversample: bool = True             # replicate minority-class images up to the majority count
-    augment: str = "paper"              # paper: flips, rotation, zoom, shift; dihedral: the 8 symmetries;
-                                        # dihedral+stain: and brightness/saturation/hue jitter; none
-    augment_on: str = "auto"            # loader: per image in DataLoader workers; device: the crops held on the
-                                        # training device and augmented there a batch at a time
-                                        # (training.batches); auto: device on CUDA, loader on a CPU
+    augment: str = "paper"              # choices.Augmentation
+    augment_on: str = "auto"            # choices.AugmentOn (the device's batches: training.batches)
     # optimisation (paper Sec. 2.2)
     epochs: int = 12                    # one triangular2 cycle is 2 x 6 epochs: keep a multiple of 12
     batch_size: int = 32
-    optimizer: str = "adamax"           # adamax (paper) or adamw
+    optimizer: str = "adamax"           # choices.Optimizer
     lr: float = 2e-4                    # Adamax initial lr; as in Keras CLR the schedule sets lr from step 0
     betas: tuple[float, float] = (0.9, 0.999)  # no momentum cycling: beta1 stays 0.9
     eps: float = 1e-7                   # Keras' Adamax epsilon
     weight_decay: float = 0.0           # decoupled (AdamW); the paper uses none
-    schedule: str = "triangular2"       # triangular2 (paper) or cosine: linear warm-up to lr, cosine to 0
+    schedule: str = "triangular2"       # choices.Schedule
     clr_low: float = 1e-7               # triangular2 bounds
     clr_high: float = 2e-3
     clr_step_epochs: int = 6            # StepSize = 6 x iterations per epoch
@@ -77,9 +62,10 @@ class TrainConfig:
         from ..precision import TRAINING_PRECISIONS
 
         member_spec(self.member)
-        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("augment", AUGMENTATIONS),
-                              ("augment_on", AUGMENT_PLACES),
-                              ("precision", TRAINING_PRECISIONS), ("select_metric", tuple(SELECTION))):
+        for name, choices in (("optimizer", Optimizer), ("schedule", Schedule), ("augment", Augmentation),
+                              ("augment_on", AugmentOn)):
+            object.__setattr__(self, name, choices.checked(getattr(self, name), name))  # plain strings in the JSON
+        for name, allowed in (("precision", TRAINING_PRECISIONS), ("select_metric", tuple(SELECTION))):
             if getattr(self, name) not in allowed:
                 raise AlldetectError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         for name in ("epochs", "batch_size", "crop"):
