@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -109,54 +110,52 @@ def _natural(s: str) -> tuple:
     return (s[:1].isalpha(), int(digits) if digits else 0, s)
 
 
-def _resample_indices(groups: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
-    """Cluster bootstrap: draw subjects with replacement, keep all their cells."""
-    return [idx for idx, _ in _resample(groups, n_boot, seed)]
-
-
-def _resample(groups: np.ndarray, n_boot: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Cluster bootstrap draws: the cells' indices, and for each cell the draw its subject came from (a subject
-    drawn twice counts as two subjects)."""
+def subject_bootstrap(y: np.ndarray, groups: np.ndarray | list[str], statistic: Callable[[np.ndarray, list[str]],
+                      dict[str, float]], *, n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """The one cluster bootstrap over subjects: draw subjects with replacement, keep all their cells, and evaluate
+    ``statistic(cell indices, subject of each cell)`` on each draw (a subject drawn twice counts as two subjects,
+    named apart). Draws holding one class only are skipped: AUC and the balanced metrics are undefined on them.
+    Returns every value's draws."""
     rng = np.random.default_rng(seed)
-    unique, inverse = np.unique(groups, return_inverse=True)
+    unique, inverse = np.unique(np.asarray(groups), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    draws = []
-    for _ in range(n_boot):
-        chosen = rng.integers(0, len(unique), len(unique))
-        draws.append((np.concatenate([members[g] for g in chosen]),
-                      np.concatenate([np.full(len(members[g]), i) for i, g in enumerate(chosen)])))
-    return draws
+    draws: dict[str, list[float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        for _ in range(n_boot):
+            chosen = rng.integers(0, len(unique), len(unique))
+            idx = np.concatenate([members[g] for g in chosen])
+            if len(set(y[idx].tolist())) < 2:
+                continue
+            drawn = [str(i) for i, g in enumerate(chosen) for _ in range(len(members[g]))]
+            for k, v in statistic(idx, drawn).items():
+                draws.setdefault(k, []).append(v)
+    return {k: np.asarray(v) for k, v in draws.items()}
+
+
+def percentile_ci(draws: dict[str, np.ndarray], keys: tuple[str, ...], level: float = 0.95
+                  ) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of bootstrap ``draws`` (NaN draws left out; NaN bounds for a value never drawn)."""
+    alpha = (1 - level) / 2
+    return {k: (float(np.nanquantile(draws[k], alpha)), float(np.nanquantile(draws[k], 1 - alpha)))
+            if len(draws.get(k, ())) else (np.nan, np.nan) for k in keys}
 
 
 def donor_bootstrap_ci(y: np.ndarray, prob: np.ndarray, subjects: list[str], *, point: OperatingPoint = PAPER_POINT,
                        n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile CIs of every ``donor_metrics`` value under a bootstrap over donors (resamples holding one class
-    only are skipped)."""
-    draws: dict[str, list[float]] = {m: [] for m in (*CI_METRICS, *DONOR_METRICS)}
-    for idx, drawn in _resample(np.asarray(subjects), n_boot, seed):
-        if len(set(y[idx].tolist())) < 2:
-            continue
-        for k, v in donor_metrics(y[idx], prob[idx], [str(d) for d in drawn], point=point).items():
-            draws[k].append(v)
-    alpha = (1 - level) / 2
-    return {k: (float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha))) if v else (np.nan, np.nan)
-            for k, v in draws.items()}
+    """Percentile CIs of every ``donor_metrics`` value under the bootstrap over donors."""
+    draws = subject_bootstrap(y, subjects, lambda idx, drawn: donor_metrics(y[idx], prob[idx], drawn, point=point),
+                              n_boot=n_boot, seed=seed)
+    return percentile_ci(draws, (*CI_METRICS, *DONOR_METRICS), level)
 
 
 def bootstrap_ci(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
                  threshold: float = THRESHOLD, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile CIs of ``CI_METRICS`` under a subject-cluster bootstrap. Resamples holding one class only
-    are skipped (AUC and balanced metrics are undefined on them)."""
-    draws = {m: [] for m in CI_METRICS}
-    for idx in _resample_indices(groups, n_boot, seed):
-        if len(set(y[idx].tolist())) < 2:
-            continue
-        m = classification_metrics(y[idx], prob[idx], threshold=threshold)
-        for k in CI_METRICS:
-            draws[k].append(m[k])
-    alpha = (1 - level) / 2
-    return {k: (float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))) if v else (np.nan, np.nan)
-            for k, v in draws.items()}
+    """Percentile CIs of ``CI_METRICS`` under the subject bootstrap."""
+    draws = subject_bootstrap(y, groups, lambda idx, _: classification_metrics(y[idx], prob[idx],
+                                                                               threshold=threshold),
+                              n_boot=n_boot, seed=seed)
+    return percentile_ci(draws, CI_METRICS, level)
 
 
 def paired_bootstrap(y: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, groups: np.ndarray, *,
@@ -166,14 +165,8 @@ def paired_bootstrap(y: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, grou
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         point = classification_metrics(y, prob_a)[metric] - classification_metrics(y, prob_b)[metric]
-        diffs = []
-        for idx in _resample_indices(groups, n_boot, seed):
-            if len(set(y[idx].tolist())) < 2:
-                continue
-            diffs.append(classification_metrics(y[idx], prob_a[idx])[metric]
-                         - classification_metrics(y[idx], prob_b[idx])[metric])
-    diffs = np.asarray(diffs)
-    alpha = (1 - level) / 2
-    return {"metric": metric, "difference": float(point), "ci": (float(np.quantile(diffs, alpha)),
-                                                                   float(np.quantile(diffs, 1 - alpha))),
-            "p_not_better": float((diffs <= 0).mean()), "resamples": int(len(diffs))}
+    draws = subject_bootstrap(y, groups, lambda idx, _: {"difference": classification_metrics(y[idx], prob_a[idx])[
+        metric] - classification_metrics(y[idx], prob_b[idx])[metric]}, n_boot=n_boot, seed=seed)
+    diffs = draws.get("difference", np.zeros(0))
+    return {"metric": metric, "difference": float(point), "ci": percentile_ci(draws, ("difference",), level)[
+        "difference"], "p_not_better": float((diffs <= 0).mean()), "resamples": int(len(diffs))}
