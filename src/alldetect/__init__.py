@@ -41,13 +41,45 @@ def __getattr__(name: str):
 
 
 def versions() -> dict[str, str]:
-    """The libraries a result depends on, recorded with every run and ensemble."""
+    """What a result depends on, recorded with every run and ensemble: the libraries that shape the numbers (Pillow
+    decodes and resizes the model input; onnxruntime runs the exported graphs, "absent" without the onnx extra),
+    the platform, and the git commit of the source when it is a git checkout (with "+changes" when it differs)."""
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import numpy as np
-    import timm
     import torch
 
-    return {"alldetect": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "numpy": np.__version__, "cuda": str(torch.version.cuda),
-            "platform": platform.platform()}
+    from . import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
+    import timm
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "absent"
+
+    return {"alldetect": __version__, "commit": _git_commit(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": installed("torchvision"), "timm": timm.__version__,
+            "numpy": np.__version__, "pillow": installed("pillow"), "scikit-learn": installed("scikit-learn"),
+            "onnxruntime": installed("onnxruntime"), "cuda": str(torch.version.cuda), "platform": platform.platform()}
+
+
+def _git_commit() -> str:
+    """The commit of the checkout this package runs from, or "" when it is not one (an installed wheel)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return ""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if head.returncode != 0:
+        return ""
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")

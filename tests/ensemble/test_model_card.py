@@ -38,3 +38,13 @@ def test_card_has_the_hub_sections_and_the_report_numbers(ensemble_dir, tmp_path
     client = TestClient(create_app(ens, ServeSettings(db_path=str(tmp_path / "db.sqlite"), device="cpu")))
     assert 'href="/model-card"' in client.get("/").text
     assert client.get("/model-card").text == card
+
+
+def test_the_card_names_the_batches_it_was_trained_on_and_claims_no_figure_it_did_not_measure(ensemble_dir):
+    card = (ensemble_dir / EnsembleFolder.CARD).read_text()
+    spec = json.loads((ensemble_dir / "ensemble.json").read_text())
+    batches = spec["data"]["batches"]
+    assert batches and f"trained on cells of {len(batches)} batch" in card and ", ".join(batches) in card
+    assert "was not measured for this model" in card and "lost about 0.2" not in card
+    recorded = spec["versions"]
+    assert {"torchvision", "pillow", "scikit-learn", "onnxruntime", "commit"} <= set(recorded)

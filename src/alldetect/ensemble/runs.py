@@ -193,4 +193,5 @@ def describe_data(manifest: str, *, folds: int = 1) -> dict:
     counts = {group: {label: {"images": sum(r.split in splits and r.label == label for r in labelled),
                               "subjects": len({r.subject for r in labelled if r.split in splits and r.label == label})}
                       for label in ("all", "hem")} for group, splits in groups.items()}
-    return {"dataset": dataset, "synthetic": marker is not None, "protocol": protocol, "counts": counts}
+    return {"dataset": dataset, "synthetic": marker is not None, "protocol": protocol, "counts": counts,
+            "batches": sorted(s for s in sources if s)}

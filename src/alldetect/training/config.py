@@ -55,7 +55,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False               # torch.compile the member
     checkpoint_every: int = 0           # also save last.pt every N steps inside an epoch (0: epoch ends)
-    cache_dir: str | None = None        # decoded-crop cache; default: <run>/../.cache
+    cache_dir: str | None = None        # decoded-crop cache; default: .alldetect-cache beside the manifest
 
     def __post_init__(self) -> None:
         from ..models import member_spec  # raises AlldetectError naming the known members
