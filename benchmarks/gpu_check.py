@@ -481,7 +481,8 @@ def _markdown(results: dict, smoke: bool) -> str:
         lines += ["", f"Profile of `fit()` (DenseNet-121, {profile['steps']} steps): "
                       f"{_num(profile['wall_ms_per_step'])} ms a step, device busy "
                       f"{_num(profile['device_busy_share'], '.0%')} of it; calls a step that wait for the device "
-                      f"(aten::item also counts reads of host tensors): {profile['host_waits'] or 'none'}.", "", _table(profile["top"]) if profile["top"] else ""]
+                      f"(aten::item also counts reads of host tensors): {profile['host_waits'] or 'none'}.", "",
+                  _table(profile["top"]) if profile["top"] else ""]
     paper = results["paper"]
     if paper["status"] == "ok":
         lines += ["", "## The paper protocol: one real epoch of `fit()` per member, and its bare step", "",
@@ -517,8 +518,8 @@ def _table(rows: list[dict]) -> str:
     columns = list(rows[0])
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        out.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)
-                   + " |")
+        cells = (f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

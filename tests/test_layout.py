@@ -9,8 +9,8 @@ import alldetect
 
 PACKAGE = Path(alldetect.__file__).parent
 # bottom to top; a module may import from its own stage and those before it
-STAGES = ("__init__", "_torchvision", "errors", "precision", "choices", "formats", "data", "models", "evaluation", "training",
-          "ensemble", "inference", "export", "report", "serve", "pipeline", "api", "cli")
+STAGES = ("__init__", "_torchvision", "errors", "precision", "choices", "formats", "data", "models", "evaluation",
+          "training", "ensemble", "inference", "export", "report", "serve", "pipeline", "api", "cli")
 
 
 def _module_imports() -> dict[str, set[str]]:

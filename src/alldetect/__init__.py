@@ -47,11 +47,7 @@ def versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    import numpy as np
     import torch
-
-    from . import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
-    import timm
 
     def installed(package: str) -> str:
         try:
@@ -60,8 +56,8 @@ def versions() -> dict[str, str]:
             return "absent"
 
     return {"alldetect": __version__, "commit": _git_commit(), "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": installed("torchvision"), "timm": timm.__version__,
-            "numpy": np.__version__, "pillow": installed("pillow"), "scikit-learn": installed("scikit-learn"),
+            "torch": torch.__version__, "torchvision": installed("torchvision"), "timm": installed("timm"),
+            "numpy": installed("numpy"), "pillow": installed("pillow"), "scikit-learn": installed("scikit-learn"),
             "onnxruntime": installed("onnxruntime"), "cuda": str(torch.version.cuda), "platform": platform.platform()}
 
 

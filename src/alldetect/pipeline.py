@@ -79,6 +79,15 @@ class PipelineConfig:
         return self.folds is None and self.profile is Profile.plus or (self.folds or 1) > 1
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One cached step of `alldetect run`: redone when what it depends on changed or an output is missing."""
+    name: str
+    inputs: dict                # what its result depends on (hashed together with every stage before it)
+    outputs: list[Path]         # what it writes
+    run: Callable[[str], None]  # does the work, told the stage's status: new, changed, started or done
+
+
 class Stages:
     """Keys of finished and started stages, persisted after every change."""
 
@@ -109,59 +118,65 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     stages = Stages(out / "stages.json", cfg.force)
     data_dir = Path(cfg.data).resolve() if cfg.data else out / "data"
     manifest = out / "manifest.csv"
-    steps: list[tuple[str, dict, list[Path], Callable[[str], None]]] = []
+    steps: list[Stage] = []
     if cfg.data is None and not cfg.cross_fits:
-        steps.append(("synth", asdict(replace(DEMO_SYNTH, seed=cfg.seed)), [data_dir / SYNTHETIC_MARKER],
-                      lambda status: generate(data_dir, replace(DEMO_SYNTH, seed=cfg.seed))))
+        steps.append(Stage("synth", inputs=asdict(replace(DEMO_SYNTH, seed=cfg.seed)),
+                           outputs=[data_dir / SYNTHETIC_MARKER],
+                           run=lambda status: generate(data_dir, replace(DEMO_SYNTH, seed=cfg.seed))))
     if cfg.cross_fits:
         folds = _run_index_and_folds(data_dir, out, cfg)  # the fold count names the stages that follow
         train_cfgs = [_train_config(cfg, member, out / "folds" / f"fold{k}.csv", f"fold{k}")
                       for member in cfg.members for k in range(folds)]
         synth = asdict(replace(DEMO_SYNTH, seed=cfg.seed)) if cfg.data is None else None
-        steps.append(("index+folds", {"data": str(data_dir), "seed": cfg.seed, "folds": folds, "synth": synth},
-                      [out / "folds" / f"fold{k}.csv" for k in range(folds)], lambda status: None))
+        steps.append(Stage("index+folds", inputs={"data": str(data_dir), "seed": cfg.seed, "folds": folds,
+                                                  "synth": synth},
+                           outputs=[out / "folds" / f"fold{k}.csv" for k in range(folds)],
+                           run=lambda status: None))  # done by _run_index_and_folds above
     else:
         train_cfgs = [_train_config(cfg, member, manifest) for member in cfg.members]
-        steps.append(("index+split", {"data": str(data_dir), "seed": cfg.seed}, [manifest],
-                      lambda status: _index_and_split(data_dir, manifest, cfg.seed)))
+        steps.append(Stage("index+split", inputs={"data": str(data_dir), "seed": cfg.seed}, outputs=[manifest],
+                           run=lambda status: _index_and_split(data_dir, manifest, cfg.seed)))
     for tc in train_cfgs:
         run_dir = Path(tc.out)
         name = f"train {tc.member}" + (f" {run_dir.name}" if cfg.cross_fits else "")
-        steps.append((name, _shaping(tc), [run_dir / "metrics.json"],
-                      lambda status, tc=tc, run_dir=run_dir: _train(tc, run_dir, status)))
+        steps.append(Stage(name, inputs=_shaping(tc), outputs=[run_dir / "metrics.json"],
+                           run=lambda status, tc=tc, run_dir=run_dir: _train(tc, run_dir, status)))
     folder = EnsembleFolder(out / "ensemble")
     ens_dir = folder.path
-    steps.append(("ensemble", {"members": [t.out for t in train_cfgs], "operating_point": cfg.operating_point,
-                               "target": cfg.target}, [ens_dir / folder.SPEC],
-                  lambda status: build_ensemble([t.out for t in train_cfgs], folder,
-                                                operating_point=cfg.operating_point, target=cfg.target)))
+    steps.append(Stage("ensemble", inputs={"members": [t.out for t in train_cfgs],
+                                           "operating_point": cfg.operating_point, "target": cfg.target},
+                       outputs=[ens_dir / folder.SPEC],
+                       run=lambda status: build_ensemble([t.out for t in train_cfgs], folder,
+                                                         operating_point=cfg.operating_point, target=cfg.target)))
     if has_extra("explain"):
-        steps.append(("explain", {"cells": GRID_CELLS}, [ens_dir / folder.GRADCAM / "gradcam_grid.png"],
-                      lambda status: _explain_examples(folder, cfg.device)))
+        steps.append(Stage("explain", inputs={"cells": GRID_CELLS},
+                           outputs=[ens_dir / folder.GRADCAM / "gradcam_grid.png"],
+                           run=lambda status: _explain_examples(folder, cfg.device)))
     else:
         logger.warning("no Grad-CAM grid in the report: it needs alldetect's 'explain' extra "
                        "(pip install 'alldetect[explain]')")
-    steps.append(("report", {"bootstrap": cfg.bootstrap, "seed": cfg.seed}, [ens_dir / folder.REPORT],
-                  lambda status: make_report(folder, n_boot=cfg.bootstrap, seed=cfg.seed)))
+    steps.append(Stage("report", inputs={"bootstrap": cfg.bootstrap, "seed": cfg.seed},
+                       outputs=[ens_dir / folder.REPORT],
+                       run=lambda status: make_report(folder, n_boot=cfg.bootstrap, seed=cfg.seed)))
     if _exports(cfg):
-        steps.append(("export", {"int8": True}, [folder.graph()],
-                      lambda status: _export(folder)))
+        steps.append(Stage("export", inputs={"int8": True}, outputs=[folder.graph()],
+                           run=lambda status: _export(folder)))
 
     upstream = ""
     with logging_redirect_tqdm(), tqdm(total=len(steps), desc="alldetect run", unit="stage", position=0,
                                        disable=None) as bar:
-        for name, key_fields, outputs, action in steps:
-            key = _hash({"fields": key_fields, "upstream": upstream})
-            status = stages.status(name, key)
-            if status == "done" and all(p.exists() for p in outputs):
-                logger.info("%s: up to date, skipped", name)
+        for stage in steps:
+            key = _hash({"fields": stage.inputs, "upstream": upstream})
+            status = stages.status(stage.name, key)
+            if status == "done" and all(p.exists() for p in stage.outputs):
+                logger.info("%s: up to date, skipped", stage.name)
             else:
-                bar.set_postfix_str(name)
-                logger.info("%s: %s", name, {"new": "running", "changed": "inputs changed, redoing",
-                                             "started": "resuming", "done": "outputs missing, redoing"}[status])
-                stages.mark(name, key, done=False)
-                action(status)
-                stages.mark(name, key, done=True)
+                bar.set_postfix_str(stage.name)
+                logger.info("%s: %s", stage.name, {"new": "running", "changed": "inputs changed, redoing",
+                                                   "started": "resuming", "done": "outputs missing, redoing"}[status])
+                stages.mark(stage.name, key, done=False)
+                stage.run(status)
+                stages.mark(stage.name, key, done=True)
             upstream = _hash({"upstream": upstream, "key": key})
             bar.update(1)
     return ens_dir / folder.REPORT
@@ -230,7 +245,10 @@ def _index_and_split(data_dir: Path, manifest: Path, seed: int) -> None:
 
 def _run_index_and_folds(data_dir: Path, out: Path, cfg: PipelineConfig) -> int:
     """Index the data (once the synthetic set exists) and write one manifest per fold; returns the fold count.
-    Run before the stages are listed, since the count names them; cheap when the folds are already written."""
+    Run before the stages are listed, on a cached run too: the fold count names the training stages, and only
+    indexing notices donors added to or removed from the tree (which must change the folds). Indexing reads file
+    names and image headers, not pixels; a fold manifest that did not change is not rewritten, so finished folds
+    stay finished."""
     if cfg.data is None and not (data_dir / SYNTHETIC_MARKER).is_file():
         generate(data_dir, replace(DEMO_SYNTH, seed=cfg.seed))
     result = index_folder(data_dir)
