@@ -72,6 +72,13 @@ class Augmentation(Choice):
     none = "none"
 
 
+class Sampling(Choice):
+    """What one epoch's images are drawn from."""
+    cells = "cells"    # every training cell, the minority class oversampled to the majority's count (the paper)
+    donors = "donors"  # classes as large, and within a class each donor as large whatever its cell count: drawn
+                       # afresh every epoch from each donor's cells
+
+
 class AugmentOn(Choice):
     auto = "auto"      # device on CUDA, loader on a CPU
     loader = "loader"  # per image, in DataLoader workers

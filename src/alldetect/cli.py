@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 
-from .choices import AugmentOn, Criterion, Device, Engine, History, Profile
+from .choices import AugmentOn, Criterion, Device, Engine, History, Profile, Sampling
 from .errors import AlldetectError, require_extra
 from .formats.csvfiles import TEMPORARY_NAME_EXTRA
 from .precision import INT8_TOLERANCE, Precision
@@ -46,6 +46,9 @@ SensitivityOption = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Instead: the highest cell threshold that keeps at least this sensitivity.")]
 SpecificityOption = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Instead: the lowest cell threshold that keeps at least this specificity.")]
+SamplingOption = Annotated[Sampling | None, typer.Option(
+    help="What an epoch draws: cells (every cell, the minority class oversampled: the paper) or donors (classes "
+         "and, within a class, donors weighing the same whatever their cell counts) [default: cells].")]
 DomainCheckOption = Annotated[bool, typer.Option(
     "--domain-check/--no-domain-check", help="Check every cell against what the ensemble's training cells look like "
                                              "and flag those unlike them (a patient with most cells flagged gets no "
@@ -255,6 +258,7 @@ def train(
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
                                                     help="Start from ImageNet weights [profile default: paper and "
                                                          "plus yes, demo no].")] = None,
+    sampling: SamplingOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from <out>/checkpoints/last.pt.")] = False,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
@@ -285,7 +289,7 @@ def train(
                          epochs=epochs, batch_size=batch_size, crop=crop, input_size=input_size,
                          weights=str(weights) if weights else None, pretrained=True if weights else pretrained,
                          device=device.value, workers=workers, compile=compile or None, precision=precision.value,
-                         augment_on=augment_on.value, ema_decay=ema_decay,
+                         augment_on=augment_on.value, ema_decay=ema_decay, sampling=sampling and sampling.value,
                          checkpoint_every=checkpoint_every, seed=seed)
     run = fit(cfg, resume=resume)
     typer.echo(f"run directory: {run}")
@@ -624,6 +628,7 @@ def run(
     operating_point: PointOption = Criterion.auto,
     sensitivity: SensitivityOption = None,
     specificity: SpecificityOption = None,
+    sampling: SamplingOption = None,
     force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,
 ) -> None:
     """Run the whole method: data -> index -> subject split -> five members -> ensembles -> report.
@@ -644,7 +649,8 @@ def run(
                          input_size=input_size,
                          weights_dir=str(weights_dir) if weights_dir else None, pretrained=pretrained,
                          device=device.value, seed=seed, epochs=epochs, batch_size=batch_size, bootstrap=bootstrap,
-                         export=export, folds=folds, operating_point=criterion, target=target, force=force)
+                         export=export, folds=folds, operating_point=criterion, target=target, force=force,
+                         sampling=sampling and sampling.value)
     report_path = run_pipeline(cfg)
     typer.echo(f"report: {report_path}")
 

@@ -59,6 +59,7 @@ class PipelineConfig:
     profile: Profile | None = None           # None: demo on synthetic cells, plus on real ones (see choose_recipe)
     members: tuple[str, ...] | None = None   # None: the paper's five (the three Lite members on a CPU with real data)
     input_size: int | None = None            # resize crops to this side; None: the profile's choice
+    sampling: str | None = None              # choices.Sampling; None: the profile's (cells)
     weights_dir: str | None = None           # local ImageNet weights, one file per member
     pretrained: bool | None = None           # None: the profile's choice
     device: str = "auto"
@@ -210,7 +211,8 @@ def _train_config(cfg: PipelineConfig, member: str, manifest: Path, fold: str = 
     run_dir = Path(cfg.out).resolve() / "members" / member / fold
     overrides = dict(member=member, manifest=str(manifest), out=str(run_dir),
                      seed=cfg.seed, device=cfg.device, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                     weights=cfg.weights_dir, pretrained=cfg.pretrained, input_size=cfg.input_size)
+                     weights=cfg.weights_dir, pretrained=cfg.pretrained, input_size=cfg.input_size,
+                     sampling=cfg.sampling)
     if cfg.data is None:  # the built-in synthetic frames, whatever the profile
         overrides["crop"] = DEMO_CROP
     elif cfg.profile is Profile.demo:  # real 450 px frames: the paper's crop, resized

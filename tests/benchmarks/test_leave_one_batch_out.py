@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from alldetect.data.synth import SynthConfig, generate
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "leave_one_batch_out.py"

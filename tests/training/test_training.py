@@ -100,7 +100,8 @@ def test_test_split_never_influences_training_or_selection(tiny_run, split_manif
     assert _same_weights(_weights(other / "checkpoints" / "best.pt"), _weights(run / "checkpoints" / "best.pt"))
 
 
-@pytest.mark.parametrize("options", [["--augment-on", "loader"], ["--augment-on", "device"], ["--ema-decay", "0.9"]])
+@pytest.mark.parametrize("options", [["--augment-on", "loader"], ["--augment-on", "device"], ["--ema-decay", "0.9"],
+                                     ["--sampling", "donors"]])
 def test_resume_after_sigkill_is_exact(split_manifest, tmp_path, options):
     """The whole run and the resume run in this process (the same command line); the killed one is a real
     process."""
@@ -243,3 +244,19 @@ def test_a_step_reads_nothing_back_from_the_device(split_manifest, tmp_path, mon
     inside = [s for steps in steps_per_epoch.values() for s in steps[1:]]  # each epoch's first step follows its end
     assert len(inside) >= 4
     assert {s: per_step[s] for s in inside if per_step[s]} == {}
+
+
+def test_donor_balanced_sampling_weighs_every_donor_alike_and_draws_afresh_each_epoch():
+    from alldetect.data.dataset import DonorBalanced
+
+    labels = np.array([1] * 100 + [1] * 10 + [1] * 3 + [0] * 40 + [0] * 2)
+    subjects = ["A"] * 100 + ["B"] * 10 + ["C"] * 3 + ["H1"] * 40 + ["H2"] * 2
+    draw = DonorBalanced(labels, subjects, seed=0)
+    first, second = draw(0), draw(1)
+    assert len(first) == len(draw) == 2 * 113  # each class as large as the majority, as oversampling makes it
+    counts = {s: sum(subjects[i] == s for i in first) for s in ("A", "B", "C", "H1", "H2")}
+    assert sorted(counts[s] for s in "ABC") in ([37, 38, 38], [37, 37, 38]) and {counts["H1"], counts["H2"]} <= {56, 57}
+    assert sum(labels[first]) == 113
+    a_cells = [i for i in first if subjects[i] == "A"]
+    assert len(set(a_cells)) == len(a_cells)  # a donor with enough cells repeats none
+    assert not np.array_equal(first, second) and np.array_equal(draw(0), first)

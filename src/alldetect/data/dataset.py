@@ -60,3 +60,34 @@ def oversample_indices(labels: np.ndarray, *, seed: int) -> np.ndarray:
     logger.info("oversampling: %s -> %d per class, %d in all",
                 dict(zip(classes.tolist(), counts.tolist())), target, len(indices))
     return indices
+
+
+class DonorBalanced:
+    """One epoch's image indices with every donor weighing the same within its class and the classes the same,
+    whatever each donor's cell count: a class gets the majority class's cell count (as with ``oversample_indices``,
+    so an epoch is as long), shared evenly by its donors (the remainder to donors drawn at random), and each donor
+    fills its share from its own cells, without repeats while it has enough. Drawn afresh for every epoch, a
+    function of (seed, epoch) alone."""
+
+    def __init__(self, labels: np.ndarray, subjects: list[str], *, seed: int):
+        labels = np.asarray(labels)
+        self.seed = seed
+        self.per_class = int(np.unique(labels, return_counts=True)[1].max())
+        self.donors = {c: [np.flatnonzero((labels == c) & (np.asarray(subjects) == s))
+                           for s in sorted(set(np.asarray(subjects)[labels == c]))] for c in np.unique(labels)}
+        logger.info("donor-balanced sampling: %s donors per class, %d draws per class an epoch",
+                    {int(c): len(d) for c, d in self.donors.items()}, self.per_class)
+
+    def __len__(self) -> int:
+        return self.per_class * len(self.donors)
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, 3])
+        drawn = []
+        for cells in self.donors.values():
+            shares = np.full(len(cells), self.per_class // len(cells))
+            shares[rng.choice(len(cells), self.per_class % len(cells), replace=False)] += 1
+            for own, share in zip(cells, shares):
+                whole, rest = divmod(int(share), len(own))
+                drawn += [rng.permutation(own) for _ in range(whole)] + [rng.choice(own, rest, replace=False)]
+        return np.concatenate(drawn).astype(np.int64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from ..choices import AugmentOn, Augmentation, Optimizer, Profile, Schedule
+from ..choices import AugmentOn, Augmentation, Optimizer, Profile, Sampling, Schedule
 from ..data.geometry import Preprocess
 from ..errors import AlldetectError
 
@@ -25,6 +25,7 @@ class TrainConfig:
     crop: int = 300                     # pixel-exact center crop of the 450x450 frame
     input_size: int | None = None       # resize after cropping; None feeds the crop itself (paper)
     oversample: bool = True             # replicate minority-class images up to the majority count
+    sampling: str = "cells"             # choices.Sampling: cells (with oversample, the paper's) or donors
     augment: str = "paper"              # choices.Augmentation
     augment_on: str = "auto"            # choices.AugmentOn (the device's batches: training.batches)
     # optimisation (paper Sec. 2.2)
@@ -63,7 +64,7 @@ class TrainConfig:
 
         member_spec(self.member)
         for name, choices in (("optimizer", Optimizer), ("schedule", Schedule), ("augment", Augmentation),
-                              ("augment_on", AugmentOn)):
+                              ("augment_on", AugmentOn), ("sampling", Sampling)):
             object.__setattr__(self, name, choices.checked(getattr(self, name), name))  # plain strings in the JSON
         for name, allowed in (("precision", TRAINING_PRECISIONS), ("select_metric", tuple(SELECTION))):
             if getattr(self, name) not in allowed:

@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data.dataset import oversample_indices
+from ..choices import Sampling
+from ..data.dataset import DonorBalanced, oversample_indices
 from ..data.split import check_subject_disjoint
 from ..data.transforms import batch_augmentation
 from ..errors import AlldetectError
@@ -122,7 +123,10 @@ def _set_up(cfg: TrainConfig, *, resume: bool) -> Training:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model, device)
     ema = _moving_average(model, cfg.ema_decay)
-    indices = oversample_indices(train.labels, seed=cfg.seed) if cfg.oversample else np.arange(len(train.rows))
+    if cfg.sampling == Sampling.donors:
+        indices = DonorBalanced(train.labels, [r.subject for r in train.rows], seed=cfg.seed)
+    else:
+        indices = oversample_indices(train.labels, seed=cfg.seed) if cfg.oversample else np.arange(len(train.rows))
     batches = EpochBatches(indices, batch_size=cfg.batch_size, seed=cfg.seed, world_size=dist.world_size,
                            rank=dist.rank)
     on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda")
