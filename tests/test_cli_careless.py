@@ -150,3 +150,34 @@ def test_what_the_decoder_did_to_a_cell_is_in_the_csv(ensemble_dir, tmp_path):
     warnings = {Path(row["path"]).name: row["warning"]
                 for row in _csv_rows(tmp_path / "p.csv")}
     assert "composited onto black" in warnings["half.png"] and warnings["plain.png"] == ""
+
+
+def test_a_special_file_named_on_the_command_line_gets_its_own_error_under_the_name_given(ensemble_dir, tmp_path):
+    """A link to /dev/zero and a named pipe: each is said to be no regular file (not "empty"), and the CSV names
+    the file as it was given, not what the link points to."""
+    zero = tmp_path / "UID_3_1_1_all.png"
+    zero.symlink_to("/dev/zero")
+    pipe = tmp_path / "UID_3_1_2_all.png"
+    os.mkfifo(pipe)
+    good = write_cell(tmp_path / "UID_3_1_3_all.png", size=80)
+    out = tmp_path / "p.csv"
+    r = runner.invoke(app, ["predict", str(ensemble_dir), str(zero), str(pipe), str(good), "-o", str(out),
+                            "--device", "cpu"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    with open(out, newline="") as f:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(f)}
+    for name in (zero.name, pipe.name):
+        assert "not a regular file" in rows[name]["error"] and "/dev/zero" not in rows[name]["path"]
+    assert rows[good.name]["prob_all"]
+
+
+def test_names_that_look_alike_are_written_alike_and_escapes_cannot_be_faked(tmp_path):
+    from alldetect.formats.csvfiles import formula_safe, printable
+
+    assert printable("cafe\u0301.png") == printable("caf\u00e9.png")  # NFD and NFC: one name
+    assert printable("a\\u202e.png") != printable("a\u202e.png")  # typed escape text against the real mark
+    for text in ("=1+1.zip", ";=1+1.zip", "a,@SUM(1).png", "\uff1d1+1.png", "x|-2.png", "a\t+1.png"):
+        safe = formula_safe(text)
+        for separator in (",", ";", "\t", "|"):
+            assert all(not part.lstrip().startswith(("=", "+", "-", "@", "\uff1d", "\uff0b", "\uff0d", "\uff20"))
+                       for part in safe.split(separator)), (text, safe, separator)

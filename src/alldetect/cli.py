@@ -537,8 +537,15 @@ def serve(
     = Path("alldetect-predictions.sqlite"),
     max_upload_mb: Annotated[int, typer.Option(help="Largest request, in MiB.")] = 50,
     max_files: Annotated[int, typer.Option(help="Most cells per request (zip entries included).")] = 500,
-    max_queued: Annotated[int, typer.Option(help="Requests being received or waiting to be scored; more are "
-                                                 "answered 503 with Retry-After.")] = 16,
+    max_request_megapixels: Annotated[int, typer.Option(min=1, help="Most pixels of all images of one request, "
+                                                                    "read from their headers before decoding (a "
+                                                                    "C-NMC frame: 0.2).")] = 100,
+    max_queued: Annotated[int, typer.Option(min=1, help="Requests whose body is in and that wait to be scored; "
+                                                        "more are answered 503 with Retry-After.")] = 16,
+    max_receiving: Annotated[int, typer.Option(min=1, help="Request bodies being received at once, each up to "
+                                                           "--max-upload-mb; more are answered 503.")] = 64,
+    max_receiving_per_client: Annotated[int, typer.Option(min=1, help="Of those, from one address: a client that "
+                                                                      "sends slowly leaves room for others.")] = 8,
     device: Annotated[Device, typer.Option(help="Where to run the models.")] = Device.auto,
     engine: Annotated[Engine, typer.Option(
         help="prefer-onnx: the exported ONNX graph (`alldetect export`, int8 if written) when there is one, "
@@ -551,11 +558,15 @@ def serve(
              "nothing (every prediction is recorded in --db either way).")] = History.private,
     header_timeout: Annotated[float, typer.Option(min=1, help="Seconds a connection may take to send a "
                                                               "request's headers; then it is closed.")] = 10,
+    send_timeout: Annotated[float, typer.Option(min=1, help="Seconds an answer may wait for its client to read "
+                                                            "it; then the connection is closed.")] = 30,
     body_timeout: Annotated[float, typer.Option(min=1, help="Seconds a request's body may take to arrive "
                                                             "after its headers; then it is closed.")] = 120,
-    max_connections: Annotated[int, typer.Option(min=2, help="Open connections in all (and at most half of them "
-                                                             "from one address); past it the connection waiting "
-                                                             "longest for its headers is closed.")] = 4096,
+    max_connections: Annotated[int, typer.Option(min=2, help="Open connections in all; past it the connection "
+                                                             "waiting longest for its headers (or for its client "
+                                                             "to read) is closed.")] = 4096,
+    max_per_client: Annotated[int | None, typer.Option(min=1, help="Open connections from one address [default: "
+                                                                   "half of --max-connections].")] = None,
     domain_check: DomainCheckOption = True,
     frame_size: FrameSizeOption = None,
     no_crop: NoCropOption = False,
@@ -577,10 +588,14 @@ def serve(
     wildcard = host in ("0.0.0.0", "::", "")
     hosts = tuple(dict.fromkeys([*loopback, *([] if wildcard else [host]), *(allow_host or [])]))
     connections = ConnectionLimits(header_seconds=header_timeout, body_seconds=body_timeout,
-                                   max_connections=max_connections, max_per_client=max_connections // 2)
+                                   send_seconds=send_timeout, max_connections=max_connections,
+                                   max_per_client=max_per_client or max_connections // 2)
     settings = ServeSettings(db_path=str(db), device=device.value, engine=engine.value,
-                             limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files),
-                             max_queued=max_queued, allowed_hosts=hosts, history=history.value,
+                             limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files,
+                                           max_request_pixels=max_request_megapixels * 1_000_000),
+                             max_queued=max_queued, max_receiving=max_receiving,
+                             max_receiving_per_client=max_receiving_per_client, allowed_hosts=hosts,
+                             history=history.value,
                              connections=connections, domain_check=domain_check,
                              geometry=frame_geometry(frame_size, no_crop))
     if host not in loopback:

@@ -88,3 +88,47 @@ def test_a_version_2_folder_still_loads_and_calls_at_the_paper_threshold(ensembl
     assert loaded.operating_point() == PAPER_POINT and [m.folds for m in loaded.members] == [1, 1]
     assert TorchEngine.from_folder(old, device="cpu").names == ["mobilenet", "efficientnet_lite0"]
 
+
+
+@pytest.mark.parametrize("which", ["weights", "domain", "spec"])
+@pytest.mark.parametrize("special", ["device", "fifo"])
+def test_a_folder_file_that_is_no_regular_file_is_refused_before_it_is_read(copied, which, special):
+    """A symlink to /dev/zero would be read until memory runs out, a named pipe waited on for ever."""
+    import os
+
+    path = {"weights": copied / json.loads((copied / "ensemble.json").read_text())["members"][0]["weights"][0],
+            "domain": copied / EnsembleFolder.DOMAIN, "spec": copied / EnsembleFolder.SPEC}[which]
+    path.unlink()
+    if special == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(path)
+    with pytest.raises(SpecError, match=f"{path.name}: .*refused: not a regular file") as caught:
+        TorchEngine.from_folder(copied, device="cpu")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_folder_file_beyond_its_size_bound_is_refused(copied, monkeypatch):
+    from alldetect.ensemble import folder
+
+    monkeypatch.setitem(folder.SIZE_LIMITS, "member weights", 1000)
+    with pytest.raises(SpecError, match=r"weights.safetensors: member weights refused: [\d,]+ bytes, more than any "
+                                        r"member weights \(at most 1,000\)"):
+        TorchEngine.from_folder(copied, device="cpu")
+
+
+def test_weights_too_small_to_divide_by_and_json_too_deep_are_one_line(copied):
+    _edit_spec(copied, lambda s: s["methods"]["sap"].update(weights=[5e-324, 5e-324]))
+    with pytest.raises(SpecError, match="methods.sap.weights .*reciprocal is finite"):
+        _ = EnsembleFolder(copied).spec
+    (copied / "ensemble.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(SpecError, match="nested too deeply"):
+        _ = EnsembleFolder(copied).spec
+
+
+def test_a_weights_path_with_a_nul_byte_is_one_line():
+    from alldetect.models import create_member
+    from alldetect.models._registry import WeightsUnavailable
+
+    with pytest.raises(WeightsUnavailable, match="holds a NUL byte"):
+        create_member("mobilenet", weights="weights\0.pth")

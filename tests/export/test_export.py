@@ -186,6 +186,25 @@ def test_a_replaced_graph_is_refused_naming_the_file(exported, tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_a_replaced_graph_whose_hash_entry_was_deleted_is_refused(exported, tmp_path, caplog):
+    """A folder that records hashes does not fall back to trust when one graph's entry is missing; only a folder
+    written before graph hashes existed (no "graphs" field and no domain hash, which came later) is warned about."""
+    import json
+
+    ens = tmp_path / "ens"
+    shutil.copytree(exported, ens)
+    shutil.copyfile(ens / "ensemble.int8.onnx", ens / "ensemble.onnx")
+    spec = json.loads((ens / "ensemble.json").read_text())
+    del spec["graphs"]["ensemble.onnx"]
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+    with pytest.raises(AlldetectError, match="ensemble.onnx: no hash of this graph is recorded"):
+        OnnxEngine.from_folder(ens)
+    del spec["graphs"], spec["domain"]  # as an alldetect before graph hashes wrote it
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+    OnnxEngine.from_folder(ens)
+    assert "no hash of this graph is recorded" in caplog.text
+
+
 def test_a_graph_that_preprocesses_otherwise_than_the_spec_is_refused(exported, tmp_path):
     from alldetect.export.graph import graph_metadata, set_graph_metadata
 
@@ -203,6 +222,7 @@ def test_the_spec_is_read_once_by_the_web_app_and_once_by_predict(exported, tmp_
     read it once, with Grad-CAM too (which loads the torch members beside the ONNX engine)."""
     import builtins
     import io
+    import os
     from dataclasses import replace
 
     ens = shutil.copytree(exported, tmp_path / "ens")
@@ -218,8 +238,16 @@ def test_the_spec_is_read_once_by_the_web_app_and_once_by_predict(exported, tmp_
             reads.append(file)
         return real_open(file, mode, *args, **kwargs)
 
+    real_os_open = os.open
+
+    def counting_os_open(file, flags, *args, **kwargs):
+        if str(file).endswith("ensemble.json") and not flags & (os.O_WRONLY | os.O_RDWR):
+            reads.append(file)
+        return real_os_open(file, flags, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", counting_open)
     monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr(os, "open", counting_os_open)
     cell = write_cell(tmp_path / "cells" / "UID_5_1_1_all.png", size=80)
     client = TestClient(create_app(ens, ServeSettings(db_path=str(tmp_path / "db.sqlite"), device="cpu")))
     assert client.get("/api/model").status_code == 200 and client.get("/api/health").status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -29,12 +30,14 @@ def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndar
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
         raise ImageProblem(path, "file not found") from None
     except OSError as e:
         raise ImageProblem(path, f"cannot read: {e.strerror or e}") from None
-    if size == 0:
+    if not stat.S_ISREG(info.st_mode):  # a device would be read for ever, a pipe waited on
+        raise ImageProblem(path, "not a regular file (a device, pipe, socket or folder)")
+    if info.st_size == 0:
         raise ImageProblem(path, EMPTY_FILE)
     return decode_rgb(path, name=str(path), max_pixels=max_pixels)
 

@@ -112,7 +112,7 @@ def _member_entry(member: MemberRuns, out: Path) -> MemberEntry:
         weights = out / record / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in state["model"].items()}, str(weights))
         files.append((record / "weights.safetensors").as_posix())
-        hashes.append(sha256_file(weights))
+        hashes.append(sha256_file(weights, kind="member weights"))
         provenance.append({"run": str(run.path), "manifest": run.config["manifest"],
                            "checkpoint": run.folder.best.relative_to(run.path).as_posix(),
                            "select_metric": run.config["select_metric"],

@@ -158,8 +158,10 @@ class WeightedAverage(Combiner, ABC):
 
     @classmethod
     def _checked(cls, raw: dict, members: int) -> Combiner:
-        return cls(finite_numbers(raw, "weights", members, lambda w: min(w) >= 0 and sum(w) > 0,
-                                  "non-negative with a positive sum"))
+        # the sum divides: its reciprocal must be finite too (weights of 5e-324 sum to a number 1/x overflows)
+        return cls(finite_numbers(raw, "weights", members,
+                                  lambda w: min(w) >= 0 and sum(w) > 0 and math.isfinite(1 / sum(w)),
+                                  "non-negative with a sum whose reciprocal is finite"))
 
 
 class SAP(WeightedAverage, name="sap", label="SAP"):

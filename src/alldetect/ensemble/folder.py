@@ -22,7 +22,10 @@ and the web app built from one folder object share that one reading.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -75,13 +78,10 @@ class EnsembleFolder:
         path = self.path / self.SPEC
         if self.path.is_file():
             raise SpecError(f"{self.path}: is a file; pass the ensemble folder (the one holding {self.SPEC})")
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        if not path.exists():
             raise SpecError(f"{path}: not found; build it with `alldetect ensemble RUN_DIR... --out "
-                            f"{self.path}`") from None
-        except OSError as e:
-            raise SpecError(f"{path}: not readable ({e.strerror or e})") from None
+                            f"{self.path}`")
+        data = read_folder_file(path, "ensemble spec")
         self._spec, self._spec_sha256 = parse_spec(data, path), hashlib.sha256(data).hexdigest()
 
     def save_spec(self, spec: EnsembleSpec) -> None:
@@ -127,10 +127,10 @@ class EnsembleFolder:
     def calibration(self) -> tuple[np.ndarray, np.ndarray]:
         """The validation crops and labels kept in the folder for int8 calibration and the bf16 check."""
         path = self.path / self.CALIBRATION
-        if not path.is_file():
+        if not path.exists():
             raise SpecError(f"{path}: not found; rebuild the ensemble, or pass --calibration with cell images")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with np.load(io.BytesIO(read_folder_file(path, "calibration cells")), allow_pickle=False) as data:
                 return data["crops"], data["labels"]
         except (OSError, ValueError, KeyError) as e:
             raise SpecError(f"{path}: unreadable ({e})") from None
@@ -149,10 +149,15 @@ class EnsembleFolder:
         self.save_spec(spec)
 
     def check_graph(self, graph: Path) -> bool:
-        """Whether the spec records a hash for ``graph`` (False: exported by an earlier alldetect); a graph
-        whose hash differs is refused, as member weights are."""
+        """Whether the spec records a hash for ``graph`` (False: a folder exported before alldetect recorded graph
+        hashes, see ``EnsembleSpec.hashes_graphs``); a graph whose hash differs, or that has none in a folder that
+        records them, is refused, as member weights are."""
         recorded = self.spec.graphs.get(graph.name)
-        if recorded is not None and sha256_file(graph) != recorded:
+        if recorded is None and self.spec.hashes_graphs:
+            raise SpecError(f"{graph}: no hash of this graph is recorded in {self.SPEC}, which records every file's "
+                            f"(a graph added or replaced after the export); export it again with `alldetect export "
+                            f"{self.path}`")
+        if recorded is not None and sha256_file(graph, kind="graph") != recorded:
             raise SpecError(f"{graph}: the graph does not match the hash recorded in {self.SPEC} (file damaged, "
                             f"truncated or replaced); export it again with `alldetect export {self.path}`")
         return recorded is not None
@@ -162,7 +167,7 @@ class EnsembleFolder:
         path = self.path / self.DOMAIN
         path.write_text(json.dumps(reference.to_json(), indent=1))
         spec = self.spec
-        spec.domain = sha256_file(path)
+        spec.domain = sha256_file(path, kind="domain reference")
         self.save_spec(spec)
 
     def domain(self) -> DomainReference | None:
@@ -173,36 +178,59 @@ class EnsembleFolder:
         if self._domain is not None and self._domain[0] == self.spec.domain:
             return self._domain[1]
         path = self.path / self.DOMAIN
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise SpecError(f"{path}: the domain reference is not readable ({e.strerror or e})") from None
+        data = read_folder_file(path, "domain reference")
         if hashlib.sha256(data).hexdigest() != self.spec.domain:
             raise SpecError(f"{path}: does not match the hash recorded in {self.SPEC} (file damaged or replaced); "
                             "copy the ensemble folder again")
         try:
             reference = DomainReference.from_json(json.loads(data))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise SpecError(f"{path}: not a domain reference this alldetect reads ({first_line(e)})") from None
         self._domain = (self.spec.domain, reference)
         return reference
 
 
-def sha256_file(path: str | Path) -> str:
+# the largest file of each kind a folder may hold: far above any real one (VGG-16's weights are 0.5 GB, the
+# five-member fp32 graph 1.2 GB), far below what would exhaust a lab server's memory
+SIZE_LIMITS = {"ensemble spec": 16 << 20, "domain reference": 16 << 20, "calibration cells": 1 << 30,
+               "member weights": 2 << 30, "graph": 8 << 30}
+
+
+def _opened(path: Path, kind: str) -> int:
+    """A descriptor of ``path`` once it is known to be a regular file within ``SIZE_LIMITS[kind]``; opened without
+    blocking, so a named pipe is refused instead of waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: {kind} not found") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise SpecError(f"{path}: {kind} not readable ({getattr(e, 'strerror', None) or first_line(e)})") from None
+    info = os.fstat(fd)
+    problem = None if stat.S_ISREG(info.st_mode) else "not a regular file (a pipe, device, socket or folder)"
+    if problem is None and info.st_size > SIZE_LIMITS[kind]:
+        problem = f"{info.st_size:,} bytes, more than any {kind} (at most {SIZE_LIMITS[kind]:,})"
+    if problem:
+        os.close(fd)
+        raise SpecError(f"{path}: {kind} refused: {problem}")
+    return fd
+
+
+def read_folder_file(path: Path, kind: str) -> bytes:
+    """The bytes of a file of the folder, checked first (``_opened``)."""
+    with os.fdopen(_opened(path, kind), "rb") as f:
+        return f.read(SIZE_LIMITS[kind] + 1)
+
+
+def sha256_file(path: str | Path, *, kind: str = "graph") -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(_opened(Path(path), kind), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def _load_weights(path: Path, sha256: str, name: str) -> Member:
-    try:
-        data = path.read_bytes()  # read once: hashed, then parsed from the same bytes
-    except FileNotFoundError:
-        raise SpecError(f"{path}: member weights not found") from None
-    except OSError as e:
-        raise SpecError(f"{path}: member weights not readable ({e.strerror or e})") from None
+    data = read_folder_file(path, "member weights")  # read once: hashed, then parsed from the same bytes
     if hashlib.sha256(data).hexdigest() != sha256:
         raise SpecError(f"{path}: the weights do not match the hash recorded in ensemble.json (file damaged, "
                         "truncated or replaced); copy the ensemble folder again")

@@ -66,6 +66,9 @@ class EnsembleSpec:
     cross_fitted: bool = False    # members trained on K folds of donors; val predictions are out of fold
     graphs: dict[str, str] = field(default_factory=dict)  # exported ONNX graph in the folder -> its sha256
     domain: str | None = None     # sha256 of domain.json, the domain check's reference; None: no check
+    # whether the alldetect that wrote the spec recorded graph hashes: a spec with a "graphs" field or a domain
+    # hash (which came later) did; one with neither was written before, and its graphs have no hash to check
+    hashes_graphs: bool = True
 
     @property
     def names(self) -> list[str]:
@@ -106,6 +109,8 @@ def parse_spec(data: bytes, path: Path) -> EnsembleSpec:
         raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SpecError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not an alldetect ensemble spec (JSON nested too deeply to read)") from None
     if not isinstance(raw, dict) or raw.get("format") != SPEC_FORMAT:
         raise SpecError(f"{path}: not an alldetect ensemble spec")
     if raw.get("version") == 1:
@@ -191,7 +196,8 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
         raise SpecError(f"{path}: field domain is {domain!r}, not the sha256 of domain.json")
     return EnsembleSpec(members, methods, default, raw.get("data") or {}, raw.get("val_metrics") or {},
                         raw.get("tta", False), raw.get("bf16"), raw.get("versions") or {}, points,
-                        raw.get("cross_fitted", False), graphs, domain)
+                        raw.get("cross_fitted", False), graphs, domain,
+                        hashes_graphs="graphs" in raw or domain is not None)
 
 
 def _validated_fit(method: str, raw: object, k: int, path: Path) -> Combiner:

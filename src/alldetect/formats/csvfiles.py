@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import re
+import unicodedata
 import tempfile
 from pathlib import Path
 from typing import TextIO
@@ -96,21 +97,30 @@ def _write(f: TextIO, columns: tuple[str, ...] | list[str], records: list[dict])
 # Characters that do not show as themselves: C0/C1 controls, zero-width and bidirectional marks (a name can be
 # disguised with them, e.g. U+202E reverses what follows) and the surrogates Python uses for the bytes of a
 # file name that is not UTF-8.
-_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+_HIDDEN = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
                      "\ud800-\udfff]")
 
 
+_FORMULA = re.compile("(^|[,;\t|\r\n])(\\s*[=+\\-@\uff1d\uff0b\uff0d\uff20])")
+
+
 def printable(text: str) -> str:
-    r"""``text`` with every hidden character written as its escape, so a name reads as what it is and can be
-    written as UTF-8 (an undecodable byte of a file name shows as ``\xe9``, a bidi mark as ``\u202e``).
+    r"""``text`` in NFC (the composed form: two spellings of one name show as one), with every hidden character
+    written as its escape and every backslash doubled, so a name reads as what it is, no escape can be faked by
+    typing it, and it can be written as UTF-8 (an undecodable byte of a file name shows as ``\xe9``, a bidi mark
+    as ``\u202e``, the typed text ``\u202e`` as ``\\u202e``).
 
     >>> printable("caf\udce9.bmp"), printable("cell\u202egnp.exe"), printable("UID_1_2_3_all.bmp")
     ('caf\\xe9.bmp', 'cell\\u202egnp.exe', 'UID_1_2_3_all.bmp')
+    >>> printable("a\\u202e"), printable("cafe\u0301") == printable("caf\u00e9")
+    ('a\\\\u202e', True)
     """
-    return _HIDDEN.sub(_escape, text)
+    return _HIDDEN.sub(_escape, unicodedata.normalize("NFC", text))
 
 
 def _escape(match: re.Match) -> str:
+    if match.group() == "\\":
+        return "\\\\"
     code = ord(match.group())
     if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the undecodable byte code - 0xDC00
         return f"\\x{code - 0xDC00:02x}"
@@ -118,10 +128,12 @@ def _escape(match: re.Match) -> str:
 
 
 def formula_safe(text: str) -> str:
-    """OWASP's rule against CSV injection: a cell starting with = + - @ (or tab, carriage return) gets a
-    leading single quote, so a spreadsheet shows it instead of evaluating it.
+    """OWASP's rule against CSV injection, for every way a spreadsheet may split a row: wherever a part of the
+    cell (its start, or after a comma, semicolon, tab, pipe or line break, which some spreadsheets take as
+    separators) starts with = + - @ or their fullwidth forms (＝ ＋ － ＠, which some read as the ASCII ones), a
+    single quote goes before it, so a spreadsheet shows the part instead of evaluating it.
 
-    >>> formula_safe("=HYPERLINK(1)"), formula_safe("UID_1_2_3_all.bmp")
-    ("'=HYPERLINK(1)", 'UID_1_2_3_all.bmp')
+    >>> formula_safe("=HYPERLINK(1)"), formula_safe(";=1+1.zip"), formula_safe("\uff1d1"), formula_safe("UID_1.bmp")
+    ("'=HYPERLINK(1)", ";'=1+1.zip", "'\uff1d1", 'UID_1.bmp')
     """
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    return _FORMULA.sub(lambda m: f"{m.group(1)}'{m.group(2)}", text)

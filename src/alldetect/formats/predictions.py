@@ -57,14 +57,15 @@ def write_prediction_blocks(path: str | Path, paths: list[str], labels: list[str
 def prediction_records(paths: list[str], labels: list[str], blocks: dict[str, np.ndarray], *,
                        subjects: list[str] | None = None, extra: dict[str, np.ndarray] | None = None,
                        errors: list[str] | None = None, warnings: list[str] | None = None,
-                       texts: dict[str, list[str]] | None = None,
-                       spreadsheet_safe: bool = False) -> tuple[list[str], list[dict]]:
+                       texts: dict[str, list[str]] | None = None, spreadsheet_safe: bool = False,
+                       printed: bool = False) -> tuple[list[str], list[dict]]:
     """Contract columns and rows; a NaN probability (an image that could not be scored) is left empty and
     ``errors`` adds an ``error`` column saying why, ``warnings`` a ``warning`` column (what was done to a cell
     to score it), ``texts`` more text columns (e.g. the domain check's). ``spreadsheet_safe``, for files made
     from names users supplied, writes names ``printable`` (a file name that is not UTF-8 or holds bidi marks
-    can neither break nor disguise a row) and neutralises those a spreadsheet would run as a formula."""
-    clean = (lambda t: formula_safe(printable(t))) if spreadsheet_safe else str
+    can neither break nor disguise a row) and neutralises those a spreadsheet would run as a formula; ``printed``
+    says the texts are ``printable`` already (escaping them again would double their backslashes)."""
+    clean = (lambda t: formula_safe(t if printed else printable(t))) if spreadsheet_safe else str
     paths, subjects = [clean(p) for p in paths], [clean(s) for s in subjects or [""] * len(paths)]
     notes = {"error": errors, "warning": warnings, **(texts or {})}
     notes = {column: [clean(t) for t in values] for column, values in notes.items() if values is not None}

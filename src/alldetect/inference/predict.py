@@ -51,7 +51,8 @@ def collect_inputs(inputs: list[str | Path]) -> Inputs:
                     errors[p.path] = p.problem
         elif item.exists() or is_image_file(item):
             name = parse_cell_name(item.name)
-            rows.append(ManifestRow(path=str(item.resolve()) if item.exists() else str(item),
+            # absolute, but links not followed: the CSV names the file as it was given
+            rows.append(ManifestRow(path=os.path.abspath(item) if item.exists() else str(item),
                                     label=name.label if name else "", subject=name.subject if name else "",
                                     source="files"))
         else:

@@ -117,6 +117,8 @@ def create_member(name: str, *, pretrained: bool = False, weights: str | Path | 
 
 
 def _find_weights_file(spec: MemberSpec, path: Path) -> Path:
+    if "\0" in str(path):
+        raise WeightsUnavailable(f"{str(path)!r}: not a usable path (it holds a NUL byte)")
     if path.is_file():
         return path
     if path.is_dir():

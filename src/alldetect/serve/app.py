@@ -66,6 +66,7 @@ class ServeSettings:
     max_cam_cells: int = 32      # Grad-CAM is the slow part: at most this many overlays per request
     max_queued: int = 16         # requests read and waiting for the scoring thread; more get 503 with Retry-After
     max_receiving: int = 64      # request bodies being received at once (each holds up to the upload limit)
+    max_receiving_per_client: int = 8  # ... from one address: slow senders of one address leave room for others
     allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any; `serve` sets them)
     history: str = History.private.value  # choices.History: what /history shows
     domain_check: bool = True    # flag cells unlike the training cells (when the ensemble has a domain reference)
@@ -101,6 +102,7 @@ class LabServer:
         self.store = PredictionStore(settings.db_path)
         self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alldetect-score")
         self.queued = self.receiving = 0
+        self.receiving_from: dict[str, int] = {}  # bodies being received, per client address
         self.app = self._routes(FastAPI(title="alldetect", version="1", description="ALL detection in single-cell "
                                         "images with a weighted ensemble of CNNs. Research software, not a medical "
                                         "device."))
@@ -122,6 +124,10 @@ class LabServer:
         """Refuse Host names the server was not bound to (DNS rebinding) and cross-site writes (CSRF); give each
         browser a client token, so that its history is its own."""
         host = request.headers.get("host", "")
+        if "transfer-encoding" in request.headers and "content-length" in request.headers:
+            # two framings of one body: which one a proxy in front believed is unknowable (request smuggling)
+            return JSONResponse({"detail": "a request may give Transfer-Encoding or Content-Length, not both"},
+                                status_code=400)
         if self.settings.allowed_hosts is not None and _hostname(host) not in self.settings.allowed_hosts:
             return JSONResponse({"detail": f"host {host!r} is not served here; start `alldetect serve` with "
                                            "--allow-host for the names clients use"}, status_code=421)
@@ -173,13 +179,21 @@ class LabServer:
         settings = self.settings
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise UploadRejected(400, "send the images as multipart/form-data in the field 'files'")
+        address = request.client.host if request.client else ""
         if self.receiving >= settings.max_receiving:
             raise UploadRejected(503, f"busy: {self.receiving} uploads are arriving; retry shortly", retry_after=5)
+        if self.receiving_from.get(address, 0) >= settings.max_receiving_per_client:
+            raise UploadRejected(503, f"busy: {settings.max_receiving_per_client} uploads from your address are "
+                                      "still arriving; retry when one is in", retry_after=5)
         self.receiving += 1
+        self.receiving_from[address] = self.receiving_from.get(address, 0) + 1
         try:
             files = await _read_files(request, settings.limits)
         finally:
             self.receiving -= 1
+            self.receiving_from[address] -= 1
+            if not self.receiving_from[address]:
+                del self.receiving_from[address]
         # A queue place is taken once the body is in: a client that sends slowly holds none.
         if self.queued >= settings.max_queued:
             raise UploadRejected(503, f"busy: {self.queued} requests are waiting to be scored; retry shortly",
@@ -269,15 +283,18 @@ class LabServer:
         nan = float("nan")
         members = [json.loads(r["member_probs"]) for r in rows]
         notes = [r["domain_note"] for r in rows]
-        texts = {} if all(n is None for n in notes) else {
-            "in_domain": ["" if n is None else "no" if n else "yes" for n in notes],
-            "domain_note": [n or "" for n in notes]}
+        probs = [nan if r["prob_all"] is None else r["prob_all"] for r in rows]
+        inside = [None if n is None else not n for n in notes]  # a note is written only for a cell outside
+        texts = {"call": [cell_call(p, self.point.cell_threshold, i) for p, i in zip(probs, inside)]}
+        if not all(n is None for n in notes):
+            texts.update({"in_domain": ["" if n is None else "no" if n else "yes" for n in notes],
+                          "domain_note": [n or "" for n in notes]})
         columns, records = prediction_records(
             [r["file_name"] for r in rows], [""] * len(rows),
-            {self.engine.method: np.array([nan if r["prob_all"] is None else r["prob_all"] for r in rows])},
+            {self.engine.method: np.array(probs)},
             subjects=[r["subject"] or _subject(r["file_name"]) for r in rows], errors=[r["error"] for r in rows],
             texts=texts, extra={f"prob_{n}": np.array([m.get(n, nan) for m in members]) for n in self.engine.names},
-            spreadsheet_safe=True)
+            spreadsheet_safe=True, printed=True)  # names were made printable when they were uploaded
         for record, r in zip(records, rows):
             record["sha256"] = r["sha256"]
         return Response(csv_text([*columns, "sha256"], records), media_type="text/csv",

@@ -1,8 +1,8 @@
 """Connection rules below the app, where a slow or half-open client costs the server nothing but a socket:
-time limits on request headers and bodies, a cap on open connections in all and per client (the oldest
-connection still waiting for its headers makes room), and a refused request's remaining body dropped for
-at most a moment (the connection then serves on if the body ended, else it is closed) instead of read to its
-end."""
+time limits on request headers and bodies and on answers the client does not read, a cap on open connections in
+all and per client (the oldest connection still waiting for its headers, or for its client to read, makes room),
+and a refused request's remaining body dropped for at most a moment (the connection then serves on if the body
+ended, else it is closed) instead of read to its end."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import logging
 import os
 import resource
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import h11
@@ -28,6 +29,7 @@ EVICTABLE_AFTER = 1.0    # a connection waiting for headers this long may be clo
 class ConnectionLimits:
     header_seconds: float = 10      # a connection must send a request's headers within this time
     body_seconds: float = 120       # ... and its whole body within this time after the headers
+    send_seconds: float = 30        # an answer the client stops reading may wait this long for it
     max_connections: int = 4096     # open connections in all (kept under the process's descriptor limit)
     max_per_client: int = 2048      # open connections from one address
 
@@ -59,7 +61,8 @@ class ConnectionGuard:
         self.open = 0
         self.per_client: dict[str, set[GuardedH11Protocol]] = {}
         self.waiting: dict[str, dict[GuardedH11Protocol, float]] = {}  # per address, oldest first -> since when
-        self.closed = {"headers": 0, "evicted": 0, "refused": 0}
+        self.stalled: dict[str, dict[GuardedH11Protocol, float]] = {}  # answers the client is not reading
+        self.closed = {"headers": 0, "unread": 0, "evicted": 0, "refused": 0}
         self._next_summary = 0.0
 
     def admit(self, conn: GuardedH11Protocol) -> bool:
@@ -95,8 +98,18 @@ class ConnectionGuard:
     def is_waiting(self, conn: GuardedH11Protocol) -> bool:
         return conn in self.waiting.get(conn.address, {})
 
+    def stall(self, conn: GuardedH11Protocol, stalled: bool) -> None:
+        """``conn``'s answer stopped (True) or went on (False) reaching its client."""
+        mine = self.stalled.setdefault(conn.address, {})
+        mine.pop(conn, None)
+        if stalled:
+            mine[conn] = conn.loop.time()
+        elif not mine:
+            del self.stalled[conn.address]
+
     def forget(self, conn: GuardedH11Protocol) -> None:
         self.stop_waiting(conn)
+        self.stall(conn, False)
         mine = self.per_client.get(conn.address, set())
         if conn in mine:
             mine.discard(conn)
@@ -110,26 +123,32 @@ class ConnectionGuard:
         if now >= self._next_summary:
             self._next_summary = now + SUMMARY_SECONDS
             logger.warning(
-                "connection guard: closed %d connections that sent no request headers within %gs, evicted %d "
-                "waiting ones to make room and refused %d (%d open, at most %d in all and %d per client)",
-                self.closed["headers"], self.limits.header_seconds, self.closed["evicted"], self.closed["refused"],
+                "connection guard: closed %d connections that sent no request headers within %gs and %d whose "
+                "client read no answer within %gs, evicted %d waiting ones to make room and refused %d (%d open, at "
+                "most %d in all and %d per client)", self.closed["headers"], self.limits.header_seconds,
+                self.closed["unread"], self.limits.send_seconds, self.closed["evicted"], self.closed["refused"],
                 self.open, self.max_connections, self.limits.max_per_client)
             self.closed = dict.fromkeys(self.closed, 0)
 
     def _evict(self, address: str) -> bool:
         """Close the longest-waiting connection of ``address`` that has waited long enough, passing over a
-        kept-alive one whose next request has arrived but is not parsed yet (it is about to be served)."""
-        waiting = self.waiting.get(address, {})
+        kept-alive one whose next request has arrived but is not parsed yet (it is about to be served); else the
+        one whose client has left its answer unread longest."""
         deadline = asyncio.get_running_loop().time() - EVICTABLE_AFTER
-        for conn, since in waiting.items():
+        for conn, since in self.waiting.get(address, {}).items():
             if since > deadline:
-                return False
+                break
             if not (conn.served and conn.has_unread_bytes()):
-                self.count("evicted")
-                conn.close_now()
-                self.forget(conn)
-                return True
+                return self._close(conn, conn.close_now)
+        for conn, since in self.stalled.get(address, {}).items():
+            return since <= deadline and self._close(conn, conn.abort)
         return False
+
+    def _close(self, conn: GuardedH11Protocol, how: Callable[[], None]) -> bool:
+        self.count("evicted")
+        how()
+        self.forget(conn)
+        return True
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -141,6 +160,7 @@ class GuardedH11Protocol(H11Protocol):
         peer = transport.get_extra_info("peername")
         self.address = peer[0] if peer else ""
         self._timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._discarded: int | None = None  # bytes thrown away after an early answer; None: not lingering
         self.served = False  # has answered a request (so, kept alive, it waits for the next one)
         self.refused = not self.guard.admit(self)
@@ -154,8 +174,22 @@ class GuardedH11Protocol(H11Protocol):
         if self.refused:
             return
         self._cancel_timer()
+        self._stop_send_timer()
         self.guard.forget(self)
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The transport holds more of an answer than it may: the client is not reading. It gets ``send_seconds``
+        to resume before the connection is closed; meanwhile a connection with room to make may close it."""
+        super().pause_writing()
+        self.guard.stall(self, True)
+        self._stop_send_timer()
+        self._send_timer = self.loop.call_later(self.guard.limits.send_seconds, self._not_read)
+
+    def resume_writing(self) -> None:
+        self._stop_send_timer()
+        self.guard.stall(self, False)
+        super().resume_writing()
 
     def data_received(self, data: bytes) -> None:
         if self._discarded is not None:
@@ -191,6 +225,8 @@ class GuardedH11Protocol(H11Protocol):
             self._timer = self.loop.call_later(LINGER_SECONDS, self.close_now)
         elif self.conn.their_state is h11.IDLE:
             self._await_headers()
+        elif self.conn.their_state is h11.SEND_BODY and self._timer is None:  # a pipelined request's body
+            self._timer = self.loop.call_later(self.guard.limits.body_seconds, self._body_too_slow)
 
     def has_unread_bytes(self) -> bool:
         sock = self.transport.get_extra_info("socket")
@@ -206,6 +242,23 @@ class GuardedH11Protocol(H11Protocol):
         self._cancel_timer()
         if not self.transport.is_closing():
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping what the transport still holds (an answer nobody reads would keep a closing
+        transport open)."""
+        self._cancel_timer()
+        self._stop_send_timer()
+        self.transport.abort()
+
+    def _not_read(self) -> None:
+        self._send_timer = None
+        self.guard.count("unread")
+        self.abort()
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
 
     def _await_headers(self) -> None:
         self.guard.wait(self)

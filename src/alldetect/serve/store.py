@@ -60,6 +60,8 @@ class PredictionStore:
                                 ("domain_note", "")):  # a record from before these were kept
                 if added not in columns:
                     db.execute(f"ALTER TABLE predictions ADD COLUMN {added} TEXT {kind}")
+            # a private /history reads one client's latest rows: found through this index, not a scan of the table
+            db.execute("CREATE INDEX IF NOT EXISTS predictions_client ON predictions (client, id)")
 
     def record(self, request_id: str, model_id: str, cells: list[dict], *, client: str = "") -> bool:
         """Record a request's cells (``client``: who sent it, for a private history); False (and a logged error)

@@ -36,7 +36,7 @@ class Limits:
     max_files: int = 500                           # cells per request, zip entries included
     max_unzipped_bytes: int = 200 * 1024 * 1024    # all zip entries of one request, once inflated
     max_pixels: int = 4_000_000                    # per image, checked before decoding (C-NMC: 0.2 MP)
-    max_request_pixels: int = 250_000_000          # all images of one request (about 1,200 C-NMC frames)
+    max_request_pixels: int = 100_000_000          # all images of one request (500 C-NMC frames, max_files of them)
 
 
 @dataclass
@@ -64,11 +64,12 @@ def expand_uploads(files: list[tuple[str, bytes]], limits: Limits) -> list[Uploa
         else:
             cells.append(_cell(name, "", data))
         if len(cells) > limits.max_files:
-            raise UploadRejected(413, f"more than {limits.max_files} files in one request")
+            raise UploadRejected(413, f"more than {limits.max_files} files in one request (the server's --max-files)")
     pixels = sum(_declared_pixels(cell, limits) for cell in cells)
     if pixels > limits.max_request_pixels:
         raise UploadRejected(413, f"the images of this request hold {pixels / 1e6:,.0f} megapixels, more than the "
-                                  f"{limits.max_request_pixels / 1e6:,.0f} allowed per request")
+                                  f"{limits.max_request_pixels / 1e6:,.0f} a request may hold (the server's "
+                                  "--max-request-megapixels)")
     return cells
 
 

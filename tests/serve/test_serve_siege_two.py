@@ -1,0 +1,146 @@
+"""Siege, round two: clients that never read their answers (closed after a bounded time, or sooner to make room),
+one address holding every upload slot, two framings of one body, a request of many blank megapixels, and a
+history lookup that must not scan the whole record."""
+
+import errno
+import io
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from alldetect.serve import ServeSettings, create_app
+from alldetect.serve.connections import EVICTABLE_AFTER, ConnectionLimits
+
+from helpers import running_server
+
+PIPELINED = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def _app(ensemble_dir, tmp_path, **settings):
+    return create_app(ensemble_dir, ServeSettings(db_path=str(tmp_path / "db.sqlite"), device="cpu", **settings))
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _never_reading(url: str) -> socket.socket:
+    """A connection that pipelines page requests until its send buffer is full, and never reads an answer."""
+    sock = socket.create_connection(_address(url), timeout=10)
+    sock.setblocking(False)
+    try:
+        for _ in range(20_000):
+            sock.send(PIPELINED)
+    except BlockingIOError:
+        pass
+    return sock
+
+
+def _reset_within(sock: socket.socket, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sock.send(b"G")
+        except BlockingIOError:
+            time.sleep(0.2)
+        except OSError as e:  # reset or broken pipe: the server closed it
+            return e.errno in (errno.ECONNRESET, errno.EPIPE)
+        else:
+            time.sleep(0.05)
+    return False
+
+
+def _from(address: str, url: str, path: str = "/api/health") -> httpx.Response:
+    transport = httpx.HTTPTransport(local_address=address)
+    with httpx.Client(transport=transport, timeout=10) as client:
+        return client.get(f"{url}{path}")
+
+
+def test_a_client_that_never_reads_is_closed_after_the_send_limit(ensemble_dir, tmp_path):
+    limits = ConnectionLimits(send_seconds=2, max_connections=40, max_per_client=20)
+    with running_server(_app(ensemble_dir, tmp_path), limits=limits) as (url, _server):
+        stalled = [_never_reading(url) for _ in range(5)]
+        assert _from("127.0.0.2", url).status_code == 200
+        assert all(_reset_within(s, 15) for s in stalled)
+
+
+@pytest.mark.slow
+def test_clients_that_never_read_make_room_when_the_server_is_full(ensemble_dir, tmp_path):
+    limits = ConnectionLimits(send_seconds=600, max_connections=8, max_per_client=8)
+    with running_server(_app(ensemble_dir, tmp_path), limits=limits) as (url, server):
+        stalled = [_never_reading(url) for _ in range(8)]  # every connection the server allows
+        guard = server.config.http.guard
+        deadline = time.monotonic() + 60
+        while sum(map(len, guard.stalled.values())) < 8 and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the answers fill every buffer between the server and these clients
+        time.sleep(EVICTABLE_AFTER + 0.5)
+        assert _from("127.0.0.2", url).status_code == 200  # long before the send limit: one was closed for it
+        assert sum(_reset_within(s, 2) for s in stalled) >= 1
+
+
+def _png() -> bytes:
+    rgb = np.zeros((80, 80, 3), np.uint8)
+    rgb[20:60, 20:60] = (90, 30, 90)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_one_address_cannot_hold_every_upload_slot(ensemble_dir, tmp_path):
+    app = _app(ensemble_dir, tmp_path, max_receiving=64, max_receiving_per_client=3)
+    with running_server(app) as (url, _server):
+        slow = []
+        for _ in range(4):
+            sock = socket.create_connection(_address(url), timeout=10)
+            sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                         b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b")
+            slow.append(sock)
+            time.sleep(0.2)
+        assert slow[-1].recv(4096).startswith(b"HTTP/1.1 503")  # the fourth from this address
+        transport = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(transport=transport, timeout=60) as client:
+            r = client.post(f"{url}/api/predict", files=[("files", ("a.png", _png()))])
+        assert r.status_code == 200, r.text
+
+
+def test_transfer_encoding_with_content_length_is_refused(ensemble_dir, tmp_path):
+    with running_server(_app(ensemble_dir, tmp_path)) as (url, _server):
+        sock = socket.create_connection(_address(url), timeout=10)
+        sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     b"boundary=b\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400") and b"not both" in answer
+
+
+def test_pixel_work_per_request_is_bounded_with_a_413_naming_the_bound(ensemble_dir, tmp_path):
+    """60 blank 2000x2000 PNGs compress to a few KiB and would decode to 240 megapixels."""
+    import zipfile
+
+    from fastapi.testclient import TestClient
+
+    buffer = io.BytesIO()
+    blank = io.BytesIO()
+    Image.new("RGB", (2000, 2000)).save(blank, format="PNG")
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in range(60):
+            archive.writestr(f"blank{i}.png", blank.getvalue())
+    client = TestClient(_app(ensemble_dir, tmp_path))
+    r = client.post("/api/predict", files=[("files", ("blanks.zip", buffer.getvalue()))])
+    assert r.status_code == 413 and "--max-request-megapixels" in r.json()["detail"], r.text
+
+
+def test_a_private_history_is_found_through_an_index(tmp_path):
+    import sqlite3
+
+    from alldetect.serve.store import PredictionStore
+
+    store = PredictionStore(str(tmp_path / "db.sqlite"))
+    with sqlite3.connect(store.path) as db:
+        plan = " ".join(str(row) for row in db.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM predictions WHERE client = ? ORDER BY id DESC LIMIT 200", ("x",)))
+    assert "predictions_client" in plan and "SCAN predictions" not in plan, plan
