@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU claim of alldetect, measured in one unattended run of under 6 minutes on one H100/H200.
+# Every GPU claim of alldetect, measured in one unattended run meant to take under 6 minutes on one H100/H200.
 #
 #   benchmarks/gpu_check.sh OUTDIR           on a CUDA machine
 #   benchmarks/gpu_check.sh OUTDIR --smoke   the same code paths on a CPU, tiny sizes (a test runs this)
