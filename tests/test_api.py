@@ -62,8 +62,10 @@ def test_arrays_pil_images_and_files_score_alike(ensemble_dir, cells):
     assert [p["cells"] for p in table.patients()] == [3]  # the scored ones, as predict's patients file counts
     with pytest.raises(alldetect.errors.AlldetectError, match="2 subjects for 1 images"):
         ensemble.predict(rgb, subjects=["a", "b"])
-    with pytest.raises(alldetect.errors.AlldetectError, match="patient calls need every scored cell's subject"):
+    with pytest.raises(alldetect.errors.AlldetectError, match="patient calls need the cells' subjects"):
         ensemble.predict(rgb).patients()
+    mixed = ensemble.predict([path, rgb])  # a cell without a subject is left out of the patients, not fatal
+    assert [p["subject"] for p in mixed.patients()] == ["3"]
 
 
 def test_to_pandas_gives_numbers_as_numbers(ensemble_dir, cells):

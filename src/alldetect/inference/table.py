@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from ..evaluation.evaluate import subject_level
 from ..formats.csvfiles import write_csv_atomic
 from ..formats.operating_point import OperatingPoint
 
+logger = logging.getLogger(__name__)
 NUMERIC_PREFIX = "prob_"  # the probability columns: numbers, empty where a cell was not scored
 
 
@@ -77,12 +79,16 @@ class CellTable(Table):
 
     def patients(self) -> Table:
         """Per subject: cells, cells called ALL, mean P(ALL), the call, and (when labelled) the truth; the domain
-        check's count of cells outside. Needs every scored cell's subject (C-NMC names carry them)."""
-        subjects = [self.subjects[i] for i in self.kept]
-        if not subjects or not all(subjects):
-            raise DataError("patient calls need every scored cell's subject: name the files as C-NMC does "
+        check's count of cells outside. From the scored cells whose subject is known (C-NMC names carry it); the
+        others are left out with a warning."""
+        kept = [i for i in self.kept if self.subjects[i]]
+        if not kept:
+            raise DataError("patient calls need the cells' subjects: name the files as C-NMC does "
                             "(UID_<subject>_<image>_<cell>_<label>.bmp) or pass subjects=")
-        inside = None if self.in_domain is None else self.in_domain[self.kept]
-        rows = subject_level(self.y[self.kept], self.prob[self.kept], subjects, point=self.operating_point,
-                             in_domain=inside)
+        if len(kept) < len(self.kept):
+            logger.warning("%d of %d scored cells name no subject and are left out of the patient calls",
+                           len(self.kept) - len(kept), len(self.kept))
+        inside = None if self.in_domain is None else self.in_domain[kept]
+        rows = subject_level(self.y[kept], self.prob[kept], [self.subjects[i] for i in kept],
+                             point=self.operating_point, in_domain=inside)
         return Table(list(rows[0]), rows)
