@@ -89,7 +89,7 @@ class Ensemble:
             ``.to_pandas()`` a DataFrame, ``.to_csv(path)`` the file ``predict`` writes.
         """
         items = [images] if isinstance(images, (str, Path, np.ndarray)) or _is_pil(images) else list(images)
-        rows, decoders, errors = [], [], {}
+        rows, decoders = [], []
         for i, item in enumerate(items):
             if isinstance(item, (str, Path)):
                 found = collect_inputs([item]) if Path(item).is_dir() else None
@@ -106,7 +106,7 @@ class Ensemble:
                 if len(values) != len(rows):
                     raise AlldetectError(f"{len(values)} {field}s for {len(rows)} images")
                 rows = [_with(r, field, v) for r, v in zip(rows, values)]
-        return score_table(self.engine, rows, errors, tta=tta, domain_check=domain_check, decoders=decoders)
+        return score_table(self.engine, rows, {}, tta=tta, domain_check=domain_check, decoders=decoders)
 
 
 def load(folder: str | Path, *, engine: str = "auto", method: str | None = None, device: str = "auto",

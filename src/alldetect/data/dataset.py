@@ -70,11 +70,11 @@ class DonorBalanced:
     function of (seed, epoch) alone."""
 
     def __init__(self, labels: np.ndarray, subjects: list[str], *, seed: int):
-        labels = np.asarray(labels)
+        labels, subjects = np.asarray(labels), np.asarray(subjects)
         self.seed = seed
         self.per_class = int(np.unique(labels, return_counts=True)[1].max())
-        self.donors = {c: [np.flatnonzero((labels == c) & (np.asarray(subjects) == s))
-                           for s in sorted(set(np.asarray(subjects)[labels == c]))] for c in np.unique(labels)}
+        self.donors = {c: [np.flatnonzero((labels == c) & (subjects == s)) for s in np.unique(subjects[labels == c])]
+                       for c in np.unique(labels)}
         logger.info("donor-balanced sampling: %s donors per class, %d draws per class an epoch",
                     {int(c): len(d) for c, d in self.donors.items()}, self.per_class)
 

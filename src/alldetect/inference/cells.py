@@ -3,6 +3,7 @@ check, score the model inputs in batches, and check the measures against the ens
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,8 +67,9 @@ def read_cells(engine: Engine, cells: Sequence[Decoder | str], names: Sequence[s
             return e.reason
         return engine.preprocess.resize(crop), cell_measures(crop[None])[0] if measure else None, note or ""
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoders release the GIL while they decode
-        results = pool.map(read, range(len(cells))) if workers > 1 else map(read, range(len(cells)))
+    # decoders release the GIL while they decode
+    with ThreadPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = (pool.map if pool else map)(read, range(len(cells)))
         for i, result in enumerate(tqdm(results, total=len(cells), desc="reading cells", unit="img", leave=False,
                                         disable=None)):
             if isinstance(result, str):

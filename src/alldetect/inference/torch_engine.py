@@ -38,7 +38,6 @@ class TorchEngine(Engine):
     precision: str = "auto"  # see inference_autocast
     fp32_members: frozenset[str] = frozenset()  # members that bf16 moves too far: always run in fp32
     domain: DomainReference | None = None  # what the training cells look like (None: no domain check)
-    scoring_batch: int | None = None  # cells scored at once (None: see batch_size)
 
     @classmethod
     def from_folder(cls, folder: EnsembleFolder | str | Path, *, method: str | None = None, device: str = "auto",
@@ -56,7 +55,7 @@ class TorchEngine(Engine):
     @property
     def batch_size(self) -> int:
         """Cells scored at once: a GPU needs large batches to be busy (BENCHMARKS.md, the GPU check)."""
-        return self.scoring_batch or (256 if self.device.type == "cuda" else 32)
+        return 256 if self.device.type == "cuda" else 32
 
     @property
     def names(self) -> list[str]:

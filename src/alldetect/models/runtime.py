@@ -53,7 +53,10 @@ def score_members(members: list[Member], crops: np.ndarray, positions: np.ndarra
     for start in range(0, count, batch_size):
         rows = slice(start, start + batch_size) if positions is None else \
             np.asarray(positions[start:start + batch_size])
-        x = torch.from_numpy(np.array(crops[rows]))  # a copy torch may write, also of the read-only crop cache
+        batch = np.ascontiguousarray(crops[rows])
+        if not batch.flags.writeable:  # a slice of the read-only crop cache: torch wants memory it may write
+            batch = batch.copy()
+        x = torch.from_numpy(batch)
         if device.type == "cuda":
             x = x.pin_memory()
         x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)

@@ -104,7 +104,7 @@ class ConnectionGuard:
         mine.pop(conn, None)
         if stalled:
             mine[conn] = conn.loop.time()
-        elif not mine:
+        if not mine:
             del self.stalled[conn.address]
 
     def forget(self, conn: GuardedH11Protocol) -> None:
@@ -140,9 +140,8 @@ class ConnectionGuard:
                 break
             if not (conn.served and conn.has_unread_bytes()):
                 return self._close(conn, conn.close_now)
-        for conn, since in self.stalled.get(address, {}).items():
-            return since <= deadline and self._close(conn, conn.abort)
-        return False
+        oldest = next(iter(self.stalled.get(address, {}).items()), None)
+        return oldest is not None and oldest[1] <= deadline and self._close(oldest[0], oldest[0].abort)
 
     def _close(self, conn: GuardedH11Protocol, how: Callable[[], None]) -> bool:
         self.count("evicted")

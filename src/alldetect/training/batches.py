@@ -39,9 +39,7 @@ class ResidentBatches:
     def __init__(self, train: SplitImages, batches: EpochBatches, device: torch.device,
                  augment: BatchAugmentation | None, *, seed: int):
         self.batches, self.device, self.augment, self.seed = batches, device, augment, seed
-        self.host_positions = np.asarray(train.positions)
-        self.positions = torch.as_tensor(self.host_positions, dtype=torch.long, device=device)
-        self.labels = torch.as_tensor(train.labels, device=device)
+        self.positions, self.labels = np.asarray(train.positions), train.labels
         self.images = _resident_images(train.images, device)
         self.generator = torch.Generator(device=device)
 
@@ -49,24 +47,24 @@ class ResidentBatches:
         """(uint8 NCHW images, labels) on the device for each step of ``epoch`` from ``start_step`` on."""
         steps = self.batches.epoch(epoch, start_step=start_step)
         items = np.fromiter((i for batch in steps for i, _ in batch), dtype=np.int64)
+        rows = self.positions[items]
         on_device = isinstance(self.images, torch.Tensor)
-        order = torch.from_numpy(items).to(self.device)  # one upload per epoch
+        device_rows = torch.from_numpy(rows).to(self.device) if on_device else None  # one upload an epoch
+        labels = torch.from_numpy(self.labels[items]).to(self.device)
         bounds = np.cumsum([0] + [len(batch) for batch in steps]).tolist()
         first = epoch * self.batches.steps_per_epoch + start_step
-        for k in range(len(steps)):
-            chosen = order[bounds[k]:bounds[k + 1]]
+        for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
             if on_device:
-                images = self.images[self.positions[chosen]]
+                images = self.images[device_rows[start:end]]
             else:  # crops left on the host: gather there, then one copy
-                rows = self.host_positions[items[bounds[k]:bounds[k + 1]]]
-                images = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
+                images = torch.from_numpy(self.images[rows[start:end]])
                 if self.device.type == "cuda":
                     images = images.pin_memory().to(self.device, non_blocking=True)
             images = images.permute(0, 3, 1, 2)  # NHWC storage: a channels_last NCHW view
             if self.augment is not None:
                 self.generator.manual_seed(step_seed(self.seed, first + k, self.batches.rank))
                 images = self.augment(images, self.generator)
-            yield images, self.labels[chosen]
+            yield images, labels[start:end]
 
 
 class LoaderBatches:

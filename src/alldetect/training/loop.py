@@ -58,7 +58,6 @@ class Training:
     test: SplitImages | None
     model: nn.Module      # the trained weights
     net: nn.Module        # what the steps call: ``model``, compiled and/or wrapped for several processes
-    kept: nn.Module       # the weights that are validated, selected and scored (``model`` or its moving average)
     ema: nn.Module | None
     optimizer: torch.optim.Optimizer
     batches: EpochBatches
@@ -66,6 +65,11 @@ class Training:
     step: int = 0
     best: Best = field(default_factory=Best)
     pending: list[StepRecord] = field(default_factory=list)  # history rows not yet written
+
+    @property
+    def kept(self) -> nn.Module:
+        """The weights that are validated, selected and scored: the moving average when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
     @property
     def total_steps(self) -> int:
@@ -147,8 +151,8 @@ def _set_up(cfg: TrainConfig, *, resume: bool) -> Training:
     net: nn.Module = torch.compile(model) if cfg.compile else model
     if dist.world_size > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    return Training(cfg, device, dist, run, train, val, test, model, net, ema.module if ema is not None else model,
-                    ema, optimizer, batches, source, step, best)
+    return Training(cfg, device, dist, run, train, val, test, model, net, ema, optimizer, batches, source, step,
+                    best)
 
 
 def _train_epoch(t: Training, epoch: int, progress: tqdm, on_step: Callable[[int], None] | None) -> float:
