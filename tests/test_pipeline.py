@@ -80,3 +80,14 @@ def test_real_data_on_a_cpu_gets_the_plus_profile_with_the_lite_members_and_says
     assert (asked.profile, asked.members, asked.input_size) == (Profile.paper, pipeline.PAPER_MEMBERS, None)
     synthetic = choose_recipe(PipelineConfig(out=str(tmp_path), device="cpu"))
     assert synthetic.profile is Profile.demo and synthetic.members == pipeline.PAPER_MEMBERS
+
+
+def test_a_training_field_added_later_leaves_runs_made_before_it_finished():
+    """A run's stage is keyed by the fields that shape its result; one added later (``colour``) is left out at
+    the value that does what runs made before it did, so an upgrade does not retrain finished members."""
+    from alldetect.pipeline import _shaping
+    from alldetect.training import profile_config
+
+    config = profile_config("plus", member="mobilenet", manifest="m.csv")
+    assert "colour" not in _shaping(config) and "sampling" in _shaping(config)
+    assert _shaping(replace(config, colour="centre"))["colour"] == "centre"

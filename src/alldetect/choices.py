@@ -72,6 +72,14 @@ class Augmentation(Choice):
     none = "none"
 
 
+class Colour(Choice):
+    """How a member sets each cell's colour before its network: inside the member, so training, scoring, the web
+    page and the exported graph all do it alike."""
+    imagenet = "imagenet"        # the network's own ImageNet mean and std (the paper)
+    centre = "centre"            # each cell's mean colour over its stained pixels subtracted (background stays 0)
+    standardise = "standardise"  # and each channel divided by the cell's own spread over those pixels
+
+
 class Sampling(Choice):
     """What one epoch's images are drawn from."""
     cells = "cells"    # every training cell, the minority class oversampled to the majority's count (the paper)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 
-from .choices import AugmentOn, Criterion, Device, Engine, History, Profile, Sampling
+from .choices import AugmentOn, Colour, Criterion, Device, Engine, History, Profile, Sampling
 from .errors import AlldetectError, require_extra
 from .formats.csvfiles import TEMPORARY_NAME_EXTRA
 from .precision import INT8_TOLERANCE, Precision
@@ -49,6 +49,11 @@ SpecificityOption = Annotated[float | None, typer.Option(
 SamplingOption = Annotated[Sampling | None, typer.Option(
     help="What an epoch draws: cells (every cell, the minority class oversampled: the paper) or donors (classes "
          "and, within a class, donors weighing the same whatever their cell counts) [default: cells].")]
+ColourOption = Annotated[Colour | None, typer.Option(
+    help="How each member sets a cell's colour before its network: imagenet (the network's ImageNet mean and std: "
+         "the paper), centre (the cell's own mean colour over its stained pixels subtracted) or standardise (and "
+         "each channel scaled by the cell's own spread); stored in the ensemble and done inside the member, so "
+         "predict, the web page and the ONNX graph do the same [default: imagenet].")]
 DomainCheckOption = Annotated[bool, typer.Option(
     "--domain-check/--no-domain-check", help="Check every cell against what the ensemble's training cells look like "
                                              "and flag those unlike them (a patient with most cells flagged gets no "
@@ -259,6 +264,7 @@ def train(
                                                     help="Start from ImageNet weights [profile default: paper and "
                                                          "plus yes, demo no].")] = None,
     sampling: SamplingOption = None,
+    colour: ColourOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from <out>/checkpoints/last.pt.")] = False,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
@@ -290,6 +296,7 @@ def train(
                          weights=str(weights) if weights else None, pretrained=True if weights else pretrained,
                          device=device.value, workers=workers, compile=compile or None, precision=precision.value,
                          augment_on=augment_on.value, ema_decay=ema_decay, sampling=sampling and sampling.value,
+                         colour=colour and colour.value,
                          checkpoint_every=checkpoint_every, seed=seed)
     run = fit(cfg, resume=resume)
     typer.echo(f"run directory: {run}")
@@ -644,6 +651,7 @@ def run(
     sensitivity: SensitivityOption = None,
     specificity: SpecificityOption = None,
     sampling: SamplingOption = None,
+    colour: ColourOption = None,
     force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,
 ) -> None:
     """Run the whole method: data -> index -> subject split -> five members -> ensembles -> report.
@@ -665,7 +673,7 @@ def run(
                          weights_dir=str(weights_dir) if weights_dir else None, pretrained=pretrained,
                          device=device.value, seed=seed, epochs=epochs, batch_size=batch_size, bootstrap=bootstrap,
                          export=export, folds=folds, operating_point=criterion, target=target, force=force,
-                         sampling=sampling and sampling.value)
+                         sampling=sampling and sampling.value, colour=colour and colour.value)
     report_path = run_pipeline(cfg)
     typer.echo(f"report: {report_path}")
 

@@ -42,7 +42,7 @@ from .models.runtime import resolve_device
 from .report.build import make_report
 from .training import fit, profile_config
 from .choices import Profile
-from .training.config import DEMO_CROP, MACHINERY, RECIPES, TrainConfig
+from .training.config import ADDED_FIELDS, DEMO_CROP, MACHINERY, RECIPES, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class PipelineConfig:
     members: tuple[str, ...] | None = None   # None: the paper's five (the three Lite members on a CPU with real data)
     input_size: int | None = None            # resize crops to this side; None: the profile's choice
     sampling: str | None = None              # choices.Sampling; None: the profile's (cells)
+    colour: str | None = None                # choices.Colour; None: the profile's (imagenet)
     weights_dir: str | None = None           # local ImageNet weights, one file per member
     pretrained: bool | None = None           # None: the profile's choice
     device: str = "auto"
@@ -212,7 +213,7 @@ def _train_config(cfg: PipelineConfig, member: str, manifest: Path, fold: str = 
     overrides = dict(member=member, manifest=str(manifest), out=str(run_dir),
                      seed=cfg.seed, device=cfg.device, epochs=cfg.epochs, batch_size=cfg.batch_size,
                      weights=cfg.weights_dir, pretrained=cfg.pretrained, input_size=cfg.input_size,
-                     sampling=cfg.sampling)
+                     sampling=cfg.sampling, colour=cfg.colour)
     if cfg.data is None:  # the built-in synthetic frames, whatever the profile
         overrides["crop"] = DEMO_CROP
     elif cfg.profile is Profile.demo:  # real 450 px frames: the paper's crop, resized
@@ -221,8 +222,10 @@ def _train_config(cfg: PipelineConfig, member: str, manifest: Path, fold: str = 
 
 
 def _shaping(tc) -> dict:
-    """The config fields that change a member's result (not where or how fast it runs)."""
-    return {k: v for k, v in asdict(tc).items() if k not in MACHINERY}
+    """The config fields that change a member's result (not where or how fast it runs); a field added later is
+    left out at the value that does what runs made before it did, so that they stay finished."""
+    return {k: v for k, v in asdict(tc).items()
+            if k not in MACHINERY and not (k in ADDED_FIELDS and ADDED_FIELDS[k] == v)}
 
 
 def _train(tc, run_dir: Path, status: str) -> None:

@@ -43,3 +43,36 @@ def test_normalize_uses_the_model_mean_and_std():
     out = normalize(x, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
     assert torch.allclose(normalize(x.float() / 255, (0.5,) * 3, (0.25, 0.5, 1.0)), out)
+
+
+def _cell(colour: tuple[int, int, int], *, size: int = 32) -> torch.Tensor:
+    """A textured disc of ``colour`` on the black background, NCHW uint8."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    texture = np.random.default_rng(0).integers(-20, 21, (size, size, 1))
+    rgb = np.where(disc[..., None], np.asarray(colour) + texture, 0).astype(np.uint8)
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None]
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_centring_removes_a_cell_s_own_colour_and_keeps_the_background_at_zero():
+    pale, dark = _cell((140, 60, 160)), _cell((90, 40, 110))
+    centred = [normalize(c, *IMAGENET, "centre") for c in (pale, dark)]
+    torch.testing.assert_close(centred[0], centred[1], atol=1e-6, rtol=0)
+    background = pale.amax(1, keepdim=True).expand_as(pale) == 0
+    assert (centred[0][background] == 0).all() and (centred[0][~background] != 0).any()
+    stained = ~background
+    torch.testing.assert_close(centred[0][stained].view(3, -1).mean(1), torch.zeros(3), atol=1e-6, rtol=0)
+    assert not torch.allclose(normalize(pale, *IMAGENET), normalize(dark, *IMAGENET))  # what imagenet keeps
+
+
+def test_standardising_also_removes_a_cell_s_contrast():
+    cell = _cell((150, 120, 160))
+    stained = cell.amax(1, keepdim=True) > 0
+    contrasted = torch.where(stained, (cell.float() - 100) * 1.5 + 100, 0.0).round().clamp(0, 255).to(torch.uint8)
+    a, b = normalize(cell, *IMAGENET, "standardise"), normalize(contrasted, *IMAGENET, "standardise")
+    torch.testing.assert_close(a, b, atol=0.05, rtol=0)  # the uint8 rounding of a spread of about 12 levels
+    assert (normalize(cell, *IMAGENET) - normalize(contrasted, *IMAGENET)).abs().max() > 0.5
+    assert normalize(torch.zeros_like(cell), *IMAGENET, "standardise").abs().max() == 0  # an empty image: no NaN

@@ -59,6 +59,10 @@ def test_damaged_or_replaced_weights_are_refused(copied):
     (lambda s: s.update(default_method="median"), "default_method 'median' is not one of its methods"),
     (lambda s: s["methods"].update(magic={"method": "magic"}), "methods.magic: unknown ensemble method 'magic'"),
     (lambda s: s.update(version=1), "earlier alldetect.*rebuild it"),
+    (lambda s: s["members"][0].update(colour="grey"), "members\\[0\\].colour 'grey' is not one of imagenet"),
+    (lambda s: s["members"][0].update(colour="centre"), "members disagree on crop/input_size/colour"),
+    (lambda s: s.update(preprocess={"crop": 80, "input_size": 80, "colour": "centre"}), "field preprocess .* disagrees"),
+    (lambda s: s.update(preprocess=[80]), "field preprocess \\[80\\] is not a crop/input_size/colour object"),
 ])
 def test_a_bad_spec_is_one_line_naming_the_field(copied, change, message):
     _edit_spec(copied, change)
@@ -82,9 +86,12 @@ def test_a_version_2_folder_still_loads_and_calls_at_the_paper_threshold(ensembl
     spec["version"] = 2
     for m in spec["members"]:
         m["weights"], m["sha256"] = m["weights"][0], m["sha256"][0]
-    del spec["operating_points"], spec["cross_fitted"]
+    del spec["operating_points"], spec["cross_fitted"], spec["preprocess"]["colour"]
+    for m in spec["members"]:
+        del m["colour"]
     (old / "ensemble.json").write_text(json.dumps(spec))
     loaded = EnsembleFolder(old).spec
+    assert loaded.preprocess.colour == "imagenet"
     assert loaded.operating_point() == PAPER_POINT and [m.folds for m in loaded.members] == [1, 1]
     assert TorchEngine.from_folder(old, device="cpu").names == ["mobilenet", "efficientnet_lite0"]
 

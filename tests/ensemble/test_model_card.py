@@ -48,3 +48,19 @@ def test_the_card_names_the_batches_it_was_trained_on_and_claims_no_figure_it_di
     assert "was not measured for this model" in card and "lost about 0.2" not in card
     recorded = spec["versions"]
     assert {"torchvision", "pillow", "scikit-learn", "onnxruntime", "commit"} <= set(recorded)
+
+
+def test_the_card_says_how_the_members_set_a_cell_s_colour(ensemble_dir, tmp_path):
+    from alldetect.ensemble.card import write_model_card
+
+    ens = shutil.copytree(ensemble_dir, tmp_path / "ens")
+    assert "mean/std its ImageNet weights expect" in (ens / EnsembleFolder.CARD).read_text()
+    spec = json.loads((ens / "ensemble.json").read_text())
+    for entry in spec["members"]:
+        entry["colour"] = "centre"
+    spec["preprocess"]["colour"] = "centre"
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+    write_model_card(EnsembleFolder(ens))
+    card = (ens / EnsembleFolder.CARD).read_text()
+    assert "Colour `centre`" in card and "mean/std its ImageNet weights expect" not in card
+    assert "stained pixels (brighter than 8/255 in some channel) is subtracted" in card

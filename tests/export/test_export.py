@@ -327,3 +327,33 @@ def test_a_moved_folder_without_its_runs_gives_identical_answers(exported, membe
     np.testing.assert_array_equal(after[1], before[1])  # Grad-CAM
     assert after[2] == before[2]  # the web app
     assert (moved / "members" / "mobilenet" / "history.csv").is_file()  # the training record travels too
+
+
+def test_a_colour_normalised_ensemble_answers_alike_in_torch_onnx_and_the_web(ensemble_dir, tmp_path):
+    """The colour choice travels in the spec and is done inside each member: predict with either engine and the
+    web page give the same probabilities, and they are not the ImageNet-normalised ones."""
+    from alldetect.formats.predictions import read_predictions
+    from alldetect.export.graph import graph_metadata
+
+    ens = shutil.copytree(ensemble_dir, tmp_path / "ens")
+    spec = json.loads((ens / "ensemble.json").read_text())
+    for entry in spec["members"]:
+        entry["colour"] = "standardise"
+    spec["preprocess"]["colour"] = "standardise"
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+    r = runner.invoke(app, ["export", str(ens), "--no-int8"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(graph_metadata(ens / "ensemble.onnx")["preprocess"])["colour"] == "standardise"
+    cells = tmp_path / "cells"
+    for i in range(3):
+        write_cell(cells / f"UID_5_1_{i + 1}_all.png", size=80, value=60 + 40 * i)
+    (tmp_path / "standardise").mkdir()
+    _, _, served = _answers(ens, cells, tmp_path / "standardise")
+    predict_rows(load_engine(ensemble_dir, device="cpu", engine="torch", precision="fp32"),
+                 collect_inputs([cells]), tmp_path / "imagenet.csv")
+    prob = {engine: read_predictions(tmp_path / "standardise" / f"{engine}.csv")["wen_kappa"].prob_all
+            for engine in ("torch", "onnx")}
+    np.testing.assert_allclose(prob["onnx"], prob["torch"], atol=1e-4)
+    np.testing.assert_allclose([p for _, p in served], prob["torch"], atol=1e-4)
+    imagenet = read_predictions(tmp_path / "imagenet.csv")["wen_kappa"].prob_all
+    assert np.abs(imagenet - prob["torch"]).max() > 1e-3

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..choices import Colour
 from ..errors import ImageProblem
 
 
@@ -51,10 +52,12 @@ class FrameGeometry:
 @dataclass(frozen=True)
 class Preprocess:
     """How a decoded cell image becomes a member's input: the pixel-exact ``crop`` x ``crop`` center crop (see
-    ``FrameGeometry`` for other frames), resized to ``input_size`` when there is one. The spec and the exported
-    graph both carry it."""
+    ``FrameGeometry`` for other frames), resized to ``input_size`` when there is one, and how the member then
+    sets its colour (``choices.Colour``; done inside the member, see ``transforms.normalize``). The spec and the
+    exported graph both carry it."""
     crop: int
     input_size: int | None = None
+    colour: str = Colour.imagenet.value
 
     @property
     def side(self) -> int:
@@ -74,7 +77,12 @@ class Preprocess:
         return self.resize(self.cut(pixels, name=name, geometry=geometry))
 
     def to_json(self) -> dict:
-        return {"crop": self.crop, "input_size": self.input_size}
+        return {"crop": self.crop, "input_size": self.input_size, "colour": self.colour}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Preprocess:
+        """As ``to_json`` wrote it (without ``colour``: written before it existed, the ImageNet normalisation)."""
+        return cls(raw["crop"], raw["input_size"], raw.get("colour", Colour.imagenet.value))
 
 
 def _resized(pixels: np.ndarray, width: int, height: int) -> np.ndarray:

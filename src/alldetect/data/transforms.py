@@ -155,9 +155,22 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     return rotations + [torch.flip(r, dims=(3,)) for r in rotations]
 
 
-def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (or [0, 1] float) NCHW -> float normalised with a model's ImageNet mean/std."""
+STAINED = 8 / 255  # a pixel brighter than this in some channel is the cell; C-NMC's segmented background is 0
+
+
+def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+              colour: str = "imagenet") -> torch.Tensor:
+    """uint8 (or [0, 1] float) NCHW -> float normalised with a model's ImageNet mean/std, or with each cell's
+    own colour (``choices.Colour``): centred on the mean of its stained pixels and, to ``standardise``, scaled by
+    their spread, so that a batch's stain and brightness weigh less than the cell's shape and texture."""
     x = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+    if colour == "imagenet":
+        return (x - torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)) / s
+    stained = (x.amax(1, keepdim=True) > STAINED).to(x.dtype)
+    pixels = stained.sum((2, 3), keepdim=True).clamp_min(1.0)
+    centred = (x - (x * stained).sum((2, 3), keepdim=True) / pixels) * stained
+    if colour == "centre":
+        return centred / s
+    spread = (centred.square().sum((2, 3), keepdim=True) / pixels).sqrt().clamp_min(1 / 255)
+    return centred / spread

@@ -118,8 +118,9 @@ def _member_entry(member: MemberRuns, out: Path) -> MemberEntry:
                            "select_metric": run.config["select_metric"],
                            "epoch": state.get("epoch"), "config": run.config})
     info = provenance[0] if not member.cross_fitted else {"config": member.config, "folds": provenance}
-    return MemberEntry(member.name, files, hashes, member.config["crop"], member.config["input_size"],
-                       state["model"]["mean"].tolist(), state["model"]["std"].tolist(), state.get("epoch"), info)
+    pre = Preprocess.from_json(member.config)
+    return MemberEntry(member.name, files, hashes, pre.crop, pre.input_size, state["model"]["mean"].tolist(),
+                       state["model"]["std"].tolist(), pre.colour, state.get("epoch"), info)
 
 
 def _rescored(preds: list[Predictions], members: list[MemberRuns], entries: list[MemberEntry], folder: EnsembleFolder,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..choices import Colour
+from ..data.transforms import STAINED
 from ..formats.labels import THRESHOLD
 from ..formats.tables import format_table
 from .folder import EnsembleFolder
@@ -132,11 +134,21 @@ def _preprocessing(spec: EnsembleSpec) -> list[str]:
     pre = spec.preprocess
     size = f", resized to {pre.input_size}x{pre.input_size} (bilinear)" if pre.input_size else ""
     return [f"- Pixel-exact {pre.crop}x{pre.crop} center crop of the frame{size}; uint8 RGB in.",
-            "- Each member normalises inside the network with the mean/std its ImageNet weights expect: "
-            + "; ".join(f"{m.name} {_triple(m.mean)}/{_triple(m.std)}" for m in spec.members) + ".",
+            _colour(spec),
             "- Test-time augmentation: " + ("on: each member's P(ALL) is the mean over the eight flips and "
                                             "90-degree rotations (the combiners were fitted that way)."
                                             if spec.tta else "off (the paper's protocol).")]
+
+
+def _colour(spec: EnsembleSpec) -> str:
+    if spec.preprocess.colour == Colour.imagenet:
+        return ("- Each member normalises inside the network with the mean/std its ImageNet weights expect: "
+                + "; ".join(f"{m.name} {_triple(m.mean)}/{_triple(m.std)}" for m in spec.members) + ".")
+    scale = ("divided by the ImageNet std of each member's weights" if spec.preprocess.colour == Colour.centre
+             else "each channel divided by its own spread over those pixels")
+    return (f"- Colour `{spec.preprocess.colour}`, inside each member: the cell's mean colour over its stained "
+            f"pixels (brighter than {STAINED * 255:.0f}/255 in some channel) is subtracted, the black background "
+            f"stays 0, {scale}.")
 
 
 def _triple(values: list[float]) -> str:

@@ -114,7 +114,7 @@ class EnsembleFolder:
     def load_member(self, entry: MemberEntry) -> Member | FoldAverage:
         """A member from its safetensors file(s), after checking each file is the one the spec recorded; a member
         with one file per fold model scores as their average."""
-        folds = [_load_weights(self.path / weights, sha256, entry.name)
+        folds = [_load_weights(self.path / weights, sha256, entry.name, entry.colour)
                  for weights, sha256 in zip(entry.weights, entry.sha256)]
         return folds[0] if len(folds) == 1 else FoldAverage(folds)
 
@@ -229,7 +229,7 @@ def sha256_file(path: str | Path, *, kind: str = "graph") -> str:
     return digest.hexdigest()
 
 
-def _load_weights(path: Path, sha256: str, name: str) -> Member:
+def _load_weights(path: Path, sha256: str, name: str, colour: str) -> Member:
     data = read_folder_file(path, "member weights")  # read once: hashed, then parsed from the same bytes
     if hashlib.sha256(data).hexdigest() != sha256:
         raise SpecError(f"{path}: the weights do not match the hash recorded in ensemble.json (file damaged, "
@@ -238,7 +238,7 @@ def _load_weights(path: Path, sha256: str, name: str) -> Member:
         state = load_safetensors(data)
     except SafetensorError as e:
         raise SpecError(f"{path}: not readable member weights ({e})") from None
-    model = create_member(name)
+    model = create_member(name, colour=colour)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

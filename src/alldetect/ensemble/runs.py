@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.geometry import Preprocess
 from ..data.index import synthetic_marker
 from ..errors import AlldetectError, DataError
 from ..formats.manifest import read_manifest
@@ -76,9 +77,9 @@ def read_runs(run_dirs: list[str | Path]) -> list[MemberRuns]:
     if len({len(m.folds) for m in members}) > 1:
         raise AlldetectError("members have different numbers of fold runs: "
                              + ", ".join(f"{m.name}={len(m.folds)}" for m in members))
-    for key in ("crop", "input_size"):
-        if len({r.config[key] for r in runs}) > 1:
-            raise AlldetectError(f"members disagree on {key}: " + ", ".join(f"{r.path}={r.config[key]}" for r in runs))
+    if len({Preprocess.from_json(r.config) for r in runs}) > 1:
+        raise AlldetectError("members disagree on crop/input_size/colour: "
+                             + ", ".join(f"{r.path}={Preprocess.from_json(r.config)}" for r in runs))
     for member in members:
         if member.cross_fitted:
             _check_out_of_fold(member)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 
+from ..choices import Colour
 from ..data.geometry import Preprocess
 from ..errors import AlldetectError
 from ..formats.operating_point import PAPER_POINT, OperatingPoint
@@ -35,6 +36,7 @@ class MemberEntry:
     input_size: int | None
     mean: list[float] = field(default_factory=list)  # the normalisation the member applies to [0, 1] pixels
     std: list[float] = field(default_factory=list)
+    colour: str = "imagenet"      # choices.Colour: with mean/std (imagenet) or each cell's own colour
     best_epoch: int | None = None
     provenance: dict = field(default_factory=dict)  # information only: run folder, manifest, training config
 
@@ -49,7 +51,7 @@ class MemberEntry:
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.crop, self.input_size)
+        return Preprocess(self.crop, self.input_size, self.colour)
 
 
 @dataclass
@@ -161,13 +163,17 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
         if crop < 1 or input_size is not None and (not isinstance(input_size, int) or input_size < 1):
             raise SpecError(f"{path}: field {where}crop/input_size ({crop!r}, {input_size!r}) must be positive "
                             "whole numbers")
+        colour = entry.get("colour", Colour.imagenet.value)  # written before colour had a choice: imagenet
+        if colour not in Colour.values():
+            raise SpecError(f"{path}: field {where}colour {colour!r} is not one of {', '.join(Colour.values())}")
         members.append(MemberEntry(name, weights, hashes, crop, input_size,
-                                   entry.get("mean") or [], entry.get("std") or [], entry.get("best_epoch"),
+                                   entry.get("mean") or [], entry.get("std") or [], colour, entry.get("best_epoch"),
                                    entry.get("provenance") or {}))
     if len({m.preprocess for m in members}) > 1:
-        raise SpecError(f"{path}: members disagree on crop/input_size")
-    if "preprocess" in raw and raw["preprocess"] != members[0].preprocess.to_json():
-        raise SpecError(f"{path}: field preprocess {raw['preprocess']!r} disagrees with the members' crop/input_size")
+        raise SpecError(f"{path}: members disagree on crop/input_size/colour")
+    if "preprocess" in raw and _preprocess(raw["preprocess"], path) != members[0].preprocess:
+        raise SpecError(f"{path}: field preprocess {raw['preprocess']!r} disagrees with the members' "
+                        "crop/input_size/colour")
     if len({m.name for m in members}) < len(members):
         raise SpecError(f"{path}: a member appears twice")
     methods = {name: _validated_fit(name, fit, len(members), path)
@@ -214,3 +220,8 @@ def _kind_name(kind: type | tuple) -> str:
     return " or ".join(names.get(k, str(k)) for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
+def _preprocess(raw: object, path: Path) -> Preprocess:
+    try:
+        return Preprocess.from_json(raw)
+    except (TypeError, KeyError):
+        raise SpecError(f"{path}: field preprocess {raw!r} is not a crop/input_size/colour object") from None

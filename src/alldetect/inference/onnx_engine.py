@@ -84,7 +84,7 @@ def graph_preprocess(meta: dict[str, str]) -> Preprocess:
     """The preprocessing an exported graph's metadata records (graphs before ``preprocess`` had crop/input_size)."""
     raw = json.loads(meta["preprocess"]) if "preprocess" in meta else \
         {"crop": int(meta.get("crop", 0)), "input_size": int(meta["input_size"]) if meta.get("input_size") else None}
-    return Preprocess(raw["crop"], raw["input_size"])
+    return Preprocess.from_json(raw)
 
 
 def onnx_session(path: str | Path, *, threads: int | None = None):

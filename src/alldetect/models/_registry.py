@@ -58,18 +58,20 @@ def member_spec(name: str) -> MemberSpec:
 
 class Member(nn.Module):
     """A timm network that takes uint8 (or [0, 1] float) NCHW images and normalises them with its own
-    ImageNet mean/std, so every member eats the same batch and the exported graph needs no preprocessing."""
+    ImageNet mean/std or each cell's own colour (``colour``, a ``choices.Colour``), so every member eats the same
+    batch and the exported graph needs no preprocessing."""
 
-    def __init__(self, name: str, net: nn.Module):
+    def __init__(self, name: str, net: nn.Module, colour: str = "imagenet"):
         super().__init__()
         self.name = name
         self.net = net
+        self.colour = colour
         cfg = net.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg["mean"], dtype=torch.float32), persistent=True)
         self.register_buffer("std", torch.tensor(cfg["std"], dtype=torch.float32), persistent=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(normalize(images, self.mean, self.std))
+        return self.net(normalize(images, self.mean, self.std, self.colour))
 
     @property
     def cam_layers(self) -> list[nn.Module]:
@@ -78,8 +80,8 @@ class Member(nn.Module):
 
 
 def create_member(name: str, *, pretrained: bool = False, weights: str | Path | None = None,
-                  num_classes: int = 2) -> Member:
-    """Build a member with a ``num_classes`` head.
+                  num_classes: int = 2, colour: str = "imagenet") -> Member:
+    """Build a member with a ``num_classes`` head that sets each cell's colour as ``colour`` says.
 
     Weights, in order: ``weights`` (a local ImageNet file, or a folder holding one named after the timm
     architecture); else with ``pretrained`` the member's offline source if it has one, else the hub;
@@ -113,7 +115,7 @@ def create_member(name: str, *, pretrained: bool = False, weights: str | Path | 
                 "pass --weights FILE or --weights-dir DIR with a local copy, or --no-pretrained") from None
     else:
         net = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes)
-    return Member(name, net)
+    return Member(name, net, colour)
 
 
 def _find_weights_file(spec: MemberSpec, path: Path) -> Path:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from ..choices import AugmentOn, Augmentation, Optimizer, Profile, Sampling, Schedule
+from ..choices import AugmentOn, Augmentation, Colour, Optimizer, Profile, Sampling, Schedule
 from ..data.geometry import Preprocess
 from ..errors import AlldetectError
 
 # fields that change where or how fast a run goes, never what it learns
 MACHINERY = frozenset({"device", "workers", "compile", "checkpoint_every", "cache_dir"})
 LOCATION = frozenset({"out", "manifest"})  # where a run reads and writes: a moved run is still the same run
+# fields added after runs were made, with the value that does what those runs did (a run records no such field)
+ADDED_FIELDS = {"colour": "imagenet"}
 # validation metric -> direction; "last" keeps the final epoch whatever validation says
 SELECTION = {"ba": "max", "auc": "max", "kappa": "max", "wfs": "max", "acc": "max", "val_loss": "min",
              "last": "last"}
@@ -24,6 +26,7 @@ class TrainConfig:
     # data (paper Sec. 2.1.2)
     crop: int = 300                     # pixel-exact center crop of the 450x450 frame
     input_size: int | None = None       # resize after cropping; None feeds the crop itself (paper)
+    colour: str = "imagenet"            # choices.Colour: the member's ImageNet normalisation (paper) or the cell's
     oversample: bool = True             # replicate minority-class images up to the majority count
     sampling: str = "cells"             # choices.Sampling: cells (with oversample, the paper's) or donors
     augment: str = "paper"              # choices.Augmentation
@@ -64,7 +67,8 @@ class TrainConfig:
 
         member_spec(self.member)
         for name, choices in (("optimizer", Optimizer), ("schedule", Schedule), ("augment", Augmentation),
-                              ("augment_on", AugmentOn), ("sampling", Sampling)):
+                              ("augment_on", AugmentOn), ("sampling", Sampling),
+                              ("colour", Colour)):
             object.__setattr__(self, name, choices.checked(getattr(self, name), name))  # plain strings in the JSON
         for name, allowed in (("precision", TRAINING_PRECISIONS), ("select_metric", tuple(SELECTION))):
             if getattr(self, name) not in allowed:
@@ -78,7 +82,7 @@ class TrainConfig:
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.crop, self.input_size)
+        return Preprocess(self.crop, self.input_size, self.colour)
 
 
 DEMO_CROP = 80  # of the built-in synthetic 112 px frames: the paper's 450 -> 300 proportion; InceptionResNet-V2

@@ -120,7 +120,7 @@ def _set_up(cfg: TrainConfig, *, resume: bool) -> Training:
         raise AlldetectError("the training split holds one class only; both all and hem are needed")
 
     model = create_member(cfg.member, pretrained=cfg.pretrained and state is None, weights=cfg.weights
-                          if state is None else None).to(device)
+                          if state is None else None, colour=cfg.colour).to(device)
     if dist.world_size > 1 and device.type == "cuda":  # batch statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
@@ -252,7 +252,7 @@ def _finish(run: RunDir, cfg: TrainConfig, device: torch.device, val: SplitImage
             test: SplitImages | None) -> None:
     """Score val and test with the selected checkpoint; write predictions and metrics."""
     best = load_checkpoint(run.best)
-    model = create_member(cfg.member, pretrained=False).to(device)
+    model = create_member(cfg.member, pretrained=False, colour=cfg.colour).to(device)
     model.load_state_dict(best["model"])
     metrics = {"member": cfg.member, "select_metric": cfg.select_metric, "best_epoch": best["epoch"]}
     for name, split in (("val", val), ("test", test)):
