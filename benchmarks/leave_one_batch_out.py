@@ -12,7 +12,8 @@ a 95% interval from a bootstrap over the donors.
     python benchmarks/leave_one_batch_out.py --recipe donors=sampling:donors ...   # a lever, beside the baseline
 
 ``--recipe NAME=field:value,...`` (repeatable) reruns the whole yardstick with `alldetect run` options changed
-(``PipelineConfig`` fields); the baseline (no change) always runs first. Finished runs are reused. Prints one
+(``PipelineConfig`` fields); the baseline (no change) runs first unless ``--no-baseline`` (its figures measured
+before, with the same options). Finished runs are reused. Prints one
 table and writes ``<out>/leave_one_batch_out.json``.
 """
 
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--input-size", type=int)
     parser.add_argument("--folds", type=int)
     parser.add_argument("--recipe", action="append", default=[], help="a lever, repeatable (see above)")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="only the --recipe levers")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -87,7 +89,7 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     batches = _batches(args.data or [SHARED / "cnmc-dev", SHARED / "cnmc-xfold"])
-    recipes = [Recipe("baseline", {}), *map(Recipe.parse, args.recipe)]
+    recipes = [Recipe("baseline", {})] * args.baseline + list(map(Recipe.parse, args.recipe))
     table, scored, timing = [], {}, {}
     for recipe in recipes:
         pooled = {"y": [], "prob": [], "called": [], "subjects": [], "patient_all": {}}
