@@ -88,6 +88,6 @@ def test_a_training_field_added_later_leaves_runs_made_before_it_finished():
     from alldetect.pipeline import _shaping
     from alldetect.training import profile_config
 
-    config = profile_config("plus", member="mobilenet", manifest="m.csv")
+    config = profile_config("paper", member="mobilenet", manifest="m.csv")
     assert "colour" not in _shaping(config) and "sampling" in _shaping(config)
     assert _shaping(replace(config, colour="centre"))["colour"] == "centre"

@@ -24,6 +24,7 @@ def test_plus_is_the_paper_with_fine_tuning_levers_and_the_paper_stays_the_paper
     assert (plus.optimizer, plus.schedule, plus.augment, plus.select_metric) == \
         ("adamw", "cosine", "dihedral", "last")
     assert plus.lr < paper.clr_high and plus.pretrained and plus.crop == paper.crop == 300
+    assert (paper.sampling, paper.colour, plus.sampling, plus.colour) == ("cells", "imagenet", "donors", "centre")
     assert profile_config("plus", epochs=3, lr=None).epochs == 3  # None keeps the profile's value
     assert profile_config("plus", lr=None).lr == plus.lr
 
