@@ -7,15 +7,18 @@ zip bombs, bad zip entries, decompression bombs, too many megapixels, cross-orig
 headers, malformed bodies, empty files, float TIFFs); from another loopback address (127.0.0.2, as an
 attacker elsewhere), S slow clients each hold an upload open sending one body byte per second (reconnecting
 when closed) and a separate process holds H connections that sent half their headers (reopened once a second
-when closed); a poller asks /api/health every 50 ms. Then one Grad-CAM request, with the server's RSS
-before and after. Prints a table: answers by status, upload and health latency percentiles, how long slow and
-half-open connections lived, the server's RSS at the start, peak and end, the largest temporary file ever
-written and the log's size. ``--tamper`` also changes each file an ensemble folder's spec names (a byte of a
+when closed); from two more addresses (127.0.0.3 and 127.0.0.4), a third process holds U connections that
+pipeline page requests until their buffers are full and never read an answer (reopened once a second when
+closed); a poller asks /api/health every 50 ms. Then two Grad-CAM requests, with the server's RSS before and
+after. ``--rounds N`` runs all of it N times on one server, the RSS after each. Prints a table: answers by
+status, upload and health latency percentiles, how long slow, half-open and unread connections lived, the
+server's RSS at the start, peak and end (of each round), the largest temporary file ever written and the log's
+size. ``--tamper`` also changes each file an ensemble folder's spec names (a byte of a
 member's weights, a swapped ONNX graph, overflowing combiner weights) and runs ``predict`` on each copy.
 
     python benchmarks/serve_load.py ENS_DIR [--clients 8] [--requests 25] [--slow-clients 16] [--half-open 2000]
-                                            [--body-timeout 20] [--max-connections 4096] [--tamper]
-                                            [--cells DIR]
+                                            [--unread 0] [--body-timeout 20] [--max-connections 4096]
+                                            [--rounds 1] [--engine prefer-onnx] [--tamper] [--cells DIR]
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ import numpy as np
 from PIL import Image
 
 ATTACKER_ADDRESS = "127.0.0.2"  # slow and half-open clients connect from here; the lab from 127.0.0.1
+UNREAD_ADDRESSES = ("127.0.0.3", "127.0.0.4")  # clients that never read their answers, half from each
+PIPELINED = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 DEFAULT_CELLS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-dev" / "bmp"
 
 
@@ -55,8 +60,11 @@ def main() -> None:
     parser.add_argument("--max-upload-mb", type=int, default=8)
     parser.add_argument("--slow-clients", type=int, default=16, help="uploads sending one body byte per second")
     parser.add_argument("--half-open", type=int, default=2000, help="connections that send half their headers")
+    parser.add_argument("--unread", type=int, default=0, help="connections that never read their answers")
+    parser.add_argument("--rounds", type=int, default=1, help="run the whole load this many times on one server")
     parser.add_argument("--body-timeout", type=float, default=20, help="the server's --body-timeout (s)")
     parser.add_argument("--max-connections", type=int, default=4096, help="the server's --max-connections")
+    parser.add_argument("--engine", default="prefer-onnx", help="the server's --engine")
     parser.add_argument("--tamper", action="store_true", help="also refuse tampered copies of the folder")
     args = parser.parse_args()
     cells = [p.read_bytes() for p in sorted(args.cells.rglob("*.bmp"))] or [_synthetic_bmp(i) for i in range(8)]
@@ -72,26 +80,35 @@ def main() -> None:
                                        "--port", str(port), "--db", str(Path(tmp) / "db.sqlite"),
                                        "--max-upload-mb", str(args.max_upload_mb), "--device", "cpu",
                                        "--body-timeout", str(args.body_timeout),
-                                       "--max-connections", str(args.max_connections)],
+                                       "--max-connections", str(args.max_connections), "--engine", args.engine],
                                       env=env, stdout=log_file, stderr=log_file)
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(url, server, log)
-            report = _load(url, server.pid, spool, cells, limit, args)
+            httpx.post(f"{url}/api/predict", files=[("files", ("warm.bmp", cells[0]))], timeout=120)  # first call
+            time.sleep(1)
+            rounds = [_load(url, server.pid, spool, cells, limit, args) for _ in range(args.rounds)]
         finally:
             server.terminate()
             server.wait(timeout=30)
+        report = rounds[-1]
         report["log_bytes"] = log.stat().st_size
         report["tampered"] = _tamper(args.ens_dir, cells[0], Path(tmp)) if args.tamper else []
     _print(report, args, limit)
+    if args.rounds > 1:
+        print("\n| round | server RSS start, peak, end | after the Grad-CAM requests | uploads p95 | health p95 |"
+              "\n|---|---|---|---|---|")
+        for k, r in enumerate(rounds, 1):
+            print(f"| {k} | {r['rss_start'] / 1e6:.0f}, {r['rss_peak'] / 1e6:.0f}, {r['rss_end'] / 1e6:.0f} MB | "
+                  f"{r['rss_cam'][-1][2] / 1e6:.0f} MB | {np.percentile(r['upload_ms'], 95):.0f} ms | "
+                  f"{np.percentile(r['health_ms'], 95):.1f} ms |")
 
 
 def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args) -> dict:
-    httpx.post(f"{url}/api/predict", files=[("files", ("warm.bmp", cells[0]))], timeout=120)  # first-call setup
-    time.sleep(1)
     report: dict = {"rss_start": _rss(pid), "rss_peak": 0, "largest_temp": 0, "statuses": collections.Counter(),
                     "hostile": collections.Counter(), "unexpected": [], "health_ms": [], "upload_ms": [],
-                    "retries": 0, "slow_lived_s": [], "half_open_closed": 0, "half_open_held": []}
+                    "retries": 0, "slow_lived_s": [], "half_open_closed": 0, "half_open_held": [],
+                    "unread_lived_s": [], "unread_held": [], "unread_refused": 0}
     done = threading.Event()
 
     def watch() -> None:
@@ -170,14 +187,17 @@ def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args)
             except OSError:
                 report["slow_lived_s"].append(time.perf_counter() - opened)
 
-    stop, counts = multiprocessing.Event(), multiprocessing.Queue()
+    stop, counts, unread_counts = multiprocessing.Event(), multiprocessing.Queue(), multiprocessing.Queue()
     siege = multiprocessing.Process(target=_half_open, args=(url, args.half_open, stop, counts), daemon=True)
+    unread = multiprocessing.Process(target=_unread, args=(url, args.unread, stop, unread_counts), daemon=True)
     if args.half_open:
         siege.start()
+    if args.unread:
+        unread.start()
     threads = [threading.Thread(target=f, daemon=True) for f in (watch, health, hostile, *[slow] * args.slow_clients)]
     for t in threads:
         t.start()
-    time.sleep(3 if args.half_open or args.slow_clients else 0)  # the siege is in place before the lab uploads
+    time.sleep(3 if args.half_open or args.slow_clients or args.unread else 0)  # the siege before the lab uploads
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
         list(pool.map(client, range(args.clients)))
@@ -187,6 +207,9 @@ def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args)
     if args.half_open:
         report["half_open_closed"], report["half_open_held"] = counts.get(timeout=120)
         siege.join(timeout=60)
+    if args.unread:
+        report["unread_lived_s"], report["unread_held"], report["unread_refused"] = unread_counts.get(timeout=300)
+        unread.join(timeout=60)
     for t in threads:
         t.join(timeout=600)
     time.sleep(2)
@@ -229,6 +252,65 @@ def _half_open(url: str, n: int, stop, counts) -> None:
     counts.put((closed_total, held))
 
 
+def _unread(url: str, n: int, stop, counts) -> None:
+    """Hold ``n`` connections, half from each of ``UNREAD_ADDRESSES``, that pipeline page requests until their
+    send buffers are full and never read an answer (a small receive buffer, so the server's answers back up
+    quickly); once a second, those the server closed are counted and reopened. Runs in its own process. Puts
+    (lifetimes of the closed connections, connections held per second, connections refused)."""
+    opened: dict[socket.socket, tuple[float, str]] = {}
+    refused = 0
+    lived: list[float] = []
+    held: list[int] = []
+
+    def open_one(address: str) -> None:
+        nonlocal refused
+        sock = socket.socket()
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock.bind((address, 0))
+            sock.settimeout(10)
+            sock.connect(_host_port(url))
+            sock.setblocking(False)
+            for _ in range(20_000):
+                sock.send(PIPELINED)
+        except BlockingIOError:
+            opened[sock] = (time.perf_counter(), address)
+        except OSError:
+            refused += 1
+            sock.close()
+        else:
+            opened[sock] = (time.perf_counter(), address)
+
+    for k in range(n):
+        open_one(UNREAD_ADDRESSES[k % len(UNREAD_ADDRESSES)])
+    while not stop.is_set():
+        time.sleep(1)
+        closed = [sock for sock in opened if _reset(sock)]
+        for sock in closed:
+            began, address = opened.pop(sock)
+            lived.append(time.perf_counter() - began)
+            sock.close()
+            open_one(address)
+        held.append(len(opened))
+    for sock in opened:
+        sock.close()
+    counts.put((lived, held, refused))
+
+
+def _reset(sock: socket.socket) -> bool:
+    """Whether the server has closed ``sock``, a connection that never reads (so not by reading it)."""
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+        return True
+    try:
+        sock.send(b"G")
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
 def _cam_request(url: str, cells: list[bytes]) -> int:
     files = [("files", (f"cam{i}.bmp", cell)) for i, cell in enumerate(cells[:4])]
     status = httpx.post(f"{url}/api/predict?cam=true", files=files, timeout=600).status_code
@@ -236,9 +318,13 @@ def _cam_request(url: str, cells: list[bytes]) -> int:
     return status
 
 
-def _connect(url: str, source: str | None = None) -> socket.socket:
+def _host_port(url: str) -> tuple[str, int]:
     host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0) if source else None)
+    return host, int(port)
+
+
+def _connect(url: str, source: str | None = None) -> socket.socket:
+    return socket.create_connection(_host_port(url), timeout=30, source_address=(source, 0) if source else None)
 
 
 def _closed(sock: socket.socket) -> bool:
@@ -407,7 +493,8 @@ def _print(report: dict, args, limit: int) -> None:
     total = sum(report["statuses"].values())
     print("| what | value |\n|---|---|")
     print(f"| siege held during the run | {args.slow_clients} slow-body clients (1 byte/s), {args.half_open} "
-          f"half-sent-header connections; server --body-timeout {args.body_timeout:g} s |")
+          f"half-sent-header connections, {args.unread} connections that never read; server --body-timeout "
+          f"{args.body_timeout:g} s |")
     print(f"| ordinary requests ({args.clients} clients x {args.requests}) | {total} in {report['wall_s']:.0f} s, "
           f"statuses {dict(report['statuses'])}, {report['retries']} retries after 503 |")
     print(f"| ordinary upload latency (retries included) | p50 {np.percentile(upload, 50):.0f} ms, "
@@ -419,6 +506,12 @@ def _print(report: dict, args, limit: int) -> None:
     if report["half_open_held"]:
         print(f"| half-open connections | {report['half_open_closed']} closed by the server; "
               f"{np.median(report['half_open_held']):.0f} held open (median of 1 s samples) |")
+    if report["unread_held"]:
+        lived = np.array(report["unread_lived_s"]) if report["unread_lived_s"] else np.zeros(1)
+        print(f"| connections that never read | {len(report['unread_lived_s'])} closed by the server, after "
+              f"{np.median(lived):.1f} s (median), {lived.max():.1f} s at most; "
+              f"{np.median(report['unread_held']):.0f} held open (median of 1 s samples); "
+              f"{report['unread_refused']} refused |")
     print(f"| server log | {report['log_bytes']:,} bytes |")
     for i, (before, status, after) in enumerate(report["rss_cam"]):
         print(f"| Grad-CAM request {i + 1} of 4 cells (status {status}) | RSS {before / 1e6:.0f} MB -> "

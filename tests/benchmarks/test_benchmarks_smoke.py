@@ -35,3 +35,14 @@ def test_domain_check_benchmark_prints_every_case(tmp_path):
     for case in ("real cells of new donors", "smear background", "rescaled 0.5x", "noise frame"):
         assert f"| {case} |" in done.stdout
     assert "measures and check" in done.stdout
+
+
+def test_scoring_memory_benchmark_sweeps_every_request_size(ensemble_dir):
+    import sys
+
+    cells = ROOT / "tests" / "fixtures" / "cnmc" / "bmp"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scoring_memory.py"), str(ensemble_dir),
+                           "--sweeps", "2", "--largest", "3", "--cells", str(cells)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| loaded |" in done.stdout and "| after sweep 2 |" in done.stdout
