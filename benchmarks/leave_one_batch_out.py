@@ -89,7 +89,8 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     batches = _batches(args.data or [SHARED / "cnmc-dev", SHARED / "cnmc-xfold"])
-    recipes = [Recipe("baseline", {})] * args.baseline + list(map(Recipe.parse, args.recipe))
+    levers = [Recipe.parse(text) for text in args.recipe]
+    recipes = [Recipe("baseline", {}), *levers] if args.baseline else levers
     table, scored, timing = [], {}, {}
     for recipe in recipes:
         pooled = {"y": [], "prob": [], "called": [], "subjects": [], "patient_all": {}}

@@ -49,7 +49,7 @@ def main() -> None:
 
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1e3 for line in f if line.startswith("VmRSS:")) * 1.024
+        return next(int(line.split()[1]) * 1024 / 1e6 for line in f if line.startswith("VmRSS:"))
 
 
 if __name__ == "__main__":

@@ -48,12 +48,14 @@ SpecificityOption = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Instead: the lowest cell threshold that keeps at least this specificity.")]
 SamplingOption = Annotated[Sampling | None, typer.Option(
     help="What an epoch draws: cells (every cell, the minority class oversampled: the paper) or donors (classes "
-         "and, within a class, donors weighing the same whatever their cell counts) [default: cells].")]
+         "and, within a class, donors weighing the same whatever their cell counts) [default: the profile's: donors for "
+         "plus, cells for paper and demo].")]
 ColourOption = Annotated[Colour | None, typer.Option(
     help="How each member sets a cell's colour before its network: imagenet (the network's ImageNet mean and std: "
          "the paper), centre (the cell's own mean colour over its stained pixels subtracted) or standardise (and "
          "each channel scaled by the cell's own spread); stored in the ensemble and done inside the member, so "
-         "predict, the web page and the ONNX graph do the same [default: imagenet].")]
+         "predict, the web page and the ONNX graph do the same [default: the profile's: centre for plus, imagenet "
+         "for paper and demo].")]
 DomainCheckOption = Annotated[bool, typer.Option(
     "--domain-check/--no-domain-check", help="Check every cell against what the ensemble's training cells look like "
                                              "and flag those unlike them (a patient with most cells flagged gets no "

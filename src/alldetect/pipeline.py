@@ -59,8 +59,8 @@ class PipelineConfig:
     profile: Profile | None = None           # None: demo on synthetic cells, plus on real ones (see choose_recipe)
     members: tuple[str, ...] | None = None   # None: the paper's five (the three Lite members on a CPU with real data)
     input_size: int | None = None            # resize crops to this side; None: the profile's choice
-    sampling: str | None = None              # choices.Sampling; None: the profile's (cells)
-    colour: str | None = None                # choices.Colour; None: the profile's (imagenet)
+    sampling: str | None = None              # choices.Sampling; None: the profile's
+    colour: str | None = None                # choices.Colour; None: the profile's
     weights_dir: str | None = None           # local ImageNet weights, one file per member
     pretrained: bool | None = None           # None: the profile's choice
     device: str = "auto"

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..choices import Augmentation
+from ..choices import Augmentation, Colour
 from ..errors import require_extra
 
 from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
@@ -159,18 +159,18 @@ STAINED = 8 / 255  # a pixel brighter than this in some channel is the cell; C-N
 
 
 def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-              colour: str = "imagenet") -> torch.Tensor:
+              colour: str = Colour.imagenet.value) -> torch.Tensor:
     """uint8 (or [0, 1] float) NCHW -> float normalised with a model's ImageNet mean/std, or with each cell's
     own colour (``choices.Colour``): centred on the mean of its stained pixels and, to ``standardise``, scaled by
     their spread, so that a batch's stain and brightness weigh less than the cell's shape and texture."""
     x = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    if colour == "imagenet":
+    if colour == Colour.imagenet:
         return (x - torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)) / s
     stained = (x.amax(1, keepdim=True) > STAINED).to(x.dtype)
     pixels = stained.sum((2, 3), keepdim=True).clamp_min(1.0)
     centred = (x - (x * stained).sum((2, 3), keepdim=True) / pixels) * stained
-    if colour == "centre":
+    if colour == Colour.centre:
         return centred / s
     spread = (centred.square().sum((2, 3), keepdim=True) / pixels).sqrt().clamp_min(1 / 255)
     return centred / spread

@@ -36,7 +36,7 @@ class MemberEntry:
     input_size: int | None
     mean: list[float] = field(default_factory=list)  # the normalisation the member applies to [0, 1] pixels
     std: list[float] = field(default_factory=list)
-    colour: str = "imagenet"      # choices.Colour: with mean/std (imagenet) or each cell's own colour
+    colour: str = Colour.imagenet.value  # choices.Colour: with mean/std (imagenet) or each cell's own colour
     best_epoch: int | None = None
     provenance: dict = field(default_factory=dict)  # information only: run folder, manifest, training config
 

@@ -14,6 +14,7 @@ from torch import nn
 from .. import _torchvision  # noqa: F401  (first: lets torchvision import beside a CPU-only torch)
 import timm  # noqa: E402
 
+from ..choices import Colour
 from ..data.transforms import normalize
 from ..errors import AlldetectError, first_line
 
@@ -61,7 +62,7 @@ class Member(nn.Module):
     ImageNet mean/std or each cell's own colour (``colour``, a ``choices.Colour``), so every member eats the same
     batch and the exported graph needs no preprocessing."""
 
-    def __init__(self, name: str, net: nn.Module, colour: str = "imagenet"):
+    def __init__(self, name: str, net: nn.Module, colour: str = Colour.imagenet.value):
         super().__init__()
         self.name = name
         self.net = net
@@ -80,7 +81,7 @@ class Member(nn.Module):
 
 
 def create_member(name: str, *, pretrained: bool = False, weights: str | Path | None = None,
-                  num_classes: int = 2, colour: str = "imagenet") -> Member:
+                  num_classes: int = 2, colour: str = Colour.imagenet.value) -> Member:
     """Build a member with a ``num_classes`` head that sets each cell's colour as ``colour`` says.
 
     Weights, in order: ``weights`` (a local ImageNet file, or a folder holding one named after the timm

@@ -12,7 +12,7 @@ from ..errors import AlldetectError
 MACHINERY = frozenset({"device", "workers", "compile", "checkpoint_every", "cache_dir"})
 LOCATION = frozenset({"out", "manifest"})  # where a run reads and writes: a moved run is still the same run
 # fields added after runs were made, with the value that does what those runs did (a run records no such field)
-ADDED_FIELDS = {"colour": "imagenet"}
+ADDED_FIELDS = {"colour": Colour.imagenet.value}
 # validation metric -> direction; "last" keeps the final epoch whatever validation says
 SELECTION = {"ba": "max", "auc": "max", "kappa": "max", "wfs": "max", "acc": "max", "val_loss": "min",
              "last": "last"}
@@ -26,7 +26,7 @@ class TrainConfig:
     # data (paper Sec. 2.1.2)
     crop: int = 300                     # pixel-exact center crop of the 450x450 frame
     input_size: int | None = None       # resize after cropping; None feeds the crop itself (paper)
-    colour: str = "imagenet"            # choices.Colour: the member's ImageNet normalisation (paper) or the cell's
+    colour: str = Colour.imagenet.value # choices.Colour: the member's ImageNet normalisation (paper) or the cell's
     oversample: bool = True             # replicate minority-class images up to the majority count
     sampling: str = "cells"             # choices.Sampling: cells (with oversample, the paper's) or donors
     augment: str = "paper"              # choices.Augmentation
@@ -95,7 +95,9 @@ PROFILES: dict[Profile, dict] = {
     # 12 epochs rather than 8: on donors of other batches every member gained 0.07-0.13 cell AUC
     # (benchmarks/cross_batch.py), though inside one batch it gave nothing. Donors sampled alike and each cell's
     # colour centred on its own mean: leaving each of four batches out in turn (benchmarks/leave_one_batch_out.py,
-    # 36 donors) they took the pooled cell AUC from 0.40 to 0.77 and the donors called right from 18 to 27.
+    # 36 donors, its cheap variant) they took the pooled cell AUC from 0.40 to 0.77 and the donors called right
+    # from 18 to 27; trained on one batch (dev -> xfold, the full recipe) cell AUC rose 0.68 -> 0.74 while healthy
+    # donors called right fell from 7 to 3 of 9 (BENCHMARKS.md).
     Profile.plus: {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "schedule": "cosine",
                    "warmup_epochs": 1.0, "label_smoothing": 0.1, "augment": "dihedral", "epochs": 12,
                    "select_metric": "last", "sampling": "donors", "colour": "centre"},
