@@ -91,3 +91,16 @@ def test_a_training_field_added_later_leaves_runs_made_before_it_finished():
     config = profile_config("paper", member="mobilenet", manifest="m.csv")
     assert "colour" not in _shaping(config) and "sampling" in _shaping(config)
     assert _shaping(replace(config, colour="centre"))["colour"] == "centre"
+
+
+def test_run_options_reach_every_member_and_none_keeps_the_profile_s_choice(tmp_path):
+    from alldetect.pipeline import _train_config
+    from alldetect.training.config import Profile
+
+    def member(**options):
+        cfg = PipelineConfig(out=str(tmp_path), data=str(tmp_path), profile=Profile.plus, **options)
+        return _train_config(cfg, "efficientnet_lite0", tmp_path / "fold0.csv", "fold0")
+
+    chosen = member(augment="dihedral+hestain", colour="standardise", sampling="cells")
+    assert (chosen.augment, chosen.colour, chosen.sampling) == ("dihedral+hestain", "standardise", "cells")
+    assert (member().augment, member().colour, member().sampling) == ("dihedral", "centre", "donors")

@@ -69,7 +69,12 @@ class Augmentation(Choice):
     paper = "paper"                    # flips, rotation, zoom, shift (the paper's)
     dihedral = "dihedral"              # one of the eight flips and quarter turns
     dihedral_stain = "dihedral+stain"  # and brightness, saturation and hue jitter
+    dihedral_hestain = "dihedral+hestain"  # and albumentations' HEStain: stain matrix and amounts drawn anew
     none = "none"
+
+
+# done by a numpy library one image at a time: DataLoader workers run them, never the training device
+HOST_AUGMENTATIONS = (Augmentation.dihedral_hestain.value,)
 
 
 class Colour(Choice):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 
-from .choices import AugmentOn, Colour, Criterion, Device, Engine, History, Profile, Sampling
+from .choices import Augmentation, AugmentOn, Colour, Criterion, Device, Engine, History, Profile, Sampling
 from .errors import AlldetectError, require_extra
 from .formats.csvfiles import TEMPORARY_NAME_EXTRA
 from .precision import INT8_TOLERANCE, Precision
@@ -56,6 +56,11 @@ ColourOption = Annotated[Colour | None, typer.Option(
          "each channel scaled by the cell's own spread); stored in the ensemble and done inside the member, so "
          "predict, the web page and the ONNX graph do the same [default: the profile's: centre for plus, imagenet "
          "for paper and demo].")]
+AugmentOption = Annotated[Augmentation | None, typer.Option(
+    help="How training cells are varied: paper (flips, rotation, zoom, shift), dihedral (one of the eight flips and "
+         "quarter turns), dihedral+stain (and brightness, saturation and hue jitter), dihedral+hestain (and "
+         "albumentations' stain-matrix augmentation, in the loader's workers) or none [default: the profile's: "
+         "dihedral for plus, paper for paper and demo].")]
 DomainCheckOption = Annotated[bool, typer.Option(
     "--domain-check/--no-domain-check", help="Check every cell against what the ensemble's training cells look like "
                                              "and flag those unlike them (a patient with most cells flagged gets no "
@@ -267,13 +272,15 @@ def train(
                                                          "plus yes, demo no].")] = None,
     sampling: SamplingOption = None,
     colour: ColourOption = None,
+    augment: AugmentOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from <out>/checkpoints/last.pt.")] = False,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
     augment_on: Annotated[AugmentOn, typer.Option(
         help="Where augmentation runs: loader (per image, DataLoader workers) or device (the crops held on the "
-             "training device, each batch augmented there); auto: device on a GPU, loader on a CPU.")]
+             "training device, each batch augmented there); auto: device on a GPU (loader for dihedral+hestain), "
+             "loader on a CPU.")]
     = AugmentOn.auto,
     precision: Annotated[Precision, typer.Option(
         help="auto: bf16 autocast on CUDA, fp32 on CPU; or force bf16 or fp32.")] = Precision.auto,
@@ -298,7 +305,7 @@ def train(
                          weights=str(weights) if weights else None, pretrained=True if weights else pretrained,
                          device=device.value, workers=workers, compile=compile or None, precision=precision.value,
                          augment_on=augment_on.value, ema_decay=ema_decay, sampling=sampling and sampling.value,
-                         colour=colour and colour.value,
+                         colour=colour and colour.value, augment=augment and augment.value,
                          checkpoint_every=checkpoint_every, seed=seed)
     run = fit(cfg, resume=resume)
     typer.echo(f"run directory: {run}")
@@ -654,6 +661,7 @@ def run(
     specificity: SpecificityOption = None,
     sampling: SamplingOption = None,
     colour: ColourOption = None,
+    augment: AugmentOption = None,
     force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,
 ) -> None:
     """Run the whole method: data -> index -> subject split -> five members -> ensembles -> report.
@@ -675,7 +683,8 @@ def run(
                          weights_dir=str(weights_dir) if weights_dir else None, pretrained=pretrained,
                          device=device.value, seed=seed, epochs=epochs, batch_size=batch_size, bootstrap=bootstrap,
                          export=export, folds=folds, operating_point=criterion, target=target, force=force,
-                         sampling=sampling and sampling.value, colour=colour and colour.value)
+                         sampling=sampling and sampling.value, colour=colour and colour.value,
+                         augment=augment and augment.value)
     report_path = run_pipeline(cfg)
     typer.echo(f"report: {report_path}")
 

@@ -61,6 +61,7 @@ class PipelineConfig:
     input_size: int | None = None            # resize crops to this side; None: the profile's choice
     sampling: str | None = None              # choices.Sampling; None: the profile's
     colour: str | None = None                # choices.Colour; None: the profile's
+    augment: str | None = None               # choices.Augmentation; None: the profile's
     weights_dir: str | None = None           # local ImageNet weights, one file per member
     pretrained: bool | None = None           # None: the profile's choice
     device: str = "auto"
@@ -213,7 +214,7 @@ def _train_config(cfg: PipelineConfig, member: str, manifest: Path, fold: str = 
     overrides = dict(member=member, manifest=str(manifest), out=str(run_dir),
                      seed=cfg.seed, device=cfg.device, epochs=cfg.epochs, batch_size=cfg.batch_size,
                      weights=cfg.weights_dir, pretrained=cfg.pretrained, input_size=cfg.input_size,
-                     sampling=cfg.sampling, colour=cfg.colour)
+                     sampling=cfg.sampling, colour=cfg.colour, augment=cfg.augment)
     if cfg.data is None:  # the built-in synthetic frames, whatever the profile
         overrides["crop"] = DEMO_CROP
     elif cfg.profile is Profile.demo:  # real 450 px frames: the paper's crop, resized

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from alldetect.data.geometry import center_crop
-from alldetect.data.transforms import normalize, train_augmentation
+from alldetect.data.transforms import augmentation, normalize, train_augmentation
 from alldetect.errors import ImageProblem
 
 
@@ -36,6 +36,21 @@ def test_augmentation_keeps_uint8_shape_and_black_fill():
     assert all(o.shape == x.shape and o.dtype == torch.uint8 for o in outs)
     assert all(o[:, 0, 0].sum() == 0 for o in outs)  # background stays black
     assert any(not torch.equal(o, x) for o in outs)
+
+
+def test_stain_matrix_augmentation_varies_the_stain_keeps_the_background_and_repeats_under_a_seed():
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    image[0, 8:24, 8:24], image[1, 8:24, 8:24], image[2, 8:24, 8:24] = 65, 27, 76  # C-NMC's mean stain
+    augment = augmentation("dihedral+hestain")
+    torch.manual_seed(0)
+    outs = torch.stack([augment(image) for _ in range(100)])
+    assert outs.dtype == torch.uint8 and outs.shape[1:] == image.shape
+    assert (outs[:, :, :8].sum() == 0) and (outs[:, :, 24:].sum() == 0)  # black stays black
+    cell = outs[:, :, 16, 16].float()
+    assert cell.std(0).min() > 2  # every channel varies between draws
+    assert (cell.mean(0) - torch.tensor([65.0, 27.0, 76.0])).abs().max() < 40  # a stain near the original
+    torch.manual_seed(0)
+    assert torch.equal(torch.stack([augment(image) for _ in range(100)]), outs)  # torch's seed decides
 
 
 def test_normalize_uses_the_model_mean_and_std():

@@ -11,6 +11,7 @@ from alldetect.data.transforms import augmentation, dihedral_augmentation
 from alldetect.errors import AlldetectError
 from alldetect.training import fit, profile_config
 from alldetect.training.config import Profile, TrainConfig
+from alldetect.training.loop import augments_on_device
 from alldetect.training.schedule import warmup_cosine_lr
 
 from helpers import tiny_config
@@ -40,6 +41,15 @@ def test_bad_config_values_fail_at_construction_in_one_line(field, value, messag
     with pytest.raises(AlldetectError, match=message) as caught:
         TrainConfig(**{field: value})
     assert "\n" not in str(caught.value)
+
+
+def test_a_host_augmentation_cannot_be_asked_to_run_on_the_device():
+    with pytest.raises(AlldetectError, match="dihedral[+]hestain runs one image at a time .* auto or loader"):
+        TrainConfig(augment="dihedral+hestain", augment_on="device")
+    auto = TrainConfig(augment="dihedral+hestain", augment_on="auto")
+    assert not augments_on_device(auto, torch.device("cuda"))  # the loader's workers do it on a GPU machine
+    assert augments_on_device(TrainConfig(augment="dihedral+stain"), torch.device("cuda"))
+    assert not augments_on_device(TrainConfig(augment="dihedral+stain"), torch.device("cpu"))
 
 
 def test_bad_config_fails_before_any_data_is_read(tmp_path):

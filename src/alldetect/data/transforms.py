@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +25,8 @@ PAPER_ROTATION, PAPER_SHIFT, PAPER_ZOOM = 180.0, 0.1, 0.1
 # background black (contrast jitter would grey it, so it is left out).
 STAIN_BRIGHTNESS, STAIN_SATURATION, STAIN_HUE = 0.15, 0.3, 0.04
 # augmentations that draw from the eight symmetries of the square: scoring averages over all eight (TTA)
-DIHEDRAL_AUGMENTATIONS = (Augmentation.dihedral.value, Augmentation.dihedral_stain.value)
+DIHEDRAL_AUGMENTATIONS = (Augmentation.dihedral.value, Augmentation.dihedral_stain.value,
+                          Augmentation.dihedral_hestain.value)
 
 
 def train_augmentation(*, rotation: float = PAPER_ROTATION, shift: float = PAPER_SHIFT,
@@ -58,11 +60,31 @@ def stain_jitter() -> v2.Transform:
     return v2.ColorJitter(brightness=STAIN_BRIGHTNESS, saturation=STAIN_SATURATION, hue=STAIN_HUE)
 
 
+class StainMatrixJitter(torch.nn.Module):
+    """Albumentations' ``HEStain`` on a uint8 CHW cell: its optical density split into two stains by one of eight
+    reference stain matrices drawn at random, each stain's amount scaled and shifted at random, and put back; the
+    black background stays black. Drawn from torch's generator, so a seeded worker repeats it."""
+
+    def __init__(self):
+        super().__init__()
+        require_extra("augment", "the dihedral+hestain augmentation")
+        import albumentations
+
+        self.stain = albumentations.HEStain(method="random_preset", p=1.0)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        self.stain.set_random_seed(int(torch.randint(2**31, ())))
+        out = self.stain(image=np.ascontiguousarray(image.permute(1, 2, 0).numpy()))["image"]
+        stained = image.amax(0, keepdim=True) > round(STAINED * 255)
+        return torch.where(stained, torch.from_numpy(out).permute(2, 0, 1), image)
+
+
 def augmentation(name: str) -> v2.Transform | None:
-    """The training augmentation called ``name`` (``TrainConfig.augment``): paper, dihedral, dihedral+stain or
-    none."""
+    """The training augmentation called ``name`` (``TrainConfig.augment``): paper, dihedral, dihedral+stain,
+    dihedral+hestain or none."""
     return {"paper": train_augmentation, "dihedral": dihedral_augmentation,
             "dihedral+stain": lambda: v2.Compose([dihedral_augmentation(), stain_jitter()]),
+            "dihedral+hestain": lambda: v2.Compose([dihedral_augmentation(), StainMatrixJitter()]),
             "none": lambda: None}[name]()
 
 
@@ -71,7 +93,7 @@ def batch_augmentation(name: str) -> BatchAugmentation | None:
     workers drawing one image at a time would not): the same transformation family and ranges as
     ``augmentation(name)``, a fresh draw per image, uint8 in and out. Every draw comes from the ``generator``
     passed in, on the batch's device, so nothing is read back to the host and a run seeded per step resumes
-    exactly."""
+    exactly. ``HOST_AUGMENTATIONS`` have no batched form."""
     return {"paper": PaperBatchAugmentation, "dihedral": DihedralBatch, "dihedral+stain": StainBatchJitter,
             "none": lambda: None}[name]()
 

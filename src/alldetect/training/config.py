@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from ..choices import AugmentOn, Augmentation, Colour, Optimizer, Profile, Sampling, Schedule
+from ..choices import (HOST_AUGMENTATIONS, AugmentOn, Augmentation, Colour, Optimizer, Profile, Sampling,
+                       Schedule)
 from ..data.geometry import Preprocess
 from ..errors import AlldetectError
 
@@ -73,6 +74,9 @@ class TrainConfig:
         for name, allowed in (("precision", TRAINING_PRECISIONS), ("select_metric", tuple(SELECTION))):
             if getattr(self, name) not in allowed:
                 raise AlldetectError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.augment_on == AugmentOn.device and self.augment in HOST_AUGMENTATIONS:
+            raise AlldetectError(f"augment {self.augment} runs one image at a time in the loader's workers "
+                                 "(albumentations, on the host): choose augment_on auto or loader")
         for name in ("epochs", "batch_size", "crop"):
             if getattr(self, name) < 1:
                 raise AlldetectError(f"{name} must be at least 1, got {getattr(self, name)}")

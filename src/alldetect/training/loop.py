@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..choices import Sampling
+from ..choices import HOST_AUGMENTATIONS, Sampling
 from ..data.dataset import DonorBalanced, oversample_indices
 from ..data.split import check_subject_disjoint
 from ..data.transforms import batch_augmentation
@@ -133,8 +133,8 @@ def _set_up(cfg: TrainConfig, *, resume: bool) -> Training:
         indices = oversample_indices(train.labels, seed=cfg.seed) if cfg.oversample else np.arange(len(train.rows))
     batches = EpochBatches(indices, batch_size=cfg.batch_size, seed=cfg.seed, world_size=dist.world_size,
                            rank=dist.rank)
-    on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda")
-    source = (ResidentBatches(train, batches, device, batch_augmentation(cfg.augment), seed=cfg.seed) if on_device
+    source = (ResidentBatches(train, batches, device, batch_augmentation(cfg.augment), seed=cfg.seed)
+              if augments_on_device(cfg, device)
               else LoaderBatches(train, batches, device, cfg.augment, workers=_workers(cfg, device), seed=cfg.seed))
 
     step, best = 0, Best()
@@ -153,6 +153,13 @@ def _set_up(cfg: TrainConfig, *, resume: bool) -> Training:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     return Training(cfg, device, dist, run, train, val, test, model, net, ema, optimizer, batches, source, step,
                     best)
+
+
+def augments_on_device(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training crops stay on ``device`` and each batch is augmented there (``TrainConfig.augment_on``):
+    asked for, or ``auto`` on a GPU unless the augmentation only runs on the host."""
+    return cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda"
+                                          and cfg.augment not in HOST_AUGMENTATIONS)
 
 
 def _train_epoch(t: Training, epoch: int, progress: tqdm, on_step: Callable[[int], None] | None) -> float:
