@@ -33,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     cells = sorted(args.cells.rglob("*.bmp"))
     ensemble = alldetect.load(args.ens_dir, engine=args.engine, device="cpu")
-    print(f"| {args.engine} engine, heap {'kept' if args.keep_heap else 'handed back'} | RSS | seconds |\n|---|---|---|")
+    heap = "kept" if args.keep_heap else "handed back"
+    print(f"| {args.engine} engine, heap {heap} | RSS | seconds |\n|---|---|---|")
     print(f"| loaded | {_rss_mb():.0f} MB | - |")
     order = random.Random(0)
     for sweep in range(1, args.sweeps + 1):

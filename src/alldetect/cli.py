@@ -48,8 +48,8 @@ SpecificityOption = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Instead: the lowest cell threshold that keeps at least this specificity.")]
 SamplingOption = Annotated[Sampling | None, typer.Option(
     help="What an epoch draws: cells (every cell, the minority class oversampled: the paper) or donors (classes "
-         "and, within a class, donors weighing the same whatever their cell counts) [default: the profile's: donors for "
-         "plus, cells for paper and demo].")]
+         "and, within a class, donors weighing the same whatever their cell counts) [default: the profile's: "
+         "donors for plus, cells for paper and demo].")]
 ColourOption = Annotated[Colour | None, typer.Option(
     help="How each member sets a cell's colour before its network: imagenet (the network's ImageNet mean and std: "
          "the paper), centre (the cell's own mean colour over its stained pixels subtracted) or standardise (and "

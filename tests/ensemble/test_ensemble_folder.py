@@ -61,7 +61,8 @@ def test_damaged_or_replaced_weights_are_refused(copied):
     (lambda s: s.update(version=1), "earlier alldetect.*rebuild it"),
     (lambda s: s["members"][0].update(colour="grey"), "members\\[0\\].colour 'grey' is not one of imagenet"),
     (lambda s: s["members"][0].update(colour="centre"), "members disagree on crop/input_size/colour"),
-    (lambda s: s.update(preprocess={"crop": 80, "input_size": 80, "colour": "centre"}), "field preprocess .* disagrees"),
+    (lambda s: s.update(preprocess={"crop": 80, "input_size": 80, "colour": "centre"}),
+     "field preprocess .* disagrees"),
     (lambda s: s.update(preprocess=[80]), "field preprocess \\[80\\] is not a crop/input_size/colour object"),
 ])
 def test_a_bad_spec_is_one_line_naming_the_field(copied, change, message):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from alldetect.evaluation.metrics import (UndefinedMetricWarning, classification_metrics, metrics_from_counts, threshold_for_sensitivity)
+from alldetect.evaluation.metrics import (UndefinedMetricWarning, classification_metrics, metrics_from_counts,
+                                          threshold_for_sensitivity)
 
 
 def _from_table5(hem_right, hem_wrong, all_right, all_wrong):

@@ -96,8 +96,8 @@ def create_member(name: str, *, pretrained: bool = False, weights: str | Path | 
             net = timm.create_model(spec.timm_name, pretrained=True, num_classes=num_classes,
                                     pretrained_cfg_overlay={"file": str(file)})
         except (RuntimeError, ValueError, OSError) as e:
-            raise WeightsUnavailable(f"{file}: not usable ImageNet weights for {spec.timm_name} ({type(e).__name__}: {first_line(e)})") \
-                from None
+            raise WeightsUnavailable(f"{file}: not usable ImageNet weights for {spec.timm_name} "
+                                     f"({type(e).__name__}: {first_line(e)})") from None
     elif pretrained and spec.offline_weights is not None:
         net = timm.create_model(spec.timm_name, pretrained=False, num_classes=1000)
         spec.offline_weights(net)
@@ -112,8 +112,9 @@ def create_member(name: str, *, pretrained: bool = False, weights: str | Path | 
             net = timm.create_model(spec.timm_name, pretrained=True, num_classes=num_classes)
         except Exception as e:  # the hub fails in many ways offline (OSError, HTTP errors, hub-specific ones)
             raise WeightsUnavailable(
-                f"ImageNet weights for {name} ({spec.timm_name}) could not be downloaded ({type(e).__name__}: {first_line(e)}); "
-                "pass --weights FILE or --weights-dir DIR with a local copy, or --no-pretrained") from None
+                f"ImageNet weights for {name} ({spec.timm_name}) could not be downloaded "
+                f"({type(e).__name__}: {first_line(e)}); pass --weights FILE or --weights-dir DIR with a local copy, "
+                "or --no-pretrained") from None
     else:
         net = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes)
     return Member(name, net, colour)
