@@ -11,13 +11,10 @@ import base64
 import ctypes
 import ctypes.util
 import gc
-import hashlib
 import html
 import io
 import json
 import logging
-import re
-import secrets
 import sys
 import time
 import uuid
@@ -25,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.resources import files as package_files
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -50,6 +46,7 @@ from ..inference.cells import score_cells
 from ..inference.explain import cell_cams, overlay  # imported with the app: a first Grad-CAM adds no modules
 from ..inference.torch_engine import TorchEngine
 from .connections import ConnectionLimits
+from .origin import SameOriginOnly
 from .store import PredictionStore
 from .uploads import Limits, UploadedCell, UploadRejected, decode_cell, expand_uploads
 
@@ -72,9 +69,6 @@ class ServeSettings:
     domain_check: bool = True    # flag cells unlike the training cells (when the ensemble has a domain reference)
     geometry: FrameGeometry = FrameGeometry()  # how an uploaded image becomes the crop (see --frame-size, --no-crop)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
-
-
-CLIENT_COOKIE = "alldetect_client"  # a random token per browser: whose requests /history shows
 
 
 MULTIPART_OVERHEAD = 256 * 1024  # part headers and boundaries on top of the uploaded files themselves
@@ -103,15 +97,16 @@ class LabServer:
         self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alldetect-score")
         self.queued = self.receiving = 0
         self.receiving_from: dict[str, int] = {}  # bodies being received, per client address
+        self.page_html = package_files("alldetect.serve").joinpath("page.html").read_text()
         self.app = self._routes(FastAPI(title="alldetect", version="1", description="ALL detection in single-cell "
                                         "images with a weighted ensemble of CNNs. Research software, not a medical "
                                         "device."))
 
     def _routes(self, app: FastAPI) -> FastAPI:
-        app.middleware("http")(self.same_origin_only)
+        app.add_middleware(SameOriginOnly, allowed_hosts=self.settings.allowed_hosts)
         app.exception_handler(UploadRejected)(_rejected)
         app.exception_handler(RequestValidationError)(_invalid)
-        app.get("/", response_class=HTMLResponse, include_in_schema=False)(_page)
+        app.get("/", response_class=HTMLResponse, include_in_schema=False)(self.page)
         app.get("/model-card", response_class=PlainTextResponse, include_in_schema=False)(self.card)
         app.get("/api/health")(self.health)
         app.get("/api/model")(self.model_info)
@@ -120,30 +115,8 @@ class LabServer:
         app.get("/history", response_class=HTMLResponse, include_in_schema=False)(self.history)
         return app
 
-    async def same_origin_only(self, request: Request, call_next):
-        """Refuse Host names the server was not bound to (DNS rebinding) and cross-site writes (CSRF); give each
-        browser a client token, so that its history is its own."""
-        host = request.headers.get("host", "")
-        if "transfer-encoding" in request.headers and "content-length" in request.headers:
-            # two framings of one body: which one a proxy in front believed is unknowable (request smuggling)
-            return JSONResponse({"detail": "a request may give Transfer-Encoding or Content-Length, not both"},
-                                status_code=400)
-        if self.settings.allowed_hosts is not None and _hostname(host) not in self.settings.allowed_hosts:
-            return JSONResponse({"detail": f"host {host!r} is not served here; start `alldetect serve` with "
-                                           "--allow-host for the names clients use"}, status_code=421)
-        origin = request.headers.get("origin")
-        if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None and \
-                urlsplit(origin).netloc.lower() != host.lower():
-            return JSONResponse({"detail": f"cross-origin request from {origin!r} refused"}, status_code=403)
-        token = request.cookies.get(CLIENT_COOKIE, "")
-        fresh = _TOKEN.fullmatch(token) is None
-        if fresh:
-            token = secrets.token_urlsafe(32)
-        request.state.client = hashlib.sha256(token.encode()).hexdigest()  # the record keeps no usable token
-        response = await call_next(request)
-        if fresh:
-            response.set_cookie(CLIENT_COOKIE, token, httponly=True, samesite="strict", max_age=365 * 86400)
-        return response
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page_html)  # on the event loop: the cheapest answer is the one asked most
 
     def card(self) -> str:
         path = self.folder.path / self.folder.CARD
@@ -330,10 +303,6 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
     return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
 
 
-def _page() -> str:
-    return package_files("alldetect.serve").joinpath("page.html").read_text()
-
-
 async def _read_files(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
     """The uploaded files, kept in memory, the size limit enforced on the bytes as they arrive (a request
     without Content-Length, or one that lies about it, is cut off at the limit, never spooled whole). A client
@@ -373,14 +342,6 @@ async def _parse_files(request: Request, limits: Limits) -> list[tuple[str, byte
     files = [(PurePosixPath(u.filename or "upload").name, await u.read()) for u in uploads]
     await form.close()
     return files
-
-
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-def _hostname(host: str) -> str:
-    """The name in a Host header, without the port ("[::1]:8000" -> "::1")."""
-    return urlsplit(f"//{host}").hostname or ""
 
 
 def release_memory() -> None:
