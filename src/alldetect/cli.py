@@ -575,7 +575,7 @@ def serve(
     header_timeout: Annotated[float, typer.Option(min=1, help="Seconds a connection may take to send a "
                                                               "request's headers; then it is closed.")] = 10,
     send_timeout: Annotated[float, typer.Option(min=1, help="Seconds an answer may wait for its client to read "
-                                                            "it; then the connection is closed.")] = 30,
+                                                            "some of it; then the connection is closed.")] = 30,
     body_timeout: Annotated[float, typer.Option(min=1, help="Seconds a request's body may take to arrive "
                                                             "after its headers; then it is closed.")] = 120,
     max_connections: Annotated[int, typer.Option(min=2, help="Open connections in all; past it the connection "
@@ -583,6 +583,9 @@ def serve(
                                                              "to read) is closed.")] = 4096,
     max_per_client: Annotated[int | None, typer.Option(min=1, help="Open connections from one address [default: "
                                                                    "half of --max-connections].")] = None,
+    rate_per_client: Annotated[float, typer.Option(min=1, help="Requests one address may start a second, after a "
+                                                              "burst of twice as many; more wait their turn, "
+                                                              "however many connections it opens.")] = 50,
     domain_check: DomainCheckOption = True,
     frame_size: FrameSizeOption = None,
     no_crop: NoCropOption = False,
@@ -591,7 +594,8 @@ def serve(
 
     Only same-origin browser requests are answered, and only for the Host names the server was bound to (or
     named with --allow-host), so a web page elsewhere cannot use or read it. Slow or half-open connections are
-    closed after the time limits, and a flood of them cannot take every connection.
+    closed after the time limits, and a flood of them cannot take every connection; a client that sends
+    requests faster than --rate-per-client waits its turn.
     """
     require_extra("serve", "serve")
     require_extra("explain", "serve (its Grad-CAM)")
@@ -605,7 +609,8 @@ def serve(
     hosts = tuple(dict.fromkeys([*loopback, *([] if wildcard else [host]), *(allow_host or [])]))
     connections = ConnectionLimits(header_seconds=header_timeout, body_seconds=body_timeout,
                                    send_seconds=send_timeout, max_connections=max_connections,
-                                   max_per_client=max_per_client or max_connections // 2)
+                                   max_per_client=max_per_client or max_connections // 2,
+                                   requests_per_second=rate_per_client)
     settings = ServeSettings(db_path=str(db), device=device.value, engine=engine.value,
                              limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files,
                                            max_request_pixels=max_request_megapixels * 1_000_000),

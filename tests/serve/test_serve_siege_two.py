@@ -14,6 +14,7 @@ from PIL import Image
 
 from alldetect.serve import ServeSettings, create_app
 from alldetect.serve.connections import EVICTABLE_AFTER, ConnectionLimits
+from alldetect.serve.store import PredictionStore
 
 from helpers import running_server
 
@@ -69,15 +70,84 @@ def test_a_client_that_never_reads_is_closed_after_the_send_limit(ensemble_dir, 
         assert all(_reset_within(s, 15) for s in stalled)
 
 
+def _stalled(server, n: int, within: float = 30) -> bool:
+    guard = server.config.http.guard
+    deadline = time.monotonic() + within
+    while sum(map(len, guard.stalled.values())) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return sum(map(len, guard.stalled.values())) >= n
+
+
+def test_a_client_that_never_reads_gets_only_the_answers_that_fit_its_buffers(ensemble_dir, tmp_path):
+    limits = ConnectionLimits(send_seconds=600)
+    with running_server(_app(ensemble_dir, tmp_path), limits=limits) as (url, server):
+        sock = _never_reading(url)  # thousands of page requests pipelined
+        assert _stalled(server, 1)
+        time.sleep(3)
+        assert server.server_state.total_requests <= 64  # 5 KB pages: those that fill the buffers on the way
+        sock.close()
+
+
+def test_pipelined_requests_are_all_answered_once_the_client_reads(ensemble_dir, tmp_path):
+    with running_server(_app(ensemble_dir, tmp_path)) as (url, server):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # 60 pages cannot wait in it
+            sock.settimeout(10)
+            sock.connect(_address(url))
+            sock.sendall(PIPELINED * 60)
+            assert _stalled(server, 1)  # the answers wait for the client
+            received = b""
+            while received.count(b"</html>") < 60:
+                chunk = sock.recv(1 << 16)
+                assert chunk, f"closed after {received.count(b'</html>')} of 60 pages"
+                received += chunk
+        assert received.count(b"HTTP/1.1 200 OK") == 60
+
+
+def test_a_slow_reader_of_a_large_answer_is_not_closed(ensemble_dir, tmp_path):
+    app = _app(ensemble_dir, tmp_path)
+    cells = [{"name": f"UID_{i}_1_1_all_{'x' * 60}.bmp", "sha256": "0" * 64, "prob_all": 0.5, "members": {},
+              "error": "", "group": "UID_1"} for i in range(1000)]
+    assert PredictionStore(tmp_path / "db.sqlite").record("large", "model", cells)
+    with running_server(app, limits=ConnectionLimits(send_seconds=1)) as (url, server):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(_address(url))
+            sock.sendall(b"GET /api/results/large.csv HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            received, started = b"", time.monotonic()
+            while received.count(b"UID_") < 1000:
+                time.sleep(0.25)  # a few KB a step: slower than the send limit allows for the whole answer
+                chunk = sock.recv(1 << 16)
+                assert chunk, f"closed after {len(received):,} bytes"
+                received += chunk
+        assert time.monotonic() - started > 2 * server.config.http.guard.limits.send_seconds
+
+
+def test_one_address_starts_requests_at_its_rate_however_many_connections_it_opens(ensemble_dir, tmp_path):
+    limits = ConnectionLimits(requests_per_second=5)  # after a burst of 10
+    with running_server(_app(ensemble_dir, tmp_path), limits=limits) as (url, server):
+        flood = []
+        for _ in range(30):
+            sock = socket.create_connection(_address(url), timeout=10, source_address=("127.0.0.2", 0))
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            flood.append(sock)
+        time.sleep(1)
+        assert server.server_state.total_requests <= 10 + 5 + 2
+        started = time.monotonic()
+        assert _from("127.0.0.3", url).status_code == 200  # another address does not wait behind them
+        assert time.monotonic() - started < 1
+        assert all(b"200 OK" in sock.recv(4096) for sock in flood)  # each in its turn (within 4 s)
+        for sock in flood:
+            sock.close()
+
+
 @pytest.mark.slow
 def test_clients_that_never_read_make_room_when_the_server_is_full(ensemble_dir, tmp_path):
     limits = ConnectionLimits(send_seconds=600, max_connections=8, max_per_client=8)
     with running_server(_app(ensemble_dir, tmp_path), limits=limits) as (url, server):
         stalled = [_never_reading(url) for _ in range(8)]  # every connection the server allows
-        guard = server.config.http.guard
-        deadline = time.monotonic() + 60
-        while sum(map(len, guard.stalled.values())) < 8 and time.monotonic() < deadline:
-            time.sleep(0.2)  # until the answers fill every buffer between the server and these clients
+        _stalled(server, 8, within=60)  # until the answers fill every buffer between the server and these clients
         time.sleep(EVICTABLE_AFTER + 0.5)
         assert _from("127.0.0.2", url).status_code == 200  # long before the send limit: one was closed for it
         assert sum(_reset_within(s, 2) for s in stalled) >= 1

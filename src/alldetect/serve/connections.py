@@ -2,7 +2,9 @@
 time limits on request headers and bodies and on answers the client does not read, a cap on open connections in
 all and per client (the oldest connection still waiting for its headers, or for its client to read, makes room),
 and a refused request's remaining body dropped for at most a moment (the connection then serves on if the body
-ended, else it is closed) instead of read to its end."""
+ended, else it is closed) instead of read to its end. A pipelined request is answered only once the answer
+before it has left for the client, and the kernel holds little of an answer not sent yet: a client that sends
+requests but reads no answers gets a few, not thousands."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ FD_MARGIN = 64           # descriptors kept free for model files, the record and
 LINGER_SECONDS = 1.0     # after an early answer, the rest of the client's body is dropped this long, then closed
 LINGER_BYTES = 4 << 20   # ... or until this much has been discarded
 SUMMARY_SECONDS = 60     # closed idle connections are logged as one line per this many seconds
+UNSENT_BYTES = 16384     # what the kernel holds of an answer not yet sent (its buffer otherwise grows to MBs)
 EVICTABLE_AFTER = 1.0    # a connection waiting for headers this long may be closed to make room
 
 
@@ -29,9 +32,10 @@ EVICTABLE_AFTER = 1.0    # a connection waiting for headers this long may be clo
 class ConnectionLimits:
     header_seconds: float = 10      # a connection must send a request's headers within this time
     body_seconds: float = 120       # ... and its whole body within this time after the headers
-    send_seconds: float = 30        # an answer the client stops reading may wait this long for it
+    send_seconds: float = 30        # an answer may wait this long for its client to read some of it
     max_connections: int = 4096     # open connections in all (kept under the process's descriptor limit)
     max_per_client: int = 2048      # open connections from one address
+    requests_per_second: float = 50  # requests one address may start a second (after a burst of twice as many)
 
     def effective_max(self) -> int:
         """``max_connections``, or fewer when the process may not open that many files; the soft limit is
@@ -61,8 +65,10 @@ class ConnectionGuard:
         self.open = 0
         self.per_client: dict[str, set[GuardedH11Protocol]] = {}
         self.waiting: dict[str, dict[GuardedH11Protocol, float]] = {}  # per address, oldest first -> since when
-        self.stalled: dict[str, dict[GuardedH11Protocol, float]] = {}  # answers the client is not reading
+        self.stalled: dict[str, dict[GuardedH11Protocol, float]] = {}  # answers the client is not reading (or
+        # pipelined requests waiting for their address's turn)
         self.closed = {"headers": 0, "unread": 0, "evicted": 0, "refused": 0}
+        self.next_turn: dict[str, float] = {}  # per address: when its next request may start
         self._next_summary = 0.0
 
     def admit(self, conn: GuardedH11Protocol) -> bool:
@@ -98,14 +104,25 @@ class ConnectionGuard:
     def is_waiting(self, conn: GuardedH11Protocol) -> bool:
         return conn in self.waiting.get(conn.address, {})
 
-    def stall(self, conn: GuardedH11Protocol, stalled: bool) -> None:
-        """``conn``'s answer stopped (True) or went on (False) reaching its client."""
+    def stall(self, conn: GuardedH11Protocol, stalled: bool, *, evictable_now: bool = False) -> None:
+        """``conn``'s answer stopped (True) or went on (False) reaching its client; ``evictable_now``: it may be
+        closed to make room at once, not only after ``EVICTABLE_AFTER``."""
         mine = self.stalled.setdefault(conn.address, {})
         mine.pop(conn, None)
         if stalled:
-            mine[conn] = conn.loop.time()
+            mine[conn] = conn.loop.time() - (EVICTABLE_AFTER if evictable_now else 0.0)
         if not mine:
             del self.stalled[conn.address]
+
+    def turn(self, address: str) -> float:
+        """Seconds until a new request of ``address`` may start, its place in the queue of that address taken:
+        requests start at most ``requests_per_second`` apart, after a burst of twice that many (the generic
+        cell rate algorithm). However many connections a client opens, the work it asks for is bounded."""
+        now = asyncio.get_running_loop().time()
+        interval = 1 / self.limits.requests_per_second
+        start = max(self.next_turn.get(address, now), now - 2 * self.limits.requests_per_second * interval)
+        self.next_turn[address] = start + interval
+        return max(0.0, start - now)
 
     def forget(self, conn: GuardedH11Protocol) -> None:
         self.stop_waiting(conn)
@@ -116,6 +133,8 @@ class ConnectionGuard:
             self.open -= 1
         if not mine:
             self.per_client.pop(conn.address, None)
+            if self.next_turn.get(conn.address, 0.0) <= conn.loop.time():
+                self.next_turn.pop(conn.address, None)
 
     def count(self, reason: str) -> None:
         self.closed[reason] += 1
@@ -160,6 +179,9 @@ class GuardedH11Protocol(H11Protocol):
         self.address = peer[0] if peer else ""
         self._timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
+        self._turn_timer: asyncio.TimerHandle | None = None
+        self._held: bytes | None = None  # a request's first bytes, waiting for the turn of its address
+        self._charged = False  # the request on its way has taken its turn
         self._discarded: int | None = None  # bytes thrown away after an early answer; None: not lingering
         self.served = False  # has answered a request (so, kept alive, it waits for the next one)
         self.refused = not self.guard.admit(self)
@@ -167,6 +189,13 @@ class GuardedH11Protocol(H11Protocol):
             transport.abort()
             return
         super().connection_made(transport)
+        # Writing pauses as soon as an answer is not wholly in the kernel, so the send timer below runs for any
+        # answer the client is not reading, and a pipelined request waits until the answer before it has left.
+        transport.set_write_buffer_limits(high=0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_BYTES)
+        self._next_when_sent = False
         self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -174,13 +203,15 @@ class GuardedH11Protocol(H11Protocol):
             return
         self._cancel_timer()
         self._stop_send_timer()
+        self._stop_turn_timer()
         self.guard.forget(self)
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
-        """The transport holds more of an answer than it may: the client is not reading. It gets ``send_seconds``
-        to resume before the connection is closed; meanwhile a connection with room to make may close it."""
+        """Part of an answer waits for the client to read: it gets ``send_seconds`` to take some of it, again
+        after each part, before the connection is closed; meanwhile a connection with room to make may close it."""
         super().pause_writing()
+        self._unsent = self.transport.get_write_buffer_size()
         self.guard.stall(self, True)
         self._stop_send_timer()
         self._send_timer = self.loop.call_later(self.guard.limits.send_seconds, self._not_read)
@@ -189,14 +220,28 @@ class GuardedH11Protocol(H11Protocol):
         self._stop_send_timer()
         self.guard.stall(self, False)
         super().resume_writing()
+        if self._next_when_sent:
+            self._next_when_sent = False
+            self.on_response_complete()
 
     def data_received(self, data: bytes) -> None:
+        if self._held is not None:  # reading is paused, but a chunk read before may still come
+            self._held += data
+            return
         if self._discarded is not None:
             self._discarded += len(data)
             if self._discarded > LINGER_BYTES:
                 self.close_now()
                 return
         waiting_for_headers = self.guard.is_waiting(self)
+        if waiting_for_headers and not self._charged:
+            self._charged = True
+            wait = self.guard.turn(self.address)
+            if wait > 0:  # its headers are held meanwhile: the header time limit still runs
+                self._held = data
+                self.transport.pause_reading()
+                self._turn_timer = self.loop.call_later(wait, self._release_held)
+                return
         super().data_received(data)  # after an early answer h11 drops the rest of the body
         state = self.conn.their_state
         if self._discarded is not None and state is not h11.SEND_BODY:  # the refused body ended in time
@@ -204,7 +249,8 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel_timer()
             if state is h11.IDLE:
                 self._await_headers()
-        elif waiting_for_headers and state is not h11.IDLE:
+        elif waiting_for_headers and state is not h11.IDLE:  # a request has started
+            self._charged = False
             self.guard.stop_waiting(self)
             self._cancel_timer()
             if state is h11.SEND_BODY:
@@ -214,6 +260,18 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         unread_body = self.conn.their_state is h11.SEND_BODY
+        if not unread_body and not self.transport.is_closing():
+            if self.flow.write_paused:
+                self._next_when_sent = True  # a client that is not reading gets no further answers
+                return
+            if self.conn.trailing_data[0] and not self._charged:  # a pipelined request: it takes a turn too
+                self._charged = True
+                wait = self.guard.turn(self.address)
+                if wait > 0:  # meanwhile it is the first to be closed when room is needed
+                    self.guard.stall(self, True, evictable_now=True)
+                    self._turn_timer = self.loop.call_later(wait, self._pipelined_turn)
+                    return
+        self._charged = False
         self.served = True
         super().on_response_complete()
         if self.transport.is_closing():
@@ -250,6 +308,9 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.abort()
 
     def _not_read(self) -> None:
+        if self.transport.get_write_buffer_size() < self._unsent:  # a slow client, but reading
+            self.pause_writing()
+            return
         self._send_timer = None
         self.guard.count("unread")
         self.abort()
@@ -259,7 +320,25 @@ class GuardedH11Protocol(H11Protocol):
             self._send_timer.cancel()
             self._send_timer = None
 
+    def _release_held(self) -> None:
+        self._turn_timer = None
+        data, self._held = self._held, None
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+            self.data_received(data)
+
+    def _pipelined_turn(self) -> None:
+        self._turn_timer = None
+        self.guard.stall(self, False)
+        self.on_response_complete()
+
+    def _stop_turn_timer(self) -> None:
+        if self._turn_timer is not None:
+            self._turn_timer.cancel()
+            self._turn_timer = None
+
     def _await_headers(self) -> None:
+        self._charged = False
         self.guard.wait(self)
         self._cancel_timer()
         self._timer = self.loop.call_later(self.guard.limits.header_seconds, self._headers_too_slow)
