@@ -198,10 +198,14 @@ def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args)
     for t in threads:
         t.start()
     time.sleep(3 if args.half_open or args.slow_clients or args.unread else 0)  # the siege before the lab uploads
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_seconds(pid)
+    attackers = [p.pid for p in (siege, unread) if p.pid is not None]
+    attackers_cpu = sum(map(_cpu_seconds, attackers))
     with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
         list(pool.map(client, range(args.clients)))
     report["wall_s"] = time.perf_counter() - started
+    report["server_cpu_s"] = _cpu_seconds(pid) - cpu
+    report["attackers_cpu_s"] = sum(map(_cpu_seconds, attackers)) - attackers_cpu
     done.set()
     stop.set()
     if args.half_open:
@@ -272,8 +276,8 @@ def _unread(url: str, n: int, stop, counts) -> None:
             sock.settimeout(10)
             sock.connect(_host_port(url))
             sock.setblocking(False)
-            for _ in range(20_000):
-                sock.send(PIPELINED)
+            for _ in range(2_000):  # many requests a call: the attacker's own CPU is not the server's cost
+                sock.send(PIPELINED * 64)
         except BlockingIOError:
             opened[sock] = (time.perf_counter(), address)
         except OSError:
@@ -468,6 +472,13 @@ def _rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` and its threads so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -497,6 +508,8 @@ def _print(report: dict, args, limit: int) -> None:
           f"{args.body_timeout:g} s |")
     print(f"| ordinary requests ({args.clients} clients x {args.requests}) | {total} in {report['wall_s']:.0f} s, "
           f"statuses {dict(report['statuses'])}, {report['retries']} retries after 503 |")
+    print(f"| CPU time during them | server {report['server_cpu_s']:.0f} s, processes holding half-open and unread "
+          f"connections {report['attackers_cpu_s']:.0f} s, of {report['wall_s'] * os.cpu_count():.0f} core-seconds |")
     print(f"| ordinary upload latency (retries included) | p50 {np.percentile(upload, 50):.0f} ms, "
           f"p95 {np.percentile(upload, 95):.0f} ms, max {upload.max():.0f} ms |")
     if report["slow_lived_s"]:
