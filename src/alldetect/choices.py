@@ -90,6 +90,7 @@ class Sampling(Choice):
     cells = "cells"    # every training cell, the minority class oversampled to the majority's count (the paper)
     donors = "donors"  # classes as large, and within a class each donor as large whatever its cell count: drawn
                        # afresh every epoch from each donor's cells
+    batches = "batches"  # as donors, but within a class each imaging batch (the manifest's source) first
 
 
 class AugmentOn(Choice):

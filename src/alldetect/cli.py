@@ -47,9 +47,10 @@ SensitivityOption = Annotated[float | None, typer.Option(
 SpecificityOption = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Instead: the lowest cell threshold that keeps at least this specificity.")]
 SamplingOption = Annotated[Sampling | None, typer.Option(
-    help="What an epoch draws: cells (every cell, the minority class oversampled: the paper) or donors (classes "
-         "and, within a class, donors weighing the same whatever their cell counts) [default: the profile's: "
-         "donors for plus, cells for paper and demo].")]
+    help="What an epoch draws: cells (every cell, the minority class oversampled: the paper), donors (classes "
+         "and, within a class, donors weighing the same whatever their cell counts) or batches (as donors, but "
+         "within a class each imaging batch, the folder above the class folders, weighs the same first) "
+         "[default: the profile's: donors for plus, cells for paper and demo].")]
 ColourOption = Annotated[Colour | None, typer.Option(
     help="How each member sets a cell's colour before its network: imagenet (the network's ImageNet mean and std: "
          "the paper), centre (the cell's own mean colour over its stained pixels subtracted) or standardise (and "

@@ -260,3 +260,18 @@ def test_donor_balanced_sampling_weighs_every_donor_alike_and_draws_afresh_each_
     a_cells = [i for i in first if subjects[i] == "A"]
     assert len(set(a_cells)) == len(a_cells)  # a donor with enough cells repeats none
     assert not np.array_equal(first, second) and np.array_equal(draw(0), first)
+
+
+def test_batch_balanced_sampling_weighs_every_batch_alike_then_its_donors():
+    from alldetect.data.dataset import DonorBalanced
+
+    labels = np.array([1] * 100 + [1] * 10 + [1] * 3 + [0] * 40 + [0] * 2)
+    subjects = ["A"] * 100 + ["B"] * 10 + ["C"] * 3 + ["H1"] * 40 + ["H2"] * 2
+    batches = ["fold_1"] * 110 + ["fold_0"] * 3 + ["fold_1"] * 42
+    draw = DonorBalanced(labels, subjects, seed=0, batches=batches)
+    first = draw(0)
+    assert len(first) == 2 * 113
+    counts = {s: sum(subjects[i] == s for i in first) for s in ("A", "B", "C", "H1", "H2")}
+    assert counts["C"] in (56, 57) and counts["A"] + counts["B"] == 113 - counts["C"]  # its batch's half, alone
+    assert abs(counts["A"] - counts["B"]) <= 1
+    assert {counts["H1"], counts["H2"]} <= {56, 57}  # one batch: as donor-balanced

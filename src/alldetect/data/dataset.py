@@ -66,28 +66,39 @@ class DonorBalanced:
     """One epoch's image indices with every donor weighing the same within its class and the classes the same,
     whatever each donor's cell count: a class gets the majority class's cell count (as with ``oversample_indices``,
     so an epoch is as long), shared evenly by its donors (the remainder to donors drawn at random), and each donor
-    fills its share from its own cells, without repeats while it has enough. Drawn afresh for every epoch, a
-    function of (seed, epoch) alone."""
+    fills its share from its own cells, without repeats while it has enough. With ``batches`` (each cell's imaging
+    batch), a class's share is first split evenly over its batches, then over each batch's donors. Drawn afresh
+    for every epoch, a function of (seed, epoch) alone."""
 
-    def __init__(self, labels: np.ndarray, subjects: list[str], *, seed: int):
+    def __init__(self, labels: np.ndarray, subjects: list[str], *, seed: int, batches: list[str] | None = None):
         labels, subjects = np.asarray(labels), np.asarray(subjects)
+        batches_of = np.asarray(batches if batches is not None else [""] * len(labels))
         self.seed = seed
         self.per_class = int(np.unique(labels, return_counts=True)[1].max())
-        self.donors = {c: [np.flatnonzero((labels == c) & (subjects == s)) for s in np.unique(subjects[labels == c])]
-                       for c in np.unique(labels)}
-        logger.info("donor-balanced sampling: %s donors per class, %d draws per class an epoch",
-                    {int(c): len(d) for c, d in self.donors.items()}, self.per_class)
+        self.groups = {c: [[np.flatnonzero((labels == c) & (batches_of == b) & (subjects == s))
+                            for s in np.unique(subjects[(labels == c) & (batches_of == b)])]
+                           for b in np.unique(batches_of[labels == c])] for c in np.unique(labels)}
+        logger.info("%s-balanced sampling: %s, %d draws per class an epoch",
+                    "donor" if batches is None else "batch- and donor", {
+                        int(c): f"{sum(map(len, g))} donors in {len(g)} batches" for c, g in self.groups.items()},
+                    self.per_class)
 
     def __len__(self) -> int:
-        return self.per_class * len(self.donors)
+        return self.per_class * len(self.groups)
 
     def __call__(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch, 3])
         drawn = []
-        for cells in self.donors.values():
-            shares = np.full(len(cells), self.per_class // len(cells))
-            shares[rng.choice(len(cells), self.per_class % len(cells), replace=False)] += 1
-            for own, share in zip(cells, shares):
-                whole, rest = divmod(int(share), len(own))
-                drawn += [rng.permutation(own) for _ in range(whole)] + [rng.choice(own, rest, replace=False)]
+        for batches in self.groups.values():
+            for donors, batch_share in zip(batches, _shares(self.per_class, len(batches), rng)):
+                for own, share in zip(donors, _shares(batch_share, len(donors), rng)):
+                    whole, rest = divmod(share, len(own))
+                    drawn += [rng.permutation(own) for _ in range(whole)] + [rng.choice(own, rest, replace=False)]
         return np.concatenate(drawn).astype(np.int64)
+
+
+def _shares(total: int, parts: int, rng: np.random.Generator) -> list[int]:
+    """``total`` split into ``parts`` shares as even as can be, the remainder to parts drawn at random."""
+    shares = np.full(parts, total // parts)
+    shares[rng.choice(parts, total % parts, replace=False)] += 1
+    return [int(s) for s in shares]

@@ -29,7 +29,7 @@ class TrainConfig:
     input_size: int | None = None       # resize after cropping; None feeds the crop itself (paper)
     colour: str = Colour.imagenet.value # choices.Colour: the member's ImageNet normalisation (paper) or the cell's
     oversample: bool = True             # replicate minority-class images up to the majority count
-    sampling: str = "cells"             # choices.Sampling: cells (with oversample, the paper's) or donors
+    sampling: str = "cells"             # choices.Sampling: cells (with oversample, the paper's), donors or batches
     augment: str = "paper"              # choices.Augmentation
     augment_on: str = "auto"            # choices.AugmentOn (the device's batches: training.batches)
     # optimisation (paper Sec. 2.2)

@@ -127,8 +127,9 @@ def _set_up(cfg: TrainConfig, *, resume: bool) -> Training:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model, device)
     ema = _moving_average(model, cfg.ema_decay)
-    if cfg.sampling == Sampling.donors:
-        indices = DonorBalanced(train.labels, [r.subject for r in train.rows], seed=cfg.seed)
+    if cfg.sampling in (Sampling.donors, Sampling.batches):
+        indices = DonorBalanced(train.labels, [r.subject for r in train.rows], seed=cfg.seed,
+                                batches=[r.source for r in train.rows] if cfg.sampling == Sampling.batches else None)
     else:
         indices = oversample_indices(train.labels, seed=cfg.seed) if cfg.oversample else np.arange(len(train.rows))
     batches = EpochBatches(indices, batch_size=cfg.batch_size, seed=cfg.seed, world_size=dist.world_size,
