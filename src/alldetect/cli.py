@@ -585,7 +585,7 @@ def serve(
     max_per_client: Annotated[int | None, typer.Option(min=1, help="Open connections from one address [default: "
                                                                    "half of --max-connections].")] = None,
     rate_per_client: Annotated[float, typer.Option(min=1, help="Requests one address may start a second, after a "
-                                                              "burst of twice as many; more wait their turn, "
+                                                              "burst of two seconds' worth; more wait their turn, "
                                                               "however many connections it opens.")] = 50,
     domain_check: DomainCheckOption = True,
     frame_size: FrameSizeOption = None,

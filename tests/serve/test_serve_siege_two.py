@@ -115,28 +115,28 @@ def test_a_slow_reader_of_a_large_answer_is_not_closed(ensemble_dir, tmp_path):
             sock.settimeout(10)
             sock.connect(_address(url))
             sock.sendall(b"GET /api/results/large.csv HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            received, started = b"", time.monotonic()
+            received, steps = b"", 0
             while received.count(b"UID_") < 1000:
                 time.sleep(0.25)  # a few KB a step: slower than the send limit allows for the whole answer
                 chunk = sock.recv(1 << 16)
                 assert chunk, f"closed after {len(received):,} bytes"
-                received += chunk
-        assert time.monotonic() - started > 2 * server.config.http.guard.limits.send_seconds
+                received, steps = received + chunk, steps + 1
+        assert steps * 0.25 > 2 * server.config.http.guard.limits.send_seconds  # it did read for that long
 
 
 def test_one_address_starts_requests_at_its_rate_however_many_connections_it_opens(ensemble_dir, tmp_path):
     limits = ConnectionLimits(requests_per_second=5)  # after a burst of 10
     with running_server(_app(ensemble_dir, tmp_path), limits=limits) as (url, server):
-        flood = []
+        flood, began = [], time.monotonic()
         for _ in range(30):
             sock = socket.create_connection(_address(url), timeout=10, source_address=("127.0.0.2", 0))
             sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             flood.append(sock)
         time.sleep(1)
-        assert server.server_state.total_requests <= 10 + 5 + 2
-        started = time.monotonic()
-        assert _from("127.0.0.3", url).status_code == 200  # another address does not wait behind them
-        assert time.monotonic() - started < 1
+        answered = server.server_state.total_requests
+        assert answered <= 10 + 5 * (time.monotonic() - began) + 2  # what the rate allows in the time gone by
+        assert _from("127.0.0.3", url).status_code == 200
+        assert server.server_state.total_requests < 30 + 1  # answered while the flood still waits its turns
         assert all(b"200 OK" in sock.recv(4096) for sock in flood)  # each in its turn (within 4 s)
         for sock in flood:
             sock.close()

@@ -97,7 +97,7 @@ class LabServer:
         self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alldetect-score")
         self.queued = self.receiving = 0
         self.receiving_from: dict[str, int] = {}  # bodies being received, per client address
-        self.page_html = package_files("alldetect.serve").joinpath("page.html").read_text()
+        self.page_html = package_files("alldetect.serve").joinpath("page.html").read_bytes()
         self.app = self._routes(FastAPI(title="alldetect", version="1", description="ALL detection in single-cell "
                                         "images with a weighted ensemble of CNNs. Research software, not a medical "
                                         "device."))

@@ -26,6 +26,7 @@ LINGER_BYTES = 4 << 20   # ... or until this much has been discarded
 SUMMARY_SECONDS = 60     # closed idle connections are logged as one line per this many seconds
 UNSENT_BYTES = 16384     # what the kernel holds of an answer not yet sent (its buffer otherwise grows to MBs)
 EVICTABLE_AFTER = 1.0    # a connection waiting for headers this long may be closed to make room
+BURST_SECONDS = 2.0      # an address that was quiet may start this many seconds' worth of requests at once
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class ConnectionLimits:
     send_seconds: float = 30        # an answer may wait this long for its client to read some of it
     max_connections: int = 4096     # open connections in all (kept under the process's descriptor limit)
     max_per_client: int = 2048      # open connections from one address
-    requests_per_second: float = 50  # requests one address may start a second (after a burst of twice as many)
+    requests_per_second: float = 50  # requests one address may start a second (after a burst of BURST_SECONDS)
 
     def effective_max(self) -> int:
         """``max_connections``, or fewer when the process may not open that many files; the soft limit is
@@ -116,12 +117,11 @@ class ConnectionGuard:
 
     def turn(self, address: str) -> float:
         """Seconds until a new request of ``address`` may start, its place in the queue of that address taken:
-        requests start at most ``requests_per_second`` apart, after a burst of twice that many (the generic
-        cell rate algorithm). However many connections a client opens, the work it asks for is bounded."""
+        requests start ``1 / requests_per_second`` apart, after a burst of ``BURST_SECONDS`` of them (the
+        generic cell rate algorithm). However many connections a client opens, the work it asks for is bounded."""
         now = asyncio.get_running_loop().time()
-        interval = 1 / self.limits.requests_per_second
-        start = max(self.next_turn.get(address, now), now - 2 * self.limits.requests_per_second * interval)
-        self.next_turn[address] = start + interval
+        start = max(self.next_turn.get(address, now), now - BURST_SECONDS)
+        self.next_turn[address] = start + 1 / self.limits.requests_per_second
         return max(0.0, start - now)
 
     def forget(self, conn: GuardedH11Protocol) -> None:
@@ -182,6 +182,8 @@ class GuardedH11Protocol(H11Protocol):
         self._turn_timer: asyncio.TimerHandle | None = None
         self._held: bytes | None = None  # a request's first bytes, waiting for the turn of its address
         self._charged = False  # the request on its way has taken its turn
+        self._next_when_sent = False  # a pipelined request waits for the answer before it to leave
+        self._unsent = 0  # bytes of an answer left in the transport when writing paused
         self._discarded: int | None = None  # bytes thrown away after an early answer; None: not lingering
         self.served = False  # has answered a request (so, kept alive, it waits for the next one)
         self.refused = not self.guard.admit(self)
@@ -195,7 +197,6 @@ class GuardedH11Protocol(H11Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_BYTES)
-        self._next_when_sent = False
         self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -234,14 +235,11 @@ class GuardedH11Protocol(H11Protocol):
                 self.close_now()
                 return
         waiting_for_headers = self.guard.is_waiting(self)
-        if waiting_for_headers and not self._charged:
-            self._charged = True
-            wait = self.guard.turn(self.address)
-            if wait > 0:  # its headers are held meanwhile: the header time limit still runs
-                self._held = data
-                self.transport.pause_reading()
-                self._turn_timer = self.loop.call_later(wait, self._release_held)
-                return
+        if waiting_for_headers and (wait := self._turn_wait()) > 0:  # held meanwhile; the header limit still runs
+            self._held = data
+            self.transport.pause_reading()
+            self._turn_timer = self.loop.call_later(wait, self._release_held)
+            return
         super().data_received(data)  # after an early answer h11 drops the rest of the body
         state = self.conn.their_state
         if self._discarded is not None and state is not h11.SEND_BODY:  # the refused body ended in time
@@ -264,13 +262,10 @@ class GuardedH11Protocol(H11Protocol):
             if self.flow.write_paused:
                 self._next_when_sent = True  # a client that is not reading gets no further answers
                 return
-            if self.conn.trailing_data[0] and not self._charged:  # a pipelined request: it takes a turn too
-                self._charged = True
-                wait = self.guard.turn(self.address)
-                if wait > 0:  # meanwhile it is the first to be closed when room is needed
-                    self.guard.stall(self, True, evictable_now=True)
-                    self._turn_timer = self.loop.call_later(wait, self._pipelined_turn)
-                    return
+            if self.conn.trailing_data[0] and (wait := self._turn_wait()) > 0:  # a pipelined request waits too,
+                self.guard.stall(self, True, evictable_now=True)  # the first to be closed when room is needed
+                self._turn_timer = self.loop.call_later(wait, self._pipelined_turn)
+                return
         self._charged = False
         self.served = True
         super().on_response_complete()
@@ -319,6 +314,13 @@ class GuardedH11Protocol(H11Protocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+
+    def _turn_wait(self) -> float:
+        """Seconds the request on its way must wait for its address's turn; a request takes one turn only."""
+        if self._charged:
+            return 0.0
+        self._charged = True
+        return self.guard.turn(self.address)
 
     def _release_held(self) -> None:
         self._turn_timer = None
