@@ -16,10 +16,7 @@ def test_every_batch_is_held_out_once_and_trained_without(tmp_path):
     generate(tmp_path / "data", SynthConfig(size=304, all_subjects=6, hem_subjects=6, test_all_subjects=1,
                                             test_hem_subjects=1, final_subjects=0, cells_per_subject=3), workers=2)
     out = tmp_path / "lobo"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path / "data"), "--members",
-                           "mobilenet,efficientnet_lite0", "--epochs", "1", "--input-size", "32", "--no-pretrained",
-                           "--folds", "2", "--bootstrap", "20", "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = _lobo(tmp_path, out)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out / "leave_one_batch_out.json").read_text())
     held_out = [r["held out"] for r in result["table"]]
@@ -30,3 +27,29 @@ def test_every_batch_is_held_out_once_and_trained_without(tmp_path):
         assert f"/{batch}/" not in manifest and manifest.count("\n") > 1  # trained on the other batches only
         scored = result["scored"][f"baseline|{batch}"]["paths"]
         assert scored and all(f"/{batch}/" in p or batch == "prelim" for p in scored)
+
+    # chosen batches only, two of them together: prelim's trained run reused (the same row), fold_0 and fold_2
+    # held out by one ensemble trained on the rest, pooled over those three batches
+    done = _lobo(tmp_path, out, "--hold-out", "prelim", "--hold-out", "fold_0+fold_2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    chosen = json.loads((out / "leave_one_batch_out.json").read_text())
+    rows = {r["held out"]: r for r in chosen["table"]}
+    assert list(rows) == ["prelim", "fold_0+fold_2", "**pooled**"]
+    assert rows["prelim"] == next(r for r in result["table"] if r["held out"] == "prelim")
+    by_batch = {r["held out"]: r["cells"] for r in result["table"]}
+    assert rows["fold_0+fold_2"]["cells"] == by_batch["fold_0"] + by_batch["fold_2"]
+    assert rows["**pooled**"]["cells"] == by_batch["fold_0"] + by_batch["fold_2"] + by_batch["prelim"]
+    manifest = (out / "baseline" / "without-fold_0+fold_2" / "run" / "manifest.csv").read_text()
+    assert "/fold_0/" not in manifest and "/fold_2/" not in manifest and "/fold_1/" in manifest
+
+    for hold_out, error in ((["fold_9"], "--hold-out fold_9: no such batch"),
+                            (["fold_0+fold_1", "fold_1"], "--hold-out names fold_1 more than once")):
+        refused = _lobo(tmp_path, out, *(arg for batch in hold_out for arg in ("--hold-out", batch)))
+        assert refused.returncode == 2 and error in refused.stderr.splitlines()[-1]
+
+
+def _lobo(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path / "data"), "--members",
+                           "mobilenet,efficientnet_lite0", "--epochs", "1", "--input-size", "32", "--no-pretrained",
+                           "--folds", "2", "--bootstrap", "20", "--device", "cpu", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600)
