@@ -126,9 +126,9 @@ RECIPES: dict[str, Recipe] = {
     # resized to 96 px, which trains 1.7 times faster than 128. Inside one batch 96 px generalised better than
     # 128 (cell AUC 0.851 against 0.833); on donors of other batches 128 did better (0.697 against 0.601 for
     # refit members, BENCHMARKS.md) but would take the CPU run past its time budget. 3 folds keep about 1,500
-    # cells within it on 2 cores (more folds train each model on more donors): 1,507 cells of 36 donors took
-    # 24 min 55 s at 8 epochs here, 12 epochs projected at 35 (BENCHMARKS.md).
-    "cpu": Recipe(Profile.plus, "lite", input_size=96, folds=3, minutes=35),
+    # cells within it on 2 cores (more folds train each model on more donors): the 1,521 cells of 36 donors took
+    # 50 min 20 s on a 2-core AVX2 machine (BENCHMARKS.md).
+    "cpu": Recipe(Profile.plus, "lite", input_size=96, folds=3, minutes=50),
 }
 
 
