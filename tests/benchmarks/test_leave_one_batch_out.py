@@ -7,14 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from alldetect.data.synth import SynthConfig, generate
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "leave_one_batch_out.py"
 
 
 def test_every_batch_is_held_out_once_and_trained_without(tmp_path):
-    generate(tmp_path / "data", SynthConfig(size=304, all_subjects=6, hem_subjects=6, test_all_subjects=1,
-                                            test_hem_subjects=1, final_subjects=0, cells_per_subject=3), workers=2)
+    _synthetic_batches(tmp_path)
     out = tmp_path / "lobo"
     done = _lobo(tmp_path, out)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -28,24 +29,37 @@ def test_every_batch_is_held_out_once_and_trained_without(tmp_path):
         scored = result["scored"][f"baseline|{batch}"]["paths"]
         assert scored and all(f"/{batch}/" in p or batch == "prelim" for p in scored)
 
-    # chosen batches only, two of them together: prelim's trained run reused (the same row), fold_0 and fold_2
-    # held out by one ensemble trained on the rest, pooled over those three batches
+
+@pytest.mark.slow
+def test_chosen_batches_are_held_out_alone_or_together_and_pooled_over_them(tmp_path):
+    _synthetic_batches(tmp_path)
+    out = tmp_path / "lobo"
+    done = _lobo(tmp_path, out, "--hold-out", "prelim")
+    assert done.returncode == 0, done.stderr[-2000:]
+    alone = json.loads((out / "leave_one_batch_out.json").read_text())["table"][0]
+
+    # prelim's trained run reused (the same row); fold_0 and fold_2 held out by one ensemble trained on the rest
     done = _lobo(tmp_path, out, "--hold-out", "prelim", "--hold-out", "fold_0+fold_2")
     assert done.returncode == 0, done.stderr[-2000:]
-    chosen = json.loads((out / "leave_one_batch_out.json").read_text())
-    rows = {r["held out"]: r for r in chosen["table"]}
+    rows = {r["held out"]: r for r in json.loads((out / "leave_one_batch_out.json").read_text())["table"]}
     assert list(rows) == ["prelim", "fold_0+fold_2", "**pooled**"]
-    assert rows["prelim"] == next(r for r in result["table"] if r["held out"] == "prelim")
-    by_batch = {r["held out"]: r["cells"] for r in result["table"]}
-    assert rows["fold_0+fold_2"]["cells"] == by_batch["fold_0"] + by_batch["fold_2"]
-    assert rows["**pooled**"]["cells"] == by_batch["fold_0"] + by_batch["fold_2"] + by_batch["prelim"]
+    assert rows["prelim"] == alone
+    assert rows["**pooled**"]["cells"] == rows["prelim"]["cells"] + rows["fold_0+fold_2"]["cells"]
     manifest = (out / "baseline" / "without-fold_0+fold_2" / "run" / "manifest.csv").read_text()
     assert "/fold_0/" not in manifest and "/fold_2/" not in manifest and "/fold_1/" in manifest
 
+
+def test_an_unknown_batch_or_one_held_out_twice_is_refused_in_one_line(tmp_path):
+    _synthetic_batches(tmp_path)
     for hold_out, error in ((["fold_9"], "--hold-out fold_9: no such batch"),
                             (["fold_0+fold_1", "fold_1"], "--hold-out names fold_1 more than once")):
-        refused = _lobo(tmp_path, out, *(arg for batch in hold_out for arg in ("--hold-out", batch)))
+        refused = _lobo(tmp_path, tmp_path / "lobo", *(arg for batch in hold_out for arg in ("--hold-out", batch)))
         assert refused.returncode == 2 and error in refused.stderr.splitlines()[-1]
+
+
+def _synthetic_batches(tmp_path: Path) -> None:
+    generate(tmp_path / "data", SynthConfig(size=304, all_subjects=6, hem_subjects=6, test_all_subjects=1,
+                                            test_hem_subjects=1, final_subjects=0, cells_per_subject=3), workers=2)
 
 
 def _lobo(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
