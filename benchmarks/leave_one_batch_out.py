@@ -37,6 +37,7 @@ from sklearn.metrics import roc_auc_score
 
 import alldetect
 from alldetect.data.index import index_folder
+from alldetect.errors import AlldetectError
 from alldetect.evaluation.evaluate import donor_metrics, percentile_ci, subject_bootstrap
 from alldetect.evaluation.metrics import classification_metrics
 from alldetect.evaluation.operating_point import donor_means
@@ -89,7 +90,7 @@ def main() -> None:
         logging.getLogger(quiet).setLevel(logging.WARNING)
     try:
         result = measure(args)
-    except ValueError as error:
+    except AlldetectError as error:  # a bad --hold-out, or data that `alldetect run` refuses: one line
         parser.error(str(error))
     print(format_table(result["table"], markdown=True))
     turns = result["held_out"]
@@ -104,7 +105,7 @@ def measure(args: argparse.Namespace) -> dict:
     levers = [Recipe.parse(text) for text in args.recipe]
     recipes = [Recipe("baseline", {}), *levers] if args.baseline else levers
     if not recipes:
-        raise ValueError("--no-baseline without a --recipe: nothing to measure")
+        raise AlldetectError("--no-baseline without a --recipe: nothing to measure")
     table, scored, timing = [], {}, {}
     for recipe in recipes:
         pooled = {"y": [], "prob": [], "called": [], "subjects": [], "patient_all": {}}
@@ -158,10 +159,10 @@ def _held_out_units(texts: list[str] | None, batches: dict[str, list]) -> list[t
     named = [batch for unit in units for batch in unit]
     unknown = sorted(set(named) - set(batches))
     if unknown:
-        raise ValueError(f"--hold-out {', '.join(unknown)}: no such batch; the data has {', '.join(batches)}")
+        raise AlldetectError(f"--hold-out {', '.join(unknown)}: no such batch; the data has {', '.join(batches)}")
     twice = sorted({batch for batch in named if named.count(batch) > 1})
     if twice:
-        raise ValueError(f"--hold-out names {', '.join(twice)} more than once; each batch is held out at most once")
+        raise AlldetectError(f"--hold-out names {', '.join(twice)} more than once; each batch is held out at most once")
     return units
 
 
