@@ -80,7 +80,8 @@ class DonorBalanced:
                            for b in np.unique(batches_of[labels == c])] for c in np.unique(labels)}
         logger.info("%s-balanced sampling: %s, %d draws per class an epoch",
                     "donor" if batches is None else "batch- and donor", {
-                        int(c): f"{sum(map(len, g))} donors in {len(g)} batches" for c, g in self.groups.items()},
+                        int(c): f"{sum(map(len, g))} donors" + ("" if batches is None else f" in {len(g)} batches")
+                        for c, g in self.groups.items()},
                     self.per_class)
 
     def __len__(self) -> int:
