@@ -17,8 +17,11 @@ before, with the same options). ``--hold-out BATCH`` (repeatable) holds out only
 over their donors; ``--hold-out A+B`` holds out two batches together and trains on the rest. Holding out fold_1
 trains on the 173 cells of the other three batches, the cheapest way to try the full recipe; ``--hold-out fold_1
 --hold-out fold_0+fold_2+test_prelim`` splits the donors by batch in two, every donor held out once. Finished
-runs are reused. Prints one table and writes ``<out>/leave_one_batch_out.json`` after every recipe, so an
-interrupted run keeps the recipes it finished.
+runs are reused. ``--operating-point CRITERION[:TARGET]`` (repeatable; ``sensitivity:0.9``,
+``specificity:0.5``, ``balanced_accuracy``) adds rows with each ensemble's cell and patient thresholds refitted
+by that criterion on its own out-of-fold predictions, as ``alldetect run --operating-point`` would fit them: the
+held-out cells are not scored again, since the criterion changes no probability. Prints one table and writes
+``<out>/leave_one_batch_out.json`` after every recipe, so an interrupted run keeps the recipes it finished.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 import alldetect
+from alldetect.choices import FITTED_CRITERIA, Criterion
 from alldetect.data.index import index_folder
 from alldetect.errors import AlldetectError
 from alldetect.evaluation.evaluate import donor_metrics, percentile_ci, subject_bootstrap
 from alldetect.evaluation.metrics import classification_metrics
-from alldetect.evaluation.operating_point import donor_means
+from alldetect.evaluation.operating_point import donor_means, fit_operating_point
+from alldetect.formats.operating_point import OperatingPoint
+from alldetect.formats.predictions import read_predictions
 from alldetect.formats.tables import format_table
 from alldetect.pipeline import PipelineConfig, run_pipeline
 
@@ -79,6 +85,9 @@ def main() -> None:
     parser.add_argument("--hold-out", action="append", metavar="BATCH[+BATCH]", help="batches to hold out "
                                                                                      "together, repeatable "
                                                                                      "[default: each in turn]")
+    parser.add_argument("--operating-point", action="append", default=[], metavar="CRITERION[:TARGET]",
+                        help="also report each ensemble at thresholds refitted by this criterion, repeatable "
+                             "(see above)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -103,33 +112,35 @@ def measure(args: argparse.Namespace) -> dict:
     batches = _batches(args.data or [SHARED / "cnmc-dev", SHARED / "cnmc-xfold"])
     units = _held_out_units(args.hold_out, batches)
     levers = [Recipe.parse(text) for text in args.recipe]
+    criteria = [_criterion(text) for text in args.operating_point]
     recipes = [Recipe("baseline", {}), *levers] if args.baseline else levers
     if not recipes:
         raise AlldetectError("--no-baseline without a --recipe: nothing to measure")
     table, scored, timing = [], {}, {}
     for recipe in recipes:
-        pooled = {"y": [], "prob": [], "called": [], "subjects": [], "patient_all": {}}
+        variants = [recipe.name] + [f"{recipe.name} @ {' '.join(map(str, filter(None, c)))}" for c in criteria]
+        rows_of = {variant: [] for variant in variants}
+        pooled = {variant: {"y": [], "prob": [], "called": [], "subjects": [], "patient_all": {}}
+                  for variant in variants}
         for unit in units:
             began, held_out = time.perf_counter(), "+".join(unit)
             ensemble = _train_without(unit, batches, recipe, args)
             rows = [row for batch in unit for row in batches[batch]]
             cells = ensemble.predict([r.path for r in rows], domain_check=False)
             prob, kept = cells["prob_all"], np.isfinite(cells["prob_all"])
-            y = np.array([int(r.y) for r in rows])[kept]
+            prob, y = prob[kept], np.array([int(r.y) for r in rows])[kept]
             subjects = [r.subject for r, k in zip(rows, kept) if k]
-            point = ensemble.operating_point
-            table.append(_row(recipe.name, held_out, y, prob[kept], subjects, point, args))
-            means, truth, _ = donor_means(y, prob[kept], subjects)
-            pooled["y"].append(y)
-            pooled["prob"].append(prob[kept])
-            pooled["called"].append(point.cells_all(prob[kept]))
-            pooled["subjects"] += subjects
-            pooled["patient_all"].update({s: point.patient_all(float(np.mean(prob[kept][np.asarray(subjects) == s])))
-                                          for s in set(subjects)})
+            points = [ensemble.operating_point] + [_refitted(ensemble, *c) for c in criteria]
+            for variant, point in zip(variants, points):
+                rows_of[variant].append(_row(variant, held_out, y, prob, subjects, point, args))
+                _pool(pooled[variant], y, prob, subjects, point)
             scored[f"{recipe.name}|{held_out}"] = {"paths": [r.path for r, k in zip(rows, kept) if k],
-                                                   "prob": prob[kept].tolist(), "point": point.to_json()}
+                                                   "prob": prob.tolist(), "point": points[0].to_json(),
+                                                   "refitted": {v: p.to_json() for v, p in zip(variants[1:],
+                                                                                               points[1:])}}
             timing[f"{recipe.name}|{held_out}"] = time.perf_counter() - began
-        table.append(_pooled_row(recipe.name, pooled, args))
+        for variant in variants:
+            table += rows_of[variant] + [_pooled_row(variant, pooled[variant], args)]
         result = {"batches": {b: len(rows) for b, rows in batches.items()}, "held_out": ["+".join(u) for u in units],
                   "donors": len({r.subject for unit in units for b in unit for r in batches[b]}),
                   "recipes": [r.__dict__ for r in recipes], "members": args.members, "epochs": args.epochs,
@@ -138,6 +149,42 @@ def measure(args: argparse.Namespace) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "leave_one_batch_out.json").write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+def _criterion(text: str) -> tuple[str, float | None]:
+    """``CRITERION[:TARGET]`` as (criterion, target); sensitivity and specificity need a target in (0, 1]."""
+    criterion, _, target = text.partition(":")
+    if criterion not in FITTED_CRITERIA:
+        raise AlldetectError(f"--operating-point {text}: the criterion is one of {', '.join(FITTED_CRITERIA)}")
+    if criterion == Criterion.balanced_accuracy:
+        if target:
+            raise AlldetectError(f"--operating-point {text}: balanced_accuracy takes no target")
+        return criterion, None
+    try:
+        value = float(target)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise AlldetectError(f"--operating-point {text}: {criterion} needs a target in (0, 1], as {criterion}:0.9")
+    return criterion, value
+
+
+def _refitted(ensemble: alldetect.Ensemble, criterion: str, target: float | None) -> OperatingPoint:
+    """The ensemble's operating point fitted anew by ``criterion`` on the out-of-fold predictions its own were
+    fitted on (those of the combiner it scores with)."""
+    val = read_predictions(ensemble.folder.predictions("val"))[ensemble.method]
+    return fit_operating_point(val.y, val.prob_all, val.subject, criterion=criterion, target=target,
+                               fitted_on=ensemble.operating_point.fitted_on)
+
+
+def _pool(pooled: dict, y: np.ndarray, prob: np.ndarray, subjects: list[str], point: OperatingPoint) -> None:
+    """One held-out unit's cells, called at its ensemble's ``point``, added to the pooled figures."""
+    pooled["y"].append(y)
+    pooled["prob"].append(prob)
+    pooled["called"].append(point.cells_all(prob))
+    pooled["subjects"] += subjects
+    pooled["patient_all"].update({s: point.patient_all(float(np.mean(prob[np.asarray(subjects) == s])))
+                                  for s in set(subjects)})
 
 
 def _batches(folders: list[Path]) -> dict[str, list]:

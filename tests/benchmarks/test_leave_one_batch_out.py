@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import alldetect
 from alldetect.data.synth import SynthConfig, generate
+from alldetect.evaluation.operating_point import fit_operating_point
+from alldetect.formats.predictions import read_predictions
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "leave_one_batch_out.py"
 
@@ -17,17 +20,25 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "leave_one_batch_o
 def test_every_batch_is_held_out_once_and_trained_without(tmp_path):
     _synthetic_batches(tmp_path)
     out = tmp_path / "lobo"
-    done = _lobo(tmp_path, out)
+    done = _lobo(tmp_path, out, "--operating-point", "sensitivity:0.9")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out / "leave_one_batch_out.json").read_text())
-    held_out = [r["held out"] for r in result["table"]]
-    assert held_out == ["fold_0", "fold_1", "fold_2", "prelim", "**pooled**"]
-    assert result["table"][-1]["cells"] == sum(r["cells"] for r in result["table"][:-1]) == 42
+    turns = ["fold_0", "fold_1", "fold_2", "prelim", "**pooled**"]
+    assert [(r["recipe"], r["held out"]) for r in result["table"]] == (
+        [("baseline", t) for t in turns] + [("baseline @ sensitivity 0.9", t) for t in turns])
+    assert result["table"][4]["cells"] == sum(r["cells"] for r in result["table"][:4]) == 42
     for batch in ("fold_0", "fold_1", "fold_2", "prelim"):
         manifest = (out / "baseline" / f"without-{batch}" / "run" / "manifest.csv").read_text()
         assert f"/{batch}/" not in manifest and manifest.count("\n") > 1  # trained on the other batches only
-        scored = result["scored"][f"baseline|{batch}"]["paths"]
-        assert scored and all(f"/{batch}/" in p or batch == "prelim" for p in scored)
+        scored = result["scored"][f"baseline|{batch}"]
+        assert scored["paths"] and all(f"/{batch}/" in p or batch == "prelim" for p in scored["paths"])
+        # refitted on the out-of-fold predictions of the combiner that scored, as `run --operating-point` fits
+        ensemble = alldetect.load(out / "baseline" / f"without-{batch}" / "run" / "ensemble", engine="torch")
+        val = read_predictions(ensemble.folder.predictions("val"))[ensemble.method]
+        fitted = fit_operating_point(val.y, val.prob_all, val.subject, criterion="sensitivity", target=0.9)
+        refitted = scored["refitted"]["baseline @ sensitivity 0.9"]
+        assert (refitted["cell_threshold"], refitted["criterion"]) == (fitted.cell_threshold, "sensitivity")
+        assert scored["point"]["criterion"] == "balanced_accuracy"
 
 
 @pytest.mark.slow
@@ -54,6 +65,10 @@ def test_an_unknown_batch_or_one_held_out_twice_is_refused_in_one_line(tmp_path)
     for hold_out, error in ((["fold_9"], "--hold-out fold_9: no such batch"),
                             (["fold_0+fold_1", "fold_1"], "--hold-out names fold_1 more than once")):
         refused = _lobo(tmp_path, tmp_path / "lobo", *(arg for batch in hold_out for arg in ("--hold-out", batch)))
+        assert refused.returncode == 2 and error in refused.stderr.splitlines()[-1]
+    for criterion, error in (("sens:0.9", "the criterion is one of balanced_accuracy, sensitivity, specificity"),
+                             ("specificity", "specificity needs a target in (0, 1]")):
+        refused = _lobo(tmp_path, tmp_path / "lobo", "--operating-point", criterion)
         assert refused.returncode == 2 and error in refused.stderr.splitlines()[-1]
 
 
