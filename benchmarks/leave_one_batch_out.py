@@ -19,8 +19,8 @@ trains on the 173 cells of the other three batches, the cheapest way to try the 
 --hold-out fold_0+fold_2+test_prelim`` splits the donors by batch in two, every donor held out once. Finished
 runs are reused. ``--operating-point CRITERION[:TARGET]`` (repeatable; ``sensitivity:0.9``,
 ``specificity:0.5``, ``balanced_accuracy``) adds rows with each ensemble's cell and patient thresholds refitted
-by that criterion on its own out-of-fold predictions, as ``alldetect run --operating-point`` would fit them: the
-held-out cells are not scored again, since the criterion changes no probability. Prints one table and writes
+by that criterion on its own out-of-fold predictions, as ``alldetect run --operating-point`` would fit them;
+every criterion calls the same held-out scores, since a criterion changes no probability. Prints one table and writes
 ``<out>/leave_one_batch_out.json`` after every recipe, so an interrupted run keeps the recipes it finished.
 """
 
@@ -118,7 +118,8 @@ def measure(args: argparse.Namespace) -> dict:
         raise AlldetectError("--no-baseline without a --recipe: nothing to measure")
     table, scored, timing = [], {}, {}
     for recipe in recipes:
-        variants = [recipe.name] + [f"{recipe.name} @ {' '.join(map(str, filter(None, c)))}" for c in criteria]
+        variants = [recipe.name] + [f"{recipe.name} @ {criterion} {target or ''}".rstrip()
+                                    for criterion, target in criteria]
         rows_of = {variant: [] for variant in variants}
         pooled = {variant: {"y": [], "prob": [], "called": [], "subjects": [], "patient_all": {}}
                   for variant in variants}
@@ -130,7 +131,7 @@ def measure(args: argparse.Namespace) -> dict:
             prob, kept = cells["prob_all"], np.isfinite(cells["prob_all"])
             prob, y = prob[kept], np.array([int(r.y) for r in rows])[kept]
             subjects = [r.subject for r, k in zip(rows, kept) if k]
-            points = [ensemble.operating_point] + [_refitted(ensemble, *c) for c in criteria]
+            points = [ensemble.operating_point, *_refitted(ensemble, criteria)]
             for variant, point in zip(variants, points):
                 rows_of[variant].append(_row(variant, held_out, y, prob, subjects, point, args))
                 _pool(pooled[variant], y, prob, subjects, point)
@@ -169,12 +170,14 @@ def _criterion(text: str) -> tuple[str, float | None]:
     return criterion, value
 
 
-def _refitted(ensemble: alldetect.Ensemble, criterion: str, target: float | None) -> OperatingPoint:
-    """The ensemble's operating point fitted anew by ``criterion`` on the out-of-fold predictions its own were
+def _refitted(ensemble: alldetect.Ensemble, criteria: list[tuple[str, float | None]]) -> list[OperatingPoint]:
+    """The ensemble's operating point fitted anew by each criterion on the out-of-fold predictions its own was
     fitted on (those of the combiner it scores with)."""
+    if not criteria:
+        return []
     val = read_predictions(ensemble.folder.predictions("val"))[ensemble.method]
-    return fit_operating_point(val.y, val.prob_all, val.subject, criterion=criterion, target=target,
-                               fitted_on=ensemble.operating_point.fitted_on)
+    return [fit_operating_point(val.y, val.prob_all, val.subject, criterion=criterion, target=target,
+                                fitted_on=ensemble.operating_point.fitted_on) for criterion, target in criteria]
 
 
 def _pool(pooled: dict, y: np.ndarray, prob: np.ndarray, subjects: list[str], point: OperatingPoint) -> None:
