@@ -2,6 +2,7 @@
 files, folders, arrays and PIL images, with the same calls and patients."""
 
 import csv
+import io
 import subprocess
 import sys
 
@@ -95,3 +96,26 @@ def test_the_readme_example_runs(ensemble_dir, cells, tmp_path, monkeypatch):
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["cells"].scored == 2 and len(namespace["cells"].patients()) == 2
+
+
+def test_each_bad_item_is_one_error_row_and_the_good_ones_are_scored(ensemble_dir, cells, tmp_path):
+    ensemble = alldetect.load(ensemble_dir, device="cpu", engine="torch")
+    good = cells / "UID_3_1_1_all.png"
+    closed = Image.open(good)
+    closed.close()
+    truncated_file = tmp_path / "truncated.png"
+    truncated_file.write_bytes(good.read_bytes()[:200])
+    frames = [Image.new("RGB", (80, 80), (v, 0, v)) for v in (60, 90)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    items = [good, None, good.read_bytes(), b"not an image", closed, Image.open(good).convert("LA").convert("La"),
+             Image.open(truncated_file), "a\0b.png", "x" * 300 + ".png", Image.open(io.BytesIO(gif.getvalue())),
+             np.asarray(Image.open(good).convert("RGB"))]
+    table = ensemble.predict(items)
+    assert len(table) == len(items)
+    prob, errors = table["prob_all"], table["error"]
+    scored = [i for i, p in enumerate(prob) if np.isfinite(p)]
+    assert scored == [0, 2, 10] and prob[2] == pytest.approx(prob[0]) and prob[10] == pytest.approx(prob[0])
+    assert all(errors[i] for i in range(len(items)) if i not in scored)
+    assert "NoneType is not an image" in errors[1] and "more than one page or frame" in errors[9]
+    assert ensemble.predict(good.read_bytes()).scored == 1  # the bytes of a file are one image, not 37,686 ints

@@ -181,3 +181,36 @@ def test_names_that_look_alike_are_written_alike_and_escapes_cannot_be_faked(tmp
         for separator in (",", ";", "\t", "|"):
             assert all(not part.lstrip().startswith(("=", "+", "-", "@", "\uff1d", "\uff0b", "\uff0d", "\uff20"))
                        for part in safe.split(separator)), (text, safe, separator)
+
+
+def test_outputs_that_name_a_folder_or_lie_beside_one_fail_before_any_work(ensemble_dir, tmp_path, monkeypatch):
+    import alldetect.inference.load
+
+    monkeypatch.setattr(alldetect.inference.load, "load_engine", lambda *a, **k: pytest.fail("work started"))
+    write_cell(tmp_path / "cells" / "UID_1_1_1_all.png", size=80)
+    cells = str(tmp_path / "cells")
+    _one_line_error(runner.invoke(app, ["predict", str(ensemble_dir), cells, "-o", f"{tmp_path}/newdir/"]),
+                    "names a folder")
+    assert not (tmp_path / "newdir").exists()
+    (tmp_path / "out.patients.csv").mkdir()
+    _one_line_error(runner.invoke(app, ["predict", str(ensemble_dir), cells, "-o", str(tmp_path / "out.csv")]),
+                    "out.patients.csv", "not a regular file")
+    os.mkfifo(tmp_path / "pipe.csv")
+    _one_line_error(runner.invoke(app, ["predict", str(ensemble_dir), cells, "-o", str(tmp_path / "pipe.csv")]),
+                    "not a regular file")
+
+
+def test_a_path_component_too_long_is_an_error_row_and_the_rest_is_scored(ensemble_dir, tmp_path):
+    good = write_cell(tmp_path / "UID_1_1_1_all.png", size=80)
+    result = runner.invoke(app, ["predict", str(ensemble_dir), str(good), str(tmp_path / ("x" * 300 + ".png")),
+                                 "-o", str(tmp_path / "p.csv"), "--device", "cpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    rows = _csv_rows(tmp_path / "p.csv")
+    assert rows[0]["prob_all"] and "name too long" in rows[1]["error"].lower()
+
+
+@pytest.mark.parametrize("args", [["predict", "E", "c", "--batch-size", "-1"], ["serve", "E", "--port", "70000"],
+                                  ["serve", "E", "--max-upload-mb", "-5"], ["serve", "E", "--max-files", "0"]])
+def test_numbers_out_of_range_are_usage_errors(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output

@@ -8,6 +8,7 @@ import pytest
 
 from alldetect import pipeline
 from alldetect.data.synth import SynthConfig
+from alldetect.errors import AlldetectError
 from alldetect.pipeline import PipelineConfig, run_pipeline
 
 from helpers import history_steps, kill_when_written, run_command
@@ -104,3 +105,34 @@ def test_run_options_reach_every_member_and_none_keeps_the_profile_s_choice(tmp_
     chosen = member(augment="dihedral+hestain", colour="standardise", sampling="cells")
     assert (chosen.augment, chosen.colour, chosen.sampling) == ("dihedral+hestain", "standardise", "cells")
     assert (member().augment, member().colour, member().sampling) == ("dihedral", "centre", "donors")
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    with pipeline.output_lock(tmp_path):
+        with pytest.raises(AlldetectError, match="another `alldetect run` is writing this folder"):
+            run_pipeline(_cfg(tmp_path))
+    assert not (tmp_path / "members").exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "folder", "not json"])
+def test_a_damaged_stage_record_is_one_line(tmp_path, kind):
+    record = tmp_path / "stages.json"
+    if kind == "folder":
+        record.mkdir()
+    else:
+        record.write_text("" if kind == "empty" else "[1, 2")
+    with pytest.raises(AlldetectError, match="stages.json: .*run with --force"):
+        run_pipeline(_cfg(tmp_path))
+
+
+def test_the_stage_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    stages = pipeline.Stages(tmp_path / "stages.json", force=False)
+    stages.mark("a", "k1", done=True)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stages.mark("b", "k2", done=False)
+    assert json.loads((tmp_path / "stages.json").read_text()) == {"a": {"key": "k1", "done": True}}

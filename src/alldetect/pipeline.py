@@ -16,11 +16,13 @@ follows) when its inputs changed. ``force`` redoes everything.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from .data.split import MOST_FOLDS, default_folds, fold_splits, paper_split, sub
 from .data.synth import SynthConfig, generate
 from .ensemble.build import build_ensemble
 from .ensemble.folder import EnsembleFolder
-from .errors import has_extra, require_extra
+from .errors import AlldetectError, first_line, has_extra, require_extra
 from .export.ensemble import export_ensemble
 from .formats.manifest import read_manifest, write_manifest
 from .formats.predictions import read_predictions
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 DEMO_SYNTH = SynthConfig(size=112, all_subjects=12, hem_subjects=6, test_all_subjects=4, test_hem_subjects=2,
                          final_subjects=2, cells_per_subject=10)
 GRID_CELLS = 4  # Grad-CAM grid rows: half ALL, half HEM
+LOCK_FILE = ".alldetect-run.lock"  # held by the `alldetect run` writing the folder
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,26 @@ class Stage:
 
 
 class Stages:
-    """Keys of finished and started stages, persisted after every change."""
+    """Keys of finished and started stages, persisted (atomically) after every change."""
 
     def __init__(self, path: Path, force: bool):
         self.path = path
-        self.state = {} if force or not path.is_file() else json.loads(path.read_text())
+        self.state = {} if force or not (path.exists() or path.is_symlink()) else self._read(path)
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        remedy = "delete it to redo every stage, or run with --force"
+        try:
+            state = json.loads(path.read_bytes())
+        except IsADirectoryError:
+            raise AlldetectError(f"{path}: is a folder, not the stage record; {remedy}") from None
+        except (OSError, ValueError) as e:  # ValueError: empty, not JSON, not UTF-8
+            raise AlldetectError(f"{path}: not a stage record alldetect can read ({first_line(e)}); {remedy}") \
+                from None
+        if not isinstance(state, dict) or not all(isinstance(v, dict) and isinstance(v.get("key"), str)
+                                                  and isinstance(v.get("done"), bool) for v in state.values()):
+            raise AlldetectError(f"{path}: not a stage record alldetect wrote; {remedy}")
+        return state
 
     def status(self, name: str, key: str) -> str:
         entry = self.state.get(name)
@@ -109,15 +127,39 @@ class Stages:
     def mark(self, name: str, key: str, *, done: bool) -> None:
         self.state[name] = {"key": key, "done": done}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.state, indent=2))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.path)
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one `alldetect run` at a time: a second one into the same folder would train into the same
+    member folders. The lock is the kernel's (``flock``), so it goes with the process however that ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as lock:  # never written: a rerun changes no file it does not redo
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlldetectError(f"{out}: another `alldetect run` is writing this folder; wait for it to end, or "
+                                 "choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
-    """Run (or finish) every stage; returns the report path."""
+    """Run (or finish) every stage, one `alldetect run` at a time in an output folder; returns the report path."""
     cfg = choose_recipe(cfg)
     if cfg.export:
         require_extra("onnx", "--export")  # before hours of training, not after
     out = Path(cfg.out).resolve()
+    with output_lock(out):
+        return _run_stages(cfg, out)
+
+
+def _run_stages(cfg: PipelineConfig, out: Path) -> Path:
     stages = Stages(out / "stages.json", cfg.force)
     data_dir = Path(cfg.data).resolve() if cfg.data else out / "data"
     manifest = out / "manifest.csv"

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..choices import Colour
 from ..errors import ImageProblem
+from .images import MAX_PIXELS
 
 
 def center_crop(image: np.ndarray, size: int, *, path: str = "<array>") -> np.ndarray:
@@ -28,9 +29,11 @@ def center_crop(image: np.ndarray, size: int, *, path: str = "<array>") -> np.nd
 class FrameGeometry:
     """How an image becomes the crop the model sees at its own scale: C-NMC's 450x450 frames are center-cropped
     as they are; frames of another size or magnification can first be rescaled to ``frame_size`` pixels a
-    side, and an image that already is the cell's crop (``as_crop``) is resized to the crop whole."""
+    side, and an image that already is the cell's crop (``as_crop``) is resized to the crop whole. A rescale that
+    would make more than ``max_pixels`` pixels (a long thin image) is refused before it is made."""
     frame_size: int | None = None
     as_crop: bool = False
+    max_pixels: int = MAX_PIXELS
 
     def crop(self, pixels: np.ndarray, crop: int, *, name: str) -> np.ndarray:
         if self.as_crop:
@@ -38,7 +41,12 @@ class FrameGeometry:
         if self.frame_size:
             height, width = pixels.shape[:2]
             scale = self.frame_size / min(height, width)
-            pixels = _resized(pixels, round(width * scale), round(height * scale))
+            size = (round(width * scale), round(height * scale))
+            if size[0] * size[1] > self.max_pixels:
+                raise ImageProblem(name, f"{width}x{height} rescaled to a shorter side of {self.frame_size} would be "
+                                         f"{size[0]}x{size[1]} pixels, beyond the {self.max_pixels:,}-pixel limit (not "
+                                         "a cell's frame)")
+            pixels = _resized(pixels, *size)
         return center_crop(pixels, crop, path=name)
 
     def describe(self, crop: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import stat
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ImageProblem
+from ..errors import ImageProblem, first_line
 
 # C-NMC cells are 450x450 (0.2 MP). Anything above this is not a single-cell image and may be a
 # decompression bomb; refuse it before decoding (Pillow's own limit is ~179 MP, far too lax here).
@@ -33,8 +34,8 @@ def read_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndar
         info = path.stat()
     except FileNotFoundError:
         raise ImageProblem(path, "file not found") from None
-    except OSError as e:
-        raise ImageProblem(path, f"cannot read: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise ImageProblem(path, f"cannot read: {getattr(e, 'strerror', None) or e}") from None
     if not stat.S_ISREG(info.st_mode):  # a device would be read for ever, a pipe waited on
         raise ImageProblem(path, "not a regular file (a device, pipe, socket or folder)")
     if info.st_size == 0:
@@ -53,10 +54,7 @@ def decode_rgb(source: Path | BinaryIO, *, name: str, max_pixels: int = MAX_PIXE
                     raise ImageProblem(
                         name, f"{width}x{height} pixels exceeds the {max_pixels:,}-pixel limit "
                         "(not a single-cell image, or a decompression bomb)")
-                pages = getattr(img, "n_frames", 1)
-                if pages > 1:  # which page is the cell is not ours to guess
-                    raise ImageProblem(name, f"holds {pages} pages; a cell image has one: save the page to score "
-                                             "as its own file")
+                _single_page(img, name)
                 img.load()
                 return _to_rgb(img, name)
     except ImageProblem:
@@ -66,27 +64,46 @@ def decode_rgb(source: Path | BinaryIO, *, name: str, max_pixels: int = MAX_PIXE
             from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageProblem(name, "refused as a possible decompression bomb") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageProblem(name, f"corrupt or truncated image ({e})") from None
+    except Exception as e:  # a crafted file can make a decoder raise anything (a page without a size: TypeError)
+        raise ImageProblem(name, f"corrupt or truncated image ({type(e).__name__}: {first_line(e)})") from None
 
 
-def image_rgb(image: Image.Image | np.ndarray, *, name: str,
+def _single_page(img: Image.Image, name: str) -> None:
+    """Refuse an image of several pages or frames: which is the cell is not ours to guess. ``is_animated`` reads
+    at most the second page's header (counting pages with ``n_frames`` walks every one: minutes for a crafted
+    file of 80,000 pages)."""
+    if getattr(img, "is_animated", False):
+        raise ImageProblem(name, "holds more than one page or frame; a cell image has one: save the page to score "
+                                 "as its own file")
+
+
+def image_rgb(image: Image.Image | np.ndarray | bytes, *, name: str,
               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
-    """``read_rgb`` for an image already in memory: a PIL image, or an array that Pillow reads as one ((H, W) grey,
-    (H, W, 3) RGB, (H, W, 4) RGBA; uint8, 16-bit or float grey); ``name`` labels errors."""
+    """``read_rgb`` for an image already in memory: a PIL image, an array that Pillow reads as one ((H, W) grey,
+    (H, W, 3) RGB, (H, W, 4) RGBA; uint8, 16-bit or float grey), or the bytes of an image file; ``name`` labels
+    errors. Anything else, or an image that cannot be read, is an ``ImageProblem``."""
     if isinstance(image, np.ndarray):
         try:
             image = Image.fromarray(np.ascontiguousarray(image))
         except (TypeError, ValueError, KeyError):
             raise ImageProblem(name, f"a {image.dtype} array of shape {image.shape} is not an image: give (H, W, 3) "
                                      "uint8 RGB") from None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_rgb(io.BytesIO(bytes(image)), name=name, max_pixels=max_pixels)
     if not isinstance(image, Image.Image):
-        raise ImageProblem(name, f"a {type(image).__name__} is not an image: give a path, an array or a PIL image")
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageProblem(name, f"{width}x{height} pixels exceeds the {max_pixels:,}-pixel limit (not a single-cell "
-                                 "image)")
-    return _to_rgb(image, name)
+        raise ImageProblem(name, f"a {type(image).__name__} is not an image: give a path, an array, a PIL image or "
+                                 "the bytes of an image file")
+    try:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageProblem(name, f"{width}x{height} pixels exceeds the {max_pixels:,}-pixel limit (not a "
+                                     "single-cell image)")
+        _single_page(image, name)
+        return _to_rgb(image, name)
+    except ImageProblem:
+        raise
+    except Exception as e:  # closed, truncated, or of a mode Pillow cannot convert ("La")
+        raise ImageProblem(name, f"a PIL image that cannot be read ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, str | None]:

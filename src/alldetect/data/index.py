@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 PRELIM_HEADER = ("Patient_ID", "new_names", "labels")
 SYNTHETIC_MARKER = "alldetect-synthetic.json"
+MAX_DEPTH = 64  # folder levels indexed below the root: C-NMC trees are a few deep; Python's walk recurses
 _FOLD_DIR = re.compile(r"^fold_?(?P<k>\d+)$", re.IGNORECASE)
 _CLASS_DIRS = {"all": "all", "hem": "hem"}
 _UNKNOWN_CLASS_NAME = re.compile(r"^(?:UID_)?H?\d+_\d+_\d+_(?P<label>[A-Za-z]+)$", re.IGNORECASE)
@@ -110,9 +111,14 @@ def _files(root: Path, problems: list[Problem]) -> list[Path]:
 def _walk(root: Path, problems: list[Problem]) -> list[Path]:
     """Every entry under ``root`` but folders, sorted, following symbolic links to folders (data on shared
     drives is often reached that way) once each: a link back up the tree, or a second link to a folder already
-    walked, is reported instead of walked again."""
+    walked, is reported instead of walked again; so is a folder deeper than ``MAX_DEPTH`` below ``root``."""
     entries, walked = [], set()
+    base = len(Path(root).parts)
     for folder, subfolders, names in os.walk(root, followlinks=True):
+        if len(Path(folder).parts) - base >= MAX_DEPTH and subfolders:
+            problems.append(Problem(folder, f"holds folders more than {MAX_DEPTH} levels below {root}, not indexed "
+                                            "(no cell data set nests that deep)", "skipped"))
+            subfolders.clear()
         real = os.path.realpath(folder)
         if real in walked:
             problems.append(Problem(folder, "a linked folder already indexed through another path (a link loop, "
@@ -135,15 +141,19 @@ def _is_prelim_csv(path: Path) -> bool:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, csv.Error):  # csv.Error: a field beyond the csv module's limit
         return False
     return tuple(h.strip() for h in header) == PRELIM_HEADER
 
 
 def _index_prelim(csv_path: Path, images: list[Path], root: Path, problems: list[Problem]) -> dict[Path, ManifestRow]:
     """Rows for the labelled preliminary test set; the image folder is found by the names it holds."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        entries = list(csv.DictReader(f))
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            entries = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        problems.append(Problem(str(csv_path), f"labels CSV not readable ({e})", "skipped"))
+        return {}
     wanted = {e["new_names"].strip() for e in entries}
     by_folder: dict[Path, dict[str, Path]] = defaultdict(dict)
     for p in images:

@@ -13,7 +13,8 @@ from pathlib import PurePath
 IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 
 _CNMC_NAME = re.compile(
-    r"^(?:UID_)?(?P<subject>H?\d+)_(?P<image>\d+)_(?P<cell>\d+)_(?P<label>all|hem)$", re.IGNORECASE
+    r"^(?:UID_)?(?P<subject>H?\d+)_(?P<image>\d+)_(?P<cell>\d+)_(?P<label>all|hem)$",
+    re.IGNORECASE | re.ASCII,  # ASCII: \d is 0-9 alone, so "UID_１" (a fullwidth one) is not patient 1 in disguise
 )
 
 

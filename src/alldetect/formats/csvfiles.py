@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import re
+import stat
 import unicodedata
 import tempfile
 from pathlib import Path
@@ -53,16 +54,39 @@ TEMPORARY_NAME_EXTRA = len("..") + len(".tmp") + 8  # what write_csv_atomic's te
 
 
 def write_csv_atomic(path: str | Path, columns: tuple[str, ...] | list[str], records: list[dict]) -> None:
-    path = Path(path)
+    """Write the CSV whole or not at all: to a temporary file beside it, then renamed over it. A link is followed
+    (the file it names is replaced, the link kept); a path that is, or links to, anything but a regular file (a
+    device such as /dev/null, a pipe, a socket, a folder) is refused, never replaced. The file gets the mode it had,
+    or a new file's mode under the umask."""
+    path = Path(os.path.realpath(path))
+    mode = output_file_mode(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             _write(f, columns, records)
+            os.fchmod(f.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def output_file_mode(path: str | Path) -> int:
+    """The permission bits a file written at ``path`` should get: those of the regular file there, or a new file's
+    (0666 under the umask); anything else at ``path`` (after links) is a ``DataError``."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        umask = os.umask(0)  # read by setting it: the only portable way; put back at once
+        os.umask(umask)
+        return 0o666 & ~umask
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be written ({getattr(e, 'strerror', None) or e})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{path}: not a regular file (a device, pipe, socket or folder, or a link to one); alldetect "
+                        "replaces only files: give the path of a file to write")
+    return stat.S_IMODE(info.st_mode)
 
 
 def append_csv(path: str | Path, columns: tuple[str, ...] | list[str], records: list[dict]) -> None:

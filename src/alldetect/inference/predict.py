@@ -42,17 +42,23 @@ def collect_inputs(inputs: list[str | Path]) -> Inputs:
     rows: list[ManifestRow] = []
     errors: dict[str, str] = {}
     for item in map(Path, inputs):
-        if item.is_dir():
+        try:
+            is_dir, exists = item.is_dir(), item.exists()
+        except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+            rows.append(ManifestRow(path=str(item)))
+            errors[str(item)] = f"cannot read: {getattr(e, 'strerror', None) or e}"
+            continue
+        if is_dir:
             result = index_folder(item, check_images=False, for_manifest=False)
             rows += result.rows
             for p in result.problems:
                 if p.action == "skipped":
                     rows.append(ManifestRow(path=p.path))
                     errors[p.path] = p.problem
-        elif item.exists() or is_image_file(item):
+        elif exists or is_image_file(item):
             name = parse_cell_name(item.name)
             # absolute, but links not followed: the CSV names the file as it was given
-            rows.append(ManifestRow(path=os.path.abspath(item) if item.exists() else str(item),
+            rows.append(ManifestRow(path=os.path.abspath(item) if exists else str(item),
                                     label=name.label if name else "", subject=name.subject if name else "",
                                     source="files"))
         else:

@@ -37,6 +37,8 @@ from ..data.names import parse_cell_name
 from ..data.geometry import FrameGeometry
 from ..ensemble.combiners import WeightedAverage
 from ..ensemble.folder import EnsembleFolder
+from ..ensemble.spec import SpecError
+from ..errors import first_line
 from ..evaluation.evaluate import subject_level
 from ..formats.labels import Label, cell_call
 from ..formats.csvfiles import csv_text
@@ -45,7 +47,7 @@ from ..inference.load import load_engine
 from ..inference.cells import score_cells
 from ..inference.explain import cell_cams, overlay  # imported with the app: a first Grad-CAM adds no modules
 from ..inference.torch_engine import TorchEngine
-from .connections import ConnectionLimits
+from .connections import ConnectionLimits, client_network
 from .origin import SameOriginOnly
 from .store import PredictionStore
 from .uploads import Limits, UploadedCell, UploadRejected, decode_cell, expand_uploads
@@ -61,9 +63,11 @@ class ServeSettings:
     device: str = "auto"
     engine: str = Engine.prefer_onnx.value  # choices.Engine
     max_cam_cells: int = 32      # Grad-CAM is the slow part: at most this many overlays per request
+    max_cam_queued: int = 2      # Grad-CAM requests waiting or running (one per client); more get 503
     max_queued: int = 16         # requests read and waiting for the scoring thread; more get 503 with Retry-After
     max_receiving: int = 64      # request bodies being received at once (each holds up to the upload limit)
-    max_receiving_per_client: int = 8  # ... from one address: slow senders of one address leave room for others
+    max_receiving_per_client: int = 8  # ... from one address (an IPv6 /64): slow senders leave room for others
+    receiving_reserve: int = 16  # places beyond max_receiving, each for a client with no body arriving
     allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any; `serve` sets them)
     history: str = History.private.value  # choices.History: what /history shows
     domain_check: bool = True    # flag cells unlike the training cells (when the ensemble has a domain reference)
@@ -95,8 +99,11 @@ class LabServer:
                            "checked against its training cells; rebuild it with `alldetect ensemble`", folder.path)
         self.store = PredictionStore(settings.db_path)
         self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alldetect-score")
+        # Grad-CAM runs apart: a request asking for it holds the scorer no longer than scoring its cells
+        self.explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alldetect-cam")
         self.queued = self.receiving = 0
-        self.receiving_from: dict[str, int] = {}  # bodies being received, per client address
+        self.receiving_from: dict[str, int] = {}  # bodies being received, per client network
+        self.cam_from: set[str] = set()  # client networks with a Grad-CAM request waiting or running
         self.page_html = package_files("alldetect.serve").joinpath("page.html").read_bytes()
         self.app = self._routes(FastAPI(title="alldetect", version="1", description="ALL detection in single-cell "
                                         "images with a weighted ensemble of CNNs. Research software, not a medical "
@@ -119,10 +126,12 @@ class LabServer:
         return HTMLResponse(self.page_html)  # on the event loop: the cheapest answer is the one asked most
 
     def card(self) -> str:
-        path = self.folder.path / self.folder.CARD
-        if not path.is_file():
-            raise HTTPException(404, "this ensemble folder has no MODEL_CARD.md; rebuild it with `alldetect ensemble`")
-        return path.read_text()
+        try:
+            return self.folder.card()
+        except SpecError as e:
+            logger.warning("%s", e)
+            raise HTTPException(404, "this ensemble folder has no usable MODEL_CARD.md; rebuild it with `alldetect "
+                                     "ensemble`") from None
 
     def health(self) -> dict:
         """Liveness: the model is loaded; the prediction record is writable (else predictions are answered but
@@ -152,12 +161,26 @@ class LabServer:
         settings = self.settings
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise UploadRejected(400, "send the images as multipart/form-data in the field 'files'")
-        address = request.client.host if request.client else ""
-        if self.receiving >= settings.max_receiving:
-            raise UploadRejected(503, f"busy: {self.receiving} uploads are arriving; retry shortly", retry_after=5)
-        if self.receiving_from.get(address, 0) >= settings.max_receiving_per_client:
+        address = client_network(request.client.host) if request.client else ""
+        mine = self.receiving_from.get(address, 0)
+        if mine >= settings.max_receiving_per_client:
             raise UploadRejected(503, f"busy: {settings.max_receiving_per_client} uploads from your address are "
                                       "still arriving; retry when one is in", retry_after=5)
+        if self.receiving >= settings.max_receiving + (0 if mine else settings.receiving_reserve):
+            raise UploadRejected(503, f"busy: {self.receiving} uploads are arriving; retry shortly", retry_after=5)
+        if cam and (address in self.cam_from or len(self.cam_from) >= settings.max_cam_queued):
+            raise UploadRejected(503, "busy: Grad-CAM " + ("of your previous request is still being made" if address
+                                 in self.cam_from else "is being made for others") + "; retry later, or without "
+                                 "cam", retry_after=10)
+        if cam:
+            self.cam_from.add(address)
+        try:
+            return await self._receive_and_score(request, address, cam)
+        finally:
+            self.cam_from.discard(address)
+
+    async def _receive_and_score(self, request: Request, address: str, cam: bool) -> dict:
+        settings, loop = self.settings, asyncio.get_running_loop()
         self.receiving += 1
         self.receiving_from[address] = self.receiving_from.get(address, 0) + 1
         try:
@@ -173,26 +196,34 @@ class LabServer:
                                  retry_after=5)
         self.queued += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.scorer, self._work, files, cam,
-                                                                    request.state.client)
+            answer, crops, scored = await loop.run_in_executor(self.scorer, self._work, files, request.state.client)
         finally:
             self.queued -= 1
+        if cam and len(crops):
+            overlays = await loop.run_in_executor(self.explainer, self._cams, crops[: settings.max_cam_cells])
+            if isinstance(overlays, str):
+                answer["cam_error"] = overlays
+            else:
+                for j, png in enumerate(overlays):
+                    answer["cells"][scored[j]]["cam_png"] = png
+        return answer
 
-    def _work(self, files: list[tuple[str, bytes]], cam: bool, client: str) -> dict:
+    def _work(self, files: list[tuple[str, bytes]], client: str) -> tuple[dict, np.ndarray, list[int]]:
+        """The answer, the scored cells' crops (for Grad-CAM) and the indices of those cells in the answer."""
         try:
             cells = expand_uploads(files, self.settings.limits)
             files.clear()  # the cells hold what is still needed
             request_id, model_id = uuid.uuid4().hex, self.folder.model_id
-            result = self._score(cells, cam)
+            result, crops, scored = self._score(cells)
             recorded = self.store.record(request_id, model_id, result["cells"], client=client)
             return {"request_id": request_id, "model_id": model_id, "method": self.engine.method,
                     "threshold": self.point.cell_threshold, "patient_threshold": self.point.patient_threshold,
                     "tta": self.engine.default_tta, **result, "recorded": recorded,
-                    "csv_url": f"/api/results/{request_id}.csv"}
+                    "csv_url": f"/api/results/{request_id}.csv"}, crops, scored
         finally:
             release_memory()
 
-    def _score(self, cells: list[UploadedCell], cam: bool) -> dict:
+    def _score(self, cells: list[UploadedCell]) -> tuple[dict, np.ndarray, list[int]]:
         engine, point, settings = self.engine, self.point, self.settings
 
         def decoder(cell: UploadedCell):
@@ -205,7 +236,6 @@ class LabServer:
 
         scores = score_cells(engine, [cell.error or decoder(cell) for cell in cells], [c.name for c in cells],
                              domain_check=settings.domain_check, geometry=settings.geometry)
-        overlays = self._cams(scores.crops[: settings.max_cam_cells]) if cam and len(scores.crops) else []
         position = {cell_index: j for j, cell_index in enumerate(scores.kept)}
         out = []
         for i, cell in enumerate(cells):
@@ -219,7 +249,7 @@ class LabServer:
                 "call": cell_call(prob, point.cell_threshold, inside) if finite else None,
                 "in_domain": inside, "domain_note": scores.domain_notes[i],
                 "members": {} if j is None else {n: float(scores.members[k, i]) for k, n in enumerate(engine.names)},
-                "cam_png": overlays[j] if j is not None and j < len(overlays) else None,
+                "cam_png": None,
                 "error": scores.errors[i] or ("" if finite or j is None else "no probability could be computed"),
                 "warning": scores.warnings[i]})
         scored = [i for i, c in enumerate(out) if c["prob_all"] is not None]
@@ -231,14 +261,21 @@ class LabServer:
             del p["truth"], p["correct"]
             if not np.isfinite(p["mean_prob_all"]):  # every cell outside the domain: no mean to show
                 p["mean_prob_all"] = None
-        return {"cells": out, "patients": patients}
+        return {"cells": out, "patients": patients}, scores.crops, scores.kept
 
-    def _cams(self, batch: np.ndarray) -> list[str]:
+    def _cams(self, batch: np.ndarray) -> list[str] | str:
         """Grad-CAM needs the torch members: the engine's own, or (beside an ONNX engine) a copy loaded for
-        this request and let go after it, so that only one ensemble stays in memory."""
-        model = self.engine if isinstance(self.engine, TorchEngine) else \
-            TorchEngine.from_folder(self.folder, method=self.engine.method, device=self.settings.device)
-        maps = cell_cams(model, batch).ensemble
+        this request and let go after it, so that only one ensemble stays in memory. Why there is none (the
+        folder's weights replaced since the server started, say) is one line; the scores stand."""
+        try:
+            model = self.engine if isinstance(self.engine, TorchEngine) else \
+                TorchEngine.from_folder(self.folder, method=self.engine.method, device=self.settings.device)
+            maps = cell_cams(model, batch).ensemble
+        except Exception as e:  # noqa: BLE001  (whatever fails, the request keeps its scores)
+            logger.warning("Grad-CAM not made: %s", first_line(e))
+            return f"no Grad-CAM: {first_line(e)}"
+        finally:
+            release_memory()
         del model
         gc.collect()
         encoded = []

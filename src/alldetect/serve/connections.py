@@ -9,6 +9,7 @@ requests but reads no answers gets a few, not thousands."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import resource
@@ -27,6 +28,25 @@ SUMMARY_SECONDS = 60     # closed idle connections are logged as one line per th
 UNSENT_BYTES = 16384     # what the kernel holds of an answer not yet sent (its buffer otherwise grows to MBs)
 EVICTABLE_AFTER = 1.0    # a connection waiting for headers this long may be closed to make room
 BURST_SECONDS = 2.0      # an address that was quiet may start this many seconds' worth of requests at once
+
+
+def client_network(host: str) -> str:
+    """The unit every per-client limit counts: an IPv4 address, or the /64 network of an IPv6 one (one host or
+    home is given a whole /64, so counting its addresses one by one would give it billions of shares); an
+    IPv4-mapped IPv6 address counts as its IPv4 address.
+
+    >>> client_network("2001:db8:1:2:aaaa::1"), client_network("::ffff:10.0.0.7"), client_network("10.0.0.7")
+    ('2001:db8:1:2::/64', '10.0.0.7', '10.0.0.7')
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a Unix socket path, a test client's name
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 @dataclass(frozen=True)
@@ -176,7 +196,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         peer = transport.get_extra_info("peername")
-        self.address = peer[0] if peer else ""
+        self.address = client_network(peer[0]) if peer else ""
         self._timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._turn_timer: asyncio.TimerHandle | None = None
