@@ -107,3 +107,9 @@ class Optimizer(Choice):
 class Schedule(Choice):
     triangular2 = "triangular2"  # the paper's cyclic learning rate
     cosine = "cosine"            # linear warm-up, then cosine to 0
+
+
+class AdaptLayers(Choice):
+    """Which BatchNorm layers ``alldetect adapt`` re-estimates on a site's cells."""
+    all = "all"      # every one
+    early = "early"  # the first third (stem and first stages: stain and illumination)

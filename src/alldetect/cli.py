@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 
-from .choices import Augmentation, AugmentOn, Colour, Criterion, Device, Engine, History, Profile, Sampling
+from .choices import AdaptLayers, Augmentation, AugmentOn, Colour, Criterion, Device, Engine, History, Profile, Sampling
+from .ensemble.adapt import MIN_CELLS as ADAPT_MIN_CELLS
+from .ensemble.calibrate import PRIOR_DONORS
 from .errors import AlldetectError, require_extra
 from .formats.csvfiles import TEMPORARY_NAME_EXTRA
 from .precision import INT8_TOLERANCE, Precision
@@ -106,20 +108,27 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def frame_geometry(frame_size: int | None, no_crop: bool) -> FrameGeometry:
-    """The ``FrameGeometry`` of --frame-size / --no-crop."""
+def frame_geometry(frame_size: int | None, no_crop: bool, max_pixels: int | None = None) -> FrameGeometry:
+    """The ``FrameGeometry`` of --frame-size / --no-crop (a rescale making more than ``max_pixels`` refused; default
+    the decoder's limit)."""
     from .data.geometry import FrameGeometry
 
     if frame_size and no_crop:
         raise AlldetectError("--frame-size and --no-crop exclude each other: rescale frames, or take each image "
                              "as the crop")
-    return FrameGeometry(frame_size, no_crop)
+    return FrameGeometry(frame_size, no_crop) if max_pixels is None else FrameGeometry(frame_size, no_crop, max_pixels)
 
 
-def writable_file(path: Path, siblings: tuple[str, ...] = ()) -> Path:
-    """An output file path checked before any work: not a folder, its folder can be created and written, and
-    its name, the names of the ``siblings`` written beside it (suffixes that replace its own) and of their
-    temporary files (``write_csv_atomic``) fit the file system."""
+def writable_file(path: str | Path, siblings: tuple[str, ...] = ()) -> Path:
+    """An output file path checked before any work: not a folder (nor written as one, ending in a slash), not a
+    device, pipe or socket (or a link to one), its folder can be created and written, the ``siblings`` written
+    beside it (suffixes that replace its own) are not folders either, and every name, with their temporary files'
+    (``write_csv_atomic``), fits the file system."""
+    from .formats.csvfiles import output_file_mode
+
+    if str(path).endswith(("/", os.sep)):
+        raise AlldetectError(f"{path}: names a folder; give the file to write, e.g. {Path(path) / 'predictions.csv'}")
+    path = Path(path)
     if path.is_dir():
         raise AlldetectError(f"{path}: is a folder; give the file to write, e.g. {path / 'predictions.csv'}")
     folder = path.parent
@@ -134,6 +143,8 @@ def writable_file(path: Path, siblings: tuple[str, ...] = ()) -> Path:
     if longest > most:
         raise AlldetectError(f"{path}: the file name is too long for this file system ({longest} bytes with what "
                              f"is written beside it; at most {most}); choose a shorter one")
+    for target in [path, *(path.with_name(path.stem + s) for s in siblings)]:
+        output_file_mode(target)
     return path
 
 
@@ -263,7 +274,7 @@ def train(
         help="paper: the paper's protocol; plus: what generalised to unseen donors (AdamW + warm-up/cosine, "
              "label smoothing, dihedral augmentation, last epoch); demo: small and quick.")] = Profile.paper,
     epochs: Annotated[int | None, typer.Option(help="Epochs [paper: 12 = one triangular2 cycle; plus: 12].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per optimizer step [paper profile: 32].")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per optimizer step [paper profile: 32].")] = None,
     crop: Annotated[int | None, typer.Option(help="Center-crop side in pixels [paper: 300].")] = None,
     input_size: Annotated[int | None, typer.Option(help="Resize crops to this side (default: no resize).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local ImageNet weights: a file, or a folder of them.")]
@@ -434,7 +445,7 @@ def report(
 def predict(
     ens_dir: EnsembleDir,
     inputs: Annotated[list[Path], typer.Argument(help="Image files, folders, or a C-NMC tree.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.")] = Path("predictions.csv"),
+    out: Annotated[str, typer.Option("--out", "-o", help="Predictions CSV to write.")] = "predictions.csv",
     method: Method = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation: each member's P(ALL) "
                                                                   "averaged over the 8 flips/rotations of the cell "
@@ -448,7 +459,7 @@ def predict(
                                                 "torch in bf16 on a GPU.")] = Engine.auto,
     precision: Annotated[Precision, typer.Option(help="auto: as the engine's choice; bf16 runs on torch, int8 on "
                                                       "the exported int8 graph.")] = Precision.auto,
-    batch_size: Annotated[int | None, typer.Option(help="Cells per batch [default: the engine's, 256 on a GPU, "
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Cells per batch [default: the engine's, 256 on a GPU, "
                                                            "32 on a CPU].")] = None,
     domain_check: DomainCheckOption = True,
     frame_size: FrameSizeOption = None,
@@ -467,7 +478,7 @@ def predict(
     geometry = frame_geometry(frame_size, no_crop)
     if cam is not None:
         require_extra("explain", "--cam (Grad-CAM)")
-    writable_file(out, siblings=(".patients.csv", ".submission.txt"))
+    out = writable_file(out, siblings=(".patients.csv", ".submission.txt"))
     folder = EnsembleFolder(ens_dir)  # one reading of ensemble.json for the engine and the Grad-CAM members
     model = load_engine(folder, method=method, device=device.value, engine=engine.value, precision=precision.value)
     logger.info("engine: %s", type(model).__name__)
@@ -494,6 +505,62 @@ def predict(
         typer.echo(f"Grad-CAM overlays of {len(flagged)} flagged cell(s): {cam}")
     if summary.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def adapt(
+    ens_dir: EnsembleDir,
+    cells: Annotated[list[Path], typer.Argument(help="Unlabelled cells of one imaging batch of the site: files or "
+                                                     "folders, many donors, both kinds as they come.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The new ensemble folder (new or empty).")],
+    layers: Annotated[AdaptLayers, typer.Option(help="The BatchNorm layers re-estimated: every one, or the early "
+                                                     "ones.")] = AdaptLayers.all,
+    site_weight: Annotated[float, typer.Option(help="The site's statistics' weight against the training ones, "
+                                                    "in (0, 1].")] = 1.0,
+    min_cells: Annotated[int, typer.Option(help="Fewest usable cells to adapt on.")] = ADAPT_MIN_CELLS,
+    device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
+) -> None:
+    """A new ensemble folder adapted to a site's imaging batch without labels: each member's BatchNorm statistics
+    re-estimated on the site's cells. Refused on too few cells, on one donor's cells, or on cells mostly unlike
+    the training cells."""
+    import alldetect
+    from .ensemble.derive import check_new_folder
+
+    check_new_folder(out, ens_dir)
+    adapted = alldetect.load(ens_dir, engine="torch", device=device.value).adapt(
+        cells, layers=layers.value, site_weight=site_weight, min_cells=min_cells)
+    step = adapted.changes.spec.site[-1]
+    saved = adapted.save(out)
+    typer.echo(f"wrote {saved.folder.path}: adapted on {step['cells']} cells ({step['adapted_layers']} BatchNorm "
+               f"layers; {step.get('graphs', 'no graphs in the source')})")
+
+
+@app.command()
+@user_errors
+def calibrate(
+    ens_dir: EnsembleDir,
+    data: Annotated[list[Path], typer.Argument(help="Labelled cells of at least two ALL and two healthy donors of "
+                                                    "the site, named as C-NMC names them (UID_<donor>_..._all.bmp) "
+                                                    "or in a C-NMC tree.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The new ensemble folder (new or empty).")],
+    prior_donors: Annotated[float, typer.Option(help="How many site donors the shipped operating point is worth: "
+                                                     "the site's own fit weighs n / (n + this).")] = PRIOR_DONORS,
+    device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
+) -> None:
+    """A new ensemble folder whose operating points (cell and patient thresholds, fewest cells for a call) are
+    fitted on a few labelled donors of the site, shrunk toward the shipped ones."""
+    import alldetect
+    from .ensemble.derive import check_new_folder
+
+    check_new_folder(out, ens_dir)
+    calibrated = alldetect.load(ens_dir, engine="torch", device=device.value).calibrate(data, prior_donors=prior_donors)
+    step = calibrated.changes.spec.site[-1]
+    saved = calibrated.save(out)
+    loo = step["leave_one_out"]
+    typer.echo(f"wrote {saved.folder.path}: {saved.operating_point.describe()}")
+    typer.echo(f"leaving one of the {loo['donors']} calibration donors out at a time: {loo['donors_right']} right, "
+               f"cell sensitivity {loo['sensitivity']:.3f}, specificity {loo['specificity']:.3f}")
 
 
 @app.command()
@@ -549,11 +616,11 @@ def explain(
 def serve(
     ens_dir: EnsembleDir,
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
     db: Annotated[Path, typer.Option(help="SQLite file recording every prediction.")]
     = Path("alldetect-predictions.sqlite"),
-    max_upload_mb: Annotated[int, typer.Option(help="Largest request, in MiB.")] = 50,
-    max_files: Annotated[int, typer.Option(help="Most cells per request (zip entries included).")] = 500,
+    max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest request, in MiB.")] = 50,
+    max_files: Annotated[int, typer.Option(min=1, help="Most cells per request (zip entries included).")] = 500,
     max_request_megapixels: Annotated[int, typer.Option(min=1, help="Most pixels of all images of one request, "
                                                                     "read from their headers before decoding (a "
                                                                     "C-NMC frame: 0.2).")] = 100,
@@ -561,8 +628,16 @@ def serve(
                                                         "more are answered 503 with Retry-After.")] = 16,
     max_receiving: Annotated[int, typer.Option(min=1, help="Request bodies being received at once, each up to "
                                                            "--max-upload-mb; more are answered 503.")] = 64,
-    max_receiving_per_client: Annotated[int, typer.Option(min=1, help="Of those, from one address: a client that "
-                                                                      "sends slowly leaves room for others.")] = 8,
+    max_receiving_per_client: Annotated[int, typer.Option(min=1, help="Of those, from one address (an IPv6 /64): "
+                                                                      "a client that sends slowly leaves room for "
+                                                                      "others.")] = 8,
+    receiving_reserve: Annotated[int, typer.Option(min=0, help="Places beyond --max-receiving, each for a client "
+                                                               "with no upload arriving: a few addresses that fill "
+                                                               "the rest do not shut others out.")] = 16,
+    max_cam_cells: Annotated[int, typer.Option(min=1, help="Most Grad-CAM overlays per request (?cam=true).")] = 32,
+    max_cam_queued: Annotated[int, typer.Option(min=1, help="Grad-CAM requests waiting or being made, one per "
+                                                            "client; Grad-CAM runs beside the scoring, not in its "
+                                                            "place.")] = 2,
     device: Annotated[Device, typer.Option(help="Where to run the models.")] = Device.auto,
     engine: Annotated[Engine, typer.Option(
         help="prefer-onnx: the exported ONNX graph (`alldetect export`, int8 if written) when there is one, "
@@ -616,10 +691,12 @@ def serve(
                              limits=Limits(max_request_bytes=max_upload_mb * 1024 * 1024, max_files=max_files,
                                            max_request_pixels=max_request_megapixels * 1_000_000),
                              max_queued=max_queued, max_receiving=max_receiving,
-                             max_receiving_per_client=max_receiving_per_client, allowed_hosts=hosts,
+                             max_receiving_per_client=max_receiving_per_client,
+                             receiving_reserve=receiving_reserve, max_cam_cells=max_cam_cells,
+                             max_cam_queued=max_cam_queued, allowed_hosts=hosts,
                              history=history.value,
                              connections=connections, domain_check=domain_check,
-                             geometry=frame_geometry(frame_size, no_crop))
+                             geometry=frame_geometry(frame_size, no_crop, Limits().max_pixels))
     if host not in loopback:
         logger.warning("serving on %s: anyone who can reach this address can upload images", host)
     if wildcard and not allow_host:
@@ -650,7 +727,7 @@ def run(
                                                     help="Start from ImageNet weights [profile default].")] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     epochs: Annotated[int | None, typer.Option(help="Override the profile's epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override the profile's batch size.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Override the profile's batch size.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the report's CIs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed for data, splits and training.")] = 0,
     export: Annotated[bool | None, typer.Option(

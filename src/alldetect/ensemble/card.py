@@ -15,7 +15,7 @@ from .folder import EnsembleFolder
 from .spec import EnsembleSpec
 
 CARD_METRICS = ("auc", "ba", "wfs", "sensitivity", "specificity")
-SECTIONS = ("What it does and for whom", "Not a medical device", "Training data", "Preprocessing",
+SECTIONS = ("What it does and for whom", "Not a medical device", "Training data", "Adapted to a site", "Preprocessing",
             "Members and ensemble", "Results", "Domain check", "Limitations", "How to use it", "Versions")
 CNMC_CITATION = ("Gupta A., Gupta R. (2019). ALL Challenge dataset of ISBI 2019 [Data set]. The Cancer Imaging "
                  "Archive. https://doi.org/10.7937/tcia.2019.dc64i46r (licence: CC BY 3.0)")
@@ -32,6 +32,7 @@ def write_model_card(folder: EnsembleFolder | str | Path) -> Path:
             "Research software. It has not been cleared or approved by any regulator and must not be used to "
             "diagnose, treat or triage anyone. A flagged cell is a prompt for an expert to look, nothing more."],
         "Training data": _data(spec),
+        "Adapted to a site": _site(spec),
         "Preprocessing": _preprocessing(spec),
         "Members and ensemble": _members(spec),
         "Results": _results(spec, results),
@@ -58,7 +59,8 @@ def write_model_card(folder: EnsembleFolder | str | Path) -> Path:
         lines += ["> **Trained on SYNTHETIC cells.** This model shows that the software works; it detects nothing "
                   "in real blood.", ""]
     for title in SECTIONS:
-        lines += [f"## {title}", "", *sections[title], ""]
+        if sections[title]:
+            lines += [f"## {title}", "", *sections[title], ""]
     path = folder.path / folder.CARD
     path.write_text("\n".join(lines))
     return path
@@ -110,6 +112,35 @@ def _data(spec: EnsembleSpec) -> list[str]:
                  "HEM images": c["hem"]["images"], "HEM subjects": c["hem"]["subjects"]}
                 for split, c in counts.items()]
         lines += ["", format_table(rows, markdown=True)]
+    return lines
+
+
+def _site(spec: EnsembleSpec) -> list[str]:
+    """Each adaptation and calibration of the folder, in order; nothing for a folder as trained."""
+    lines = []
+    for step in spec.site:
+        donors = f"{step['donors']} donors" if step.get("donors") else "donors not named"
+        origin = f"from ensemble {step.get('from', '?')} ({step.get('from_folder', '?')}) on {step.get('when', '?')}"
+        if step.get("step") == "adapt":
+            lines.append(f"- **Adapted** on {step['cells']} unlabelled cells of the site ({donors}), {origin}: the "
+                         f"BatchNorm statistics of {step['layers']} layers re-estimated on them ({step['adapted_layers']} "
+                         f"layers), weighed {step['site_weight']:g} against the training ones. The domain check keeps "
+                         "its training reference: it still flags cells unlike the training cells. The predictions, "
+                         "report and figures in this folder are those of the ensemble before adaptation.")
+        elif step.get("step") == "calibrate":
+            loo, (low, high) = step["leave_one_out"], step["cell_threshold_interval"]
+            named = ", ".join(f"{d} ({'ALL' if c else 'healthy'})" for d, c in step["donors"].items())
+            shipped, point, site = step["shipped"], step["point"], step["site_point"]
+            lines.append(f"- **Calibrated** on {step['cells']} labelled cells of {len(step['donors'])} donors of "
+                         f"the site ({named}), {origin}: cell threshold {shipped['cell_threshold']:.3f} -> "
+                         f"{point['cell_threshold']:.3f} (the site alone: {site['cell_threshold']:.3f}; its donors "
+                         f"weighed {step['site_weight']:.2f} against the shipped point, which counts as "
+                         f"{step['prior_donors']:g} donors; 5-95% over donor bootstraps {low:.3f}-{high:.3f}), "
+                         f"patient threshold {shipped['patient_threshold']:.3f} -> {point['patient_threshold']:.3f}, "
+                         f"at least {point['min_cells']} cells for a call. Leaving one calibration donor out at a "
+                         f"time: {loo['donors_right']} of {loo['donors']} donors right, their cells' sensitivity "
+                         f"{loo['sensitivity']:.3f} and specificity {loo['specificity']:.3f}. So few donors pin the "
+                         "point only roughly: check it on more of the site's donors as they come.")
     return lines
 
 

@@ -162,6 +162,14 @@ class EnsembleFolder:
                             f"truncated or replaced); export it again with `alldetect export {self.path}`")
         return recorded is not None
 
+    def card(self) -> str:
+        """The model card's text, read by the folder's rules: a regular file inside the folder (a link out of it is
+        refused), within its size limit."""
+        path = self.path / self.CARD
+        if os.path.realpath(path) != os.path.join(os.path.realpath(self.path), self.CARD):
+            raise SpecError(f"{path}: model card refused: a link out of the folder")
+        return read_folder_file(path, "model card").decode("utf-8", errors="replace")
+
     def record_domain(self, reference: DomainReference) -> None:
         """Write the domain reference into the folder and its hash into the spec."""
         path = self.path / self.DOMAIN
@@ -193,7 +201,7 @@ class EnsembleFolder:
 # the largest file of each kind a folder may hold: far above any real one (VGG-16's weights are 0.5 GB, the
 # five-member fp32 graph 1.2 GB), far below what would exhaust a lab server's memory
 SIZE_LIMITS = {"ensemble spec": 16 << 20, "domain reference": 16 << 20, "calibration cells": 1 << 30,
-               "member weights": 2 << 30, "graph": 8 << 30}
+               "member weights": 2 << 30, "graph": 8 << 30, "model card": 4 << 20}
 
 
 def _opened(path: Path, kind: str) -> int:

@@ -71,6 +71,7 @@ class EnsembleSpec:
     # whether the alldetect that wrote the spec recorded graph hashes: a spec with a "graphs" field or a domain
     # hash (which came later) did; one with neither was written before, and its graphs have no hash to check
     hashes_graphs: bool = True
+    site: list[dict] = field(default_factory=list)  # each adaptation or calibration to a site, in order (information)
 
     @property
     def names(self) -> list[str]:
@@ -96,7 +97,7 @@ class EnsembleSpec:
                 "methods": {k: v.to_json() for k, v in self.methods.items()}, "default_method": self.default_method,
                 "operating_points": {k: v.to_json() for k, v in self.operating_points.items()},
                 "cross_fitted": self.cross_fitted, "graphs": self.graphs, "domain": self.domain, "tta": self.tta,
-                "bf16": self.bf16,
+                "bf16": self.bf16, "site": self.site,
                 "data": self.data,
                 "val_metrics": self.val_metrics, "versions": self.versions}
 
@@ -200,10 +201,13 @@ def _validated(raw: dict, path: Path) -> EnsembleSpec:
     domain = raw.get("domain")
     if domain is not None and not isinstance(domain, str):
         raise SpecError(f"{path}: field domain is {domain!r}, not the sha256 of domain.json")
+    site = raw.get("site") or []
+    if not isinstance(site, list) or not all(isinstance(step, dict) for step in site):
+        raise SpecError(f"{path}: field site must be a list of objects (the adaptations and calibrations)")
     return EnsembleSpec(members, methods, default, raw.get("data") or {}, raw.get("val_metrics") or {},
                         raw.get("tta", False), raw.get("bf16"), raw.get("versions") or {}, points,
                         raw.get("cross_fitted", False), graphs, domain,
-                        hashes_graphs="graphs" in raw or domain is not None)
+                        hashes_graphs="graphs" in raw or domain is not None, site=site)
 
 
 def _validated_fit(method: str, raw: object, k: int, path: Path) -> Combiner:

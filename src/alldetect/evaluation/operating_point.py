@@ -25,19 +25,25 @@ def fit_operating_point(y: np.ndarray, prob: np.ndarray, subjects: list[str], *,
     ``target``), the patient threshold that best separates the donors' mean P(ALL), and the fewest cells with
     which a patient call is about as right as with all of a donor's cells."""
     y, prob = check_inputs(y, prob)
-    if criterion == "balanced_accuracy":
-        cell = balanced_accuracy_threshold(y, prob)
-    elif criterion == "sensitivity":
-        cell = threshold_for_sensitivity(y, prob, target)
-    elif criterion == "specificity":
-        cell = threshold_for_specificity(y, prob, target)
-    else:
-        raise ValueError(f"unknown criterion {criterion!r}; choose {', '.join(FITTED_CRITERIA)}")
+    cell = cell_threshold(y, prob, criterion=criterion, target=target)
     means, truth, counts = donor_means(y, prob, subjects)
     patient = patient_threshold(means, truth) if len(set(truth.tolist())) == 2 else cell
     min_cells = fit_min_cells(y, prob, subjects, patient, seed=seed)
     return OperatingPoint(float(cell), float(patient), min_cells, criterion,
                           None if criterion == "balanced_accuracy" else target, fitted_on)
+
+
+def cell_threshold(y: np.ndarray, prob: np.ndarray, *, criterion: str = "balanced_accuracy",
+                   target: float | None = None) -> float:
+    """The cell threshold by ``criterion``: balanced accuracy, sensitivity >= ``target`` or specificity >=
+    ``target``."""
+    if criterion == "balanced_accuracy":
+        return balanced_accuracy_threshold(y, prob)
+    if criterion == "sensitivity":
+        return threshold_for_sensitivity(y, prob, target)
+    if criterion == "specificity":
+        return threshold_for_specificity(y, prob, target)
+    raise ValueError(f"unknown criterion {criterion!r}; choose {', '.join(FITTED_CRITERIA)}")
 
 
 def balanced_accuracy_threshold(y: np.ndarray, prob: np.ndarray) -> float:
