@@ -4,9 +4,10 @@ Starts the real command in its own process (temporary files sent to a watched fo
 then: C clients each send R requests of real-size cells (1-4 cells of 450x450 BMP per request, retrying after
 a 503 as told by Retry-After); one client sends a stream of hostile requests (chunked uploads over the limit,
 zip bombs, bad zip entries, decompression bombs, too many megapixels, cross-origin posts, foreign Host
-headers, malformed bodies, empty files, float TIFFs); from another loopback address (127.0.0.2, as an
-attacker elsewhere), S slow clients each hold an upload open sending one body byte per second (reconnecting
-when closed) and a separate process holds H connections that sent half their headers (reopened once a second
+headers, malformed bodies, empty files, float TIFFs, a TIFF of 20,000 pages, a 1x6000 PNG, Grad-CAM requests);
+from another loopback address (127.0.0.2, as an
+attacker elsewhere; ``--slow-addresses N``: from N addresses in turn), S slow clients each hold an upload open
+sending one body byte per second (reconnecting when closed) and a separate process holds H connections that sent half their headers (reopened once a second
 when closed); from two more addresses (127.0.0.3 and 127.0.0.4), a third process holds U connections that
 pipeline page requests until their buffers are full and never read an answer (reopened once a second when
 closed); a poller asks /api/health every 50 ms. Then two Grad-CAM requests, with the server's RSS before and
@@ -18,6 +19,7 @@ member's weights, a swapped ONNX graph, overflowing combiner weights) and runs `
 
     python benchmarks/serve_load.py ENS_DIR [--clients 8] [--requests 25] [--slow-clients 16] [--half-open 2000]
                                             [--unread 0] [--body-timeout 20] [--max-connections 4096]
+                                            [--slow-addresses 1] [--frame-size N]
                                             [--rounds 1] [--engine prefer-onnx] [--tamper] [--cells DIR]
 """
 
@@ -59,6 +61,9 @@ def main() -> None:
     parser.add_argument("--cells", type=Path, default=DEFAULT_CELLS, help="folder of real-size cell images")
     parser.add_argument("--max-upload-mb", type=int, default=8)
     parser.add_argument("--slow-clients", type=int, default=16, help="uploads sending one body byte per second")
+    parser.add_argument("--slow-addresses", type=int, default=1, help="loopback addresses the slow clients come "
+                                                                      "from, in turn (127.0.0.2 onward)")
+    parser.add_argument("--frame-size", type=int, help="the server's --frame-size")
     parser.add_argument("--half-open", type=int, default=2000, help="connections that send half their headers")
     parser.add_argument("--unread", type=int, default=0, help="connections that never read their answers")
     parser.add_argument("--rounds", type=int, default=1, help="run the whole load this many times on one server")
@@ -80,7 +85,8 @@ def main() -> None:
                                        "--port", str(port), "--db", str(Path(tmp) / "db.sqlite"),
                                        "--max-upload-mb", str(args.max_upload_mb), "--device", "cpu",
                                        "--body-timeout", str(args.body_timeout),
-                                       "--max-connections", str(args.max_connections), "--engine", args.engine],
+                                       "--max-connections", str(args.max_connections), "--engine", args.engine,
+                                       *(["--frame-size", str(args.frame_size)] if args.frame_size else [])],
                                       env=env, stdout=log_file, stderr=log_file)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -171,11 +177,12 @@ def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args)
                     report["unexpected"].append(f"{name}: {status}, expected {expected}")
                 i += 1
 
-    def slow() -> None:
+    def slow(k: int) -> None:
+        source = f"127.0.0.{2 + k % args.slow_addresses}"
         while not done.is_set():
             opened = time.perf_counter()
             try:
-                with _connect(url, source=ATTACKER_ADDRESS) as sock:
+                with _connect(url, source=source) as sock:
                     sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/"
                                  b"form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n")
                     while not done.is_set():
@@ -194,7 +201,8 @@ def _load(url: str, pid: int, spool: Path, cells: list[bytes], limit: int, args)
         siege.start()
     if args.unread:
         unread.start()
-    threads = [threading.Thread(target=f, daemon=True) for f in (watch, health, hostile, *[slow] * args.slow_clients)]
+    threads = [threading.Thread(target=f, daemon=True) for f in (watch, health, hostile)]
+    threads += [threading.Thread(target=slow, args=(k,), daemon=True) for k in range(args.slow_clients)]
     for t in threads:
         t.start()
     time.sleep(3 if args.half_open or args.slow_clients or args.unread else 0)  # the siege before the lab uploads
@@ -409,7 +417,15 @@ def _attacks(limit: int) -> list[tuple[str, object, tuple]]:
     float_tiff = io.BytesIO()
     Image.fromarray(np.full((450, 450), 0.5, np.float32), mode="F").save(float_tiff, format="TIFF")
     cell = [("files", ("c.png", _png(450)))]
+    pages = [Image.new("L", (1, 1)) for _ in range(20_000)]
+    many_pages = io.BytesIO()
+    pages[0].save(many_pages, format="TIFF", save_all=True, append_images=pages[1:])
+    thin = io.BytesIO()
+    Image.new("RGB", (1, 6000)).save(thin, format="PNG")
     return [
+        ("TIFF of 20,000 chained 1x1 pages", post([("files", ("pages.tif", many_pages.getvalue()))]), (200,)),
+        ("1x6000 PNG (with --frame-size: a huge rescale)", post([("files", ("thin.png", thin.getvalue()))]), (200,)),
+        ("Grad-CAM of one cell (?cam=true)", post(cell, params={"cam": "true"}), (200, 503)),
         ("chunked upload over the limit", chunked, (413,)),
         ("zip bomb (6 x 60 MB of zeros)", post([("files", ("bomb.zip", bomb))]), (413,)),
         ("zip with a corrupt entry", post([("files", ("p.zip", bad_entries))]), (200,)),
@@ -503,7 +519,8 @@ def _print(report: dict, args, limit: int) -> None:
     health, upload = np.array(report["health_ms"]), np.array(report["upload_ms"])
     total = sum(report["statuses"].values())
     print("| what | value |\n|---|---|")
-    print(f"| siege held during the run | {args.slow_clients} slow-body clients (1 byte/s), {args.half_open} "
+    print(f"| siege held during the run | {args.slow_clients} slow-body clients (1 byte/s) from "
+          f"{args.slow_addresses} address(es), {args.half_open} "
           f"half-sent-header connections, {args.unread} connections that never read; server --body-timeout "
           f"{args.body_timeout:g} s |")
     print(f"| ordinary requests ({args.clients} clients x {args.requests}) | {total} in {report['wall_s']:.0f} s, "

@@ -136,3 +136,16 @@ def test_the_stage_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         stages.mark("b", "k2", done=False)
     assert json.loads((tmp_path / "stages.json").read_text()) == {"a": {"key": "k1", "done": True}}
+
+
+@pytest.mark.slow
+def test_trainings_as_local_jobs_give_the_in_process_ensemble(tiny_demo, tmp_path):
+    pytest.importorskip("submitit")
+    from alldetect.formats.predictions import read_predictions
+
+    in_process = run_pipeline(_cfg(tmp_path / "none")).parent
+    as_jobs = run_pipeline(replace(_cfg(tmp_path / "local"), executor="local", jobs=1)).parent
+    assert (tmp_path / "local" / "jobs").is_dir()
+    a, b = (read_predictions(folder / "predictions_test.csv") for folder in (in_process, as_jobs))
+    for method in a:
+        assert max(abs(x - y) for x, y in zip(a[method].prob_all, b[method].prob_all)) <= 1e-6, method

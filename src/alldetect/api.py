@@ -25,7 +25,7 @@ import numpy as np
 
 from .choices import AdaptLayers
 from .data.images import image_rgb, read_rgb
-from .ensemble.adapt import MIN_CELLS, AdaptSettings, check_site_cells
+from .ensemble.adapt import MIN_CELLS, SHARE_CELLS, SHARE_SHIFT, AdaptSettings, check_site_cells
 from .ensemble.calibrate import PRIOR_DONORS, calibrate, calibrate_point
 from .ensemble.derive import Derived, write_derived
 from .ensemble.folder import EnsembleFolder
@@ -139,11 +139,19 @@ class Ensemble:
         members = copy.deepcopy(engine.members)
         adapted = sum(adapt_batchnorm(m, read.crops, layers=settings.layers, site_weight=settings.site_weight)
                       for m in members)
+        result = replace(engine, members=members)
+        shares = [_called_share(e, read.crops) for e in (engine, result)]
+        if abs(shares[1] - shares[0]) > SHARE_SHIFT:
+            logger.warning("adapting moved the share of the site's cells called ALL from %.0f%% to %.0f%%: a batch "
+                           "made mostly of one kind shifts every cell toward the other; adapt on cells of both kinds "
+                           "as they come, mix in the training statistics (site_weight 0.5), or calibrate on a few "
+                           "labelled donors instead", 100 * shares[0], 100 * shares[1])
         step = self._step("adapt", cells=len(read.kept), donors=len({d for d in donors if d}),
                           unreadable=len(rows) - len(read.kept), outside=outside, layers=settings.layers,
-                          site_weight=settings.site_weight, adapted_layers=adapted)
+                          site_weight=settings.site_weight, adapted_layers=adapted,
+                          called_all=dict(zip(("before", "after"), shares)))
         spec = replace(engine.spec, site=[*engine.spec.site, step])
-        return Ensemble(self.folder, replace(engine, members=members, spec=spec), Derived(spec, members))
+        return Ensemble(self.folder, replace(result, spec=spec), Derived(spec, members))
 
     def calibrate(self, cells: Image | Iterable[Image], labels: list[str] | None = None,
                   subjects: list[str] | None = None, *, prior_donors: float = PRIOR_DONORS) -> Ensemble:
@@ -332,6 +340,12 @@ def _inputs(images: Image | Iterable[Image], *, subjects: list[str] | None = Non
                 raise AlldetectError(f"{len(values)} {field}s for {len(rows)} images")
             rows = [_with(r, field, v) for r, v in zip(rows, values)]
     return rows, decoders
+
+
+def _called_share(engine: Engine, crops: np.ndarray) -> float:
+    """The share of up to ``SHARE_CELLS`` of ``crops`` (evenly drawn) that ``engine`` calls ALL, without TTA."""
+    sample = crops[::max(1, -(-len(crops) // SHARE_CELLS))]
+    return float(np.mean(engine.operating_point.cells_all(engine.predict(sample, tta=False).ensemble)))
 
 
 def _export(int8: bool):

@@ -113,3 +113,10 @@ class AdaptLayers(Choice):
     """Which BatchNorm layers ``alldetect adapt`` re-estimates on a site's cells."""
     all = "all"      # every one
     early = "early"  # the first third (stem and first stages: stain and illumination)
+
+
+class Executor(Choice):
+    """Where `alldetect run` trains its members and folds."""
+    none = "none"    # one after another in this process
+    local = "local"  # as local processes (submitit), at most --jobs at once
+    slurm = "slurm"  # as one SLURM job array (submitit)

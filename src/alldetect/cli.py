@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 
-from .choices import AdaptLayers, Augmentation, AugmentOn, Colour, Criterion, Device, Engine, History, Profile, Sampling
+from .choices import (AdaptLayers, Augmentation, AugmentOn, Colour, Criterion, Device, Engine, Executor, History,
+                      Profile, Sampling)
 from .ensemble.adapt import MIN_CELLS as ADAPT_MIN_CELLS
 from .ensemble.calibrate import PRIOR_DONORS
 from .errors import AlldetectError, require_extra
@@ -585,6 +586,9 @@ def export(
     require_extra("onnx", "export")
     from .export.ensemble import export_ensemble
 
+    if out is not None:
+        writable_file(out, siblings=(".int8.onnx",))
+
     result = export_ensemble(ens_dir, out=out, method=method, input_dtype=input_dtype, int8=int8,
                              calibration=calibration, calibration_cells=calibration_cells,
                              int8_tolerance=int8_tolerance)
@@ -746,6 +750,17 @@ def run(
     colour: ColourOption = None,
     augment: AugmentOption = None,
     force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,
+    executor: Annotated[Executor, typer.Option(help="Where the trainings (members x folds) run: none, one after "
+                                                    "another in this process; local, as processes; slurm, as one "
+                                                    "SLURM job array. Needs the 'cluster' extra.")] = Executor.none,
+    jobs: Annotated[int | None, typer.Option(min=1, help="Most trainings at once [default: local, one per visible "
+                                                         "GPU (one on a CPU, which shares its cores out); slurm, "
+                                                         "all].")] = None,
+    slurm_partition: Annotated[str | None, typer.Option(help="SLURM partition [default: the cluster's].")] = None,
+    slurm_time_min: Annotated[int, typer.Option(min=1, help="Time limit of each training job, in minutes.")] = 240,
+    slurm_gpus: Annotated[int, typer.Option(min=0, help="GPUs of each SLURM training job.")] = 1,
+    sbatch: Annotated[list[str] | None, typer.Option(help="More sbatch options as KEY=VALUE, repeatable (e.g. "
+                                                          "account=lab).")] = None,
 ) -> None:
     """Run the whole method: data -> index -> subject split -> five members -> ensembles -> report.
 
@@ -767,7 +782,9 @@ def run(
                          device=device.value, seed=seed, epochs=epochs, batch_size=batch_size, bootstrap=bootstrap,
                          export=export, folds=folds, operating_point=criterion, target=target, force=force,
                          sampling=sampling and sampling.value, colour=colour and colour.value,
-                         augment=augment and augment.value)
+                         augment=augment and augment.value, executor=executor.value, jobs=jobs,
+                         slurm_partition=slurm_partition, slurm_time_min=slurm_time_min, slurm_gpus=slurm_gpus,
+                         sbatch=tuple(sbatch or ()))
     report_path = run_pipeline(cfg)
     typer.echo(f"report: {report_path}")
 

@@ -5,7 +5,7 @@ import re
 
 # pip extras: what each one adds (pyproject.toml's optional dependencies), by the modules it installs
 EXTRAS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "serve": ("fastapi", "uvicorn", "multipart"),
-          "explain": ("pytorch_grad_cam",), "augment": ("kornia", "albumentations")}
+          "explain": ("pytorch_grad_cam",), "augment": ("kornia", "albumentations"), "cluster": ("submitit",)}
 
 
 class AlldetectError(Exception):

@@ -43,8 +43,9 @@ from .models.members import MEMBER_SETS, PAPER_MEMBERS
 from .models.runtime import resolve_device
 from .report.build import make_report
 from .training import fit, profile_config
-from .choices import Profile
+from .choices import Executor, Profile
 from .training.config import ADDED_FIELDS, DEMO_CROP, MACHINERY, RECIPES, TrainConfig
+from .training.jobs import JobSettings, Training, run_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,17 @@ class PipelineConfig:
     operating_point: str = "auto"            # see build_ensemble: auto, paper, balanced_accuracy, sensitivity,
     target: float | None = None              # specificity (the last two at least ``target``)
     force: bool = False
+    executor: str = Executor.none.value      # where the trainings run: see training.jobs.JobSettings
+    jobs: int | None = None
+    slurm_partition: str | None = None
+    slurm_time_min: int = JobSettings.time_min
+    slurm_gpus: int = JobSettings.gpus_per_job
+    sbatch: tuple[str, ...] = ()
+
+    @property
+    def job_settings(self) -> JobSettings:
+        return JobSettings(self.executor, self.jobs, self.slurm_partition, self.slurm_time_min, self.slurm_gpus,
+                           tuple(self.sbatch))
 
     @property
     def cross_fits(self) -> bool:
@@ -92,6 +104,7 @@ class Stage:
     inputs: dict                # what its result depends on (hashed together with every stage before it)
     outputs: list[Path]         # what it writes
     run: Callable[[str], None]  # does the work, told the stage's status: new, changed, started or done
+    training: TrainConfig | None = None  # a member's training: with --executor, run as a job with the others
 
 
 class Stages:
@@ -154,6 +167,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     cfg = choose_recipe(cfg)
     if cfg.export:
         require_extra("onnx", "--export")  # before hours of training, not after
+    cfg.job_settings.check()  # before any work: submitit installed, sbatch there
     out = Path(cfg.out).resolve()
     with output_lock(out):
         return _run_stages(cfg, out)
@@ -185,7 +199,7 @@ def _run_stages(cfg: PipelineConfig, out: Path) -> Path:
         run_dir = Path(tc.out)
         name = f"train {tc.member}" + (f" {run_dir.name}" if cfg.cross_fits else "")
         steps.append(Stage(name, inputs=_shaping(tc), outputs=[run_dir / "metrics.json"],
-                           run=lambda status, tc=tc, run_dir=run_dir: _train(tc, run_dir, status)))
+                           run=lambda status, tc=tc, run_dir=run_dir: _train(tc, run_dir, status), training=tc))
     folder = EnsembleFolder(out / "ensemble")
     ens_dir = folder.path
     steps.append(Stage("ensemble", inputs={"members": [t.out for t in train_cfgs],
@@ -207,14 +221,20 @@ def _run_stages(cfg: PipelineConfig, out: Path) -> Path:
         steps.append(Stage("export", inputs={"int8": True}, outputs=[folder.graph()],
                            run=lambda status: _export(folder)))
 
-    upstream = ""
+    keys, upstream = [], ""
+    for stage in steps:  # a stage's key: its inputs and those of every stage before it
+        keys.append(_hash({"fields": stage.inputs, "upstream": upstream}))
+        upstream = _hash({"upstream": upstream, "key": keys[-1]})
+    jobs = cfg.job_settings
     with logging_redirect_tqdm(), tqdm(total=len(steps), desc="alldetect run", unit="stage", position=0,
                                        disable=None) as bar:
-        for stage in steps:
-            key = _hash({"fields": stage.inputs, "upstream": upstream})
+        for i, (stage, key) in enumerate(zip(steps, keys)):
             status = stages.status(stage.name, key)
             if status == "done" and all(p.exists() for p in stage.outputs):
                 logger.info("%s: up to date, skipped", stage.name)
+            elif stage.training is not None and jobs.executor != Executor.none:
+                _train_as_jobs([(s, k) for s, k in zip(steps[i:], keys[i:]) if s.training is not None], stages,
+                               jobs, out / "jobs")
             else:
                 bar.set_postfix_str(stage.name)
                 logger.info("%s: %s", stage.name, {"new": "running", "changed": "inputs changed, redoing",
@@ -222,9 +242,32 @@ def _run_stages(cfg: PipelineConfig, out: Path) -> Path:
                 stages.mark(stage.name, key, done=False)
                 stage.run(status)
                 stages.mark(stage.name, key, done=True)
-            upstream = _hash({"upstream": upstream, "key": key})
             bar.update(1)
     return ens_dir / folder.REPORT
+
+
+def _train_as_jobs(trainings: list[tuple[Stage, str]], stages: Stages, settings: JobSettings, folder: Path) -> None:
+    """Every training not yet done, as jobs of ``settings.executor``; those that finish are marked done, so a
+    rerun submits only what is missing or failed. Any failure ends the run, one line per failed job."""
+    todo = []
+    for stage, key in trainings:
+        status = stages.status(stage.name, key)
+        if status == "done" and all(p.exists() for p in stage.outputs):
+            continue
+        run_dir = Path(stage.training.out)
+        todo.append((Training(stage.name, stage.training, resume=status == "started",
+                              afresh=status != "started" and run_dir.exists()), key))
+        stages.mark(stage.name, key, done=False)
+    if not todo:
+        return
+    logger.info("%d training(s) as jobs (--executor %s); logs in %s", len(todo), settings.executor, folder)
+    failures = run_jobs([t for t, _ in todo], settings, folder)
+    for training, key in todo:
+        if not any(line.startswith(f"{training.name}:") for line in failures):
+            stages.mark(training.name, key, done=True)
+    if failures:
+        raise AlldetectError(f"{len(failures)} of {len(todo)} training job(s) failed: " + "; ".join(failures)
+                             + "; run again to resubmit only those")
 
 
 def choose_recipe(cfg: PipelineConfig) -> PipelineConfig:

@@ -16,6 +16,8 @@ from ..errors import AlldetectError
 
 MIN_CELLS = 20             # fewest cells to adapt on (the default of --min-cells)
 MOST_OUTSIDE = 0.5         # refused when more than this share of the cells is outside the training domain
+SHARE_CELLS = 256          # cells scored (without TTA) before and after adapting, to see how far the calls moved
+SHARE_SHIFT = 0.25         # a move of the share called ALL beyond this is warned of (label shift)
 
 
 @dataclass(frozen=True)
@@ -45,3 +47,4 @@ def check_site_cells(cells: int, subjects: Sequence[str], outside: int | None, s
     if outside is not None and outside > MOST_OUTSIDE * cells:
         raise AlldetectError(f"{outside} of {cells} cells are unlike the cells this ensemble was trained on (the "
                              "domain check): this is not a batch of C-NMC-like single-cell images it can adapt to")
+
