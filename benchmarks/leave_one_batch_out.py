@@ -231,7 +231,7 @@ def _train_without(held_out: tuple[str, ...], batches: dict[str, list], recipe: 
                 link.symlink_to(Path(row.path).resolve())
     options = dict(members=tuple(args.members.split(",")) if args.members else None, epochs=args.epochs,
                    input_size=args.input_size, folds=args.folds, pretrained=args.pretrained, device=args.device,
-                   seed=args.seed, bootstrap=100)
+                   seed=args.seed, bootstrap=100, report=False)  # the yardstick reads only the ensemble
     options.update(recipe.options)
     run_pipeline(PipelineConfig(out=str(out / "run"), data=str(data), **options))
     return alldetect.load(out / "run" / "ensemble", engine="torch", device=args.device)

@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--adapt", action="append", choices=list(ADAPTATIONS), help="[default: all three]")
     parser.add_argument("--calibrate-on", default="all", choices=list(ADAPTATIONS),
                         help="the adaptation calibrated on, and adapted on ALL cells alone for the label shift")
-    parser.add_argument("--donors", type=int, action="append", help="k of k+k calibration donors [default: 1, 2]")
+    parser.add_argument("--donors", type=int, action="append", help="k of k+k calibration donors [default: 1, 2, 3]")
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--prior-donors", type=float, action="append",
                         help=f"calibrate's prior, repeatable [default: {PRIOR_DONORS:g}]")
@@ -99,6 +99,10 @@ def main() -> None:
         logging.getLogger(quiet).setLevel(logging.WARNING)
     result = measure(args)
     print(format_table(result["table"], markdown=True))
+    print("\nthe calibrated cell threshold over the draws of calibration donors:")
+    print(format_table(result["spread"], markdown=True))
+    for name, lines in result["notes"].items():
+        print(f"{name}: {'; '.join(sorted(set(lines)))}")
     print(f"\nwall time {result['wall_s'] / 60:.1f} min on {result['machine']}; adapting took "
           f"{', '.join(f'{k} {v:.1f} s' for k, v in result['adapt_seconds'].items())}; written "
           f"{args.out / 'site_adaptation.json'}")
@@ -110,10 +114,11 @@ def measure(args: argparse.Namespace) -> dict:
     lobo = json.loads((args.lobo / "leave_one_batch_out.json").read_text())
     adaptations = args.adapt or list(ADAPTATIONS)
     priors = args.prior_donors or [PRIOR_DONORS]
-    ks = args.donors or [1, 2]
+    ks = args.donors or [1, 2, 3]
     rows: dict[str, dict[str, Scored]] = {}
     notes: dict[str, list[str]] = {}
     adapt_seconds: dict[str, float] = {}
+    thresholds: dict[str, list[float]] = {}  # row | batch -> the shipped cell threshold, then each draw's
 
     def row(name: str, batch: str, scored: Scored, note: str | None = None) -> None:
         rows.setdefault(name, {})[batch] = scored
@@ -144,7 +149,7 @@ def measure(args: argparse.Namespace) -> dict:
                     shipped.adapt(paths, subjects=[r.subject for r in cells], **settings).save(folder)
                 adapt_seconds[f"{batch} {name}"] = time.perf_counter() - began
                 ensemble = alldetect.load(folder, engine="torch")
-                prob = np.asarray(ensemble.predict(paths, domain_check=False)["prob_all"])
+                prob = _scores(ensemble, folder, paths)
                 adapted_probs[name] = (prob, ensemble.operating_point)
                 row(f"adapted ({name})", batch, _scored(y, prob, donors, ensemble.operating_point))
             if (y == 1).sum() >= MIN_CELLS and (y == 0).any():
@@ -154,7 +159,7 @@ def measure(args: argparse.Namespace) -> dict:
                     shipped.adapt([r.path for r in all_only], subjects=[r.subject for r in all_only],
                                   **ADAPTATIONS[args.calibrate_on]).save(folder)
                 ensemble = alldetect.load(folder, engine="torch")
-                prob = np.asarray(ensemble.predict(paths, domain_check=False)["prob_all"])
+                prob = _scores(ensemble, folder, paths)
                 row(f"label shift: adapted ({args.calibrate_on}) on ALL cells alone", batch,
                     _scored(y, prob, donors, ensemble.operating_point))
             for k in ks:
@@ -165,7 +170,10 @@ def measure(args: argparse.Namespace) -> dict:
                             continue
                         name = f"{start}calibrated {k}+{k}" + (f" (prior {prior:g})" if len(priors) > 1 else "")
                         draws = np.random.default_rng([args.seed, k, sorted(batches).index(batch)])  # same donors
-                        scored, note = _calibrated(y, prob, donors, base, k, prior, args.draws, draws)
+                        spread = thresholds.setdefault(f"{name} | {batch}", [])
+                        scored, note = _calibrated(y, prob, donors, base, k, prior, args.draws, draws, spread)
+                        if spread:
+                            spread.insert(0, base.cell_threshold)
                         row(name, batch, scored, note)
     table = []
     for name, by_batch in rows.items():
@@ -176,10 +184,36 @@ def measure(args: argparse.Namespace) -> dict:
         table.append(_row(name, "**pooled**", pooled, args))
     result = {"lobo": str(args.lobo), "recipe": args.recipe, "turns": lobo["held_out"], "machine": platform.platform(),
               "adaptations": {k: ADAPTATIONS[k] for k in adaptations}, "draws": args.draws, "priors": priors,
-              "notes": notes, "adapt_seconds": adapt_seconds, "wall_s": time.perf_counter() - started, "table": table}
+              "notes": notes, "adapt_seconds": adapt_seconds, "wall_s": time.perf_counter() - started, "table": table,
+              "thresholds": thresholds, "spread": _spread(thresholds)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "site_adaptation.json").write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+def _spread(thresholds: dict[str, list[float]]) -> list[dict]:
+    """How far the calibrated cell threshold moves between draws of the calibration donors."""
+    rows = []
+    for key, values in thresholds.items():
+        if not values:
+            continue
+        (shipped, *drawn), (name, batch) = values, key.split(" | ")
+        rows.append({"row": name, "batch": batch, "shipped": f"{shipped:.3f}", "draws": len(drawn),
+                     "mean": f"{np.mean(drawn):.3f}", "SD": f"{np.std(drawn):.3f}",
+                     "5-95%": f"{np.percentile(drawn, 5):.3f}-{np.percentile(drawn, 95):.3f}"})
+    return rows
+
+
+def _scores(ensemble: alldetect.Ensemble, folder: Path, paths: list[str]) -> np.ndarray:
+    """The adapted ensemble's P(ALL) of ``paths``, kept beside its folder (keyed by its model id) for reruns."""
+    kept = folder.with_name(f"{folder.name}.scores.json")
+    if kept.is_file():
+        saved = json.loads(kept.read_text())
+        if saved["model_id"] == ensemble.folder.model_id and saved["paths"] == paths:
+            return np.asarray(saved["prob"])
+    prob = np.asarray(ensemble.predict(paths, domain_check=False)["prob_all"])
+    kept.write_text(json.dumps({"model_id": ensemble.folder.model_id, "paths": paths, "prob": prob.tolist()}))
+    return prob
 
 
 def _scored(y: np.ndarray, prob: np.ndarray, donors: list[str], point: OperatingPoint) -> Scored:
@@ -189,7 +223,7 @@ def _scored(y: np.ndarray, prob: np.ndarray, donors: list[str], point: Operating
 
 
 def _calibrated(y: np.ndarray, prob: np.ndarray, donors: list[str], shipped: OperatingPoint, k: int, prior: float,
-                draws: int, rng: np.random.Generator) -> tuple[Scored, str | None]:
+                draws: int, rng: np.random.Generator, thresholds: list[float]) -> tuple[Scored, str | None]:
     """The batch's other donors, called at the point calibrated on k + k drawn donors, over ``draws`` draws;
     as shipped (with a note) where the batch lacks k + 1 donors of a class."""
     names = np.asarray(donors)
@@ -204,6 +238,7 @@ def _calibrated(y: np.ndarray, prob: np.ndarray, donors: list[str], shipped: Ope
         calibration = np.isin(names, list(chosen))
         point = calibrate_point(shipped, y[calibration], prob[calibration], list(names[calibration]),
                                 prior_donors=prior, min_per_class=k)
+        thresholds.append(point.cell_threshold)
         rest = ~calibration
         scored.add(y[rest], prob[rest], [f"{d}@{draw}" for d in names[rest]], list(names[rest]), point)
     return scored, None

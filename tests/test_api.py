@@ -117,5 +117,5 @@ def test_each_bad_item_is_one_error_row_and_the_good_ones_are_scored(ensemble_di
     scored = [i for i, p in enumerate(prob) if np.isfinite(p)]
     assert scored == [0, 2, 10] and prob[2] == pytest.approx(prob[0]) and prob[10] == pytest.approx(prob[0])
     assert all(errors[i] for i in range(len(items)) if i not in scored)
-    assert "NoneType is not an image" in errors[1] and "more than one page or frame" in errors[9]
+    assert "NoneType is not an image" in errors[1] and "holds 2 pages" in errors[9]
     assert ensemble.predict(good.read_bytes()).scored == 1  # the bytes of a file are one image, not 37,686 ints

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -132,7 +133,8 @@ class Ensemble:
         settings = AdaptSettings(layers, site_weight, min_cells)
         rows, decoders = _inputs(cells, subjects=subjects)
         engine = self._torch_engine()
-        read = read_cells(engine, decoders, [r.path for r in rows], measure=engine.domain is not None)
+        read = read_cells(engine, decoders, [r.path for r in rows], measure=engine.domain is not None,
+                          workers=min(8, os.cpu_count() or 1))
         outside = None if engine.domain is None else int((~engine.domain.check(read.measures).in_domain).sum())
         donors = [rows[i].subject for i in read.kept]
         check_site_cells(len(read.kept), donors, outside, settings)
@@ -176,7 +178,7 @@ class Ensemble:
         """
         rows, decoders = _inputs(cells, subjects=subjects, labels=labels)
         engine = self._torch_engine()
-        read = read_cells(engine, decoders, [r.path for r in rows])
+        read = read_cells(engine, decoders, [r.path for r in rows], workers=min(8, os.cpu_count() or 1))
         used = [rows[i] for i in read.kept]
         unlabelled = [r.path for r in used if not r.label]
         if unlabelled:

@@ -80,6 +80,7 @@ class PipelineConfig:
     operating_point: str = "auto"            # see build_ensemble: auto, paper, balanced_accuracy, sensitivity,
     target: float | None = None              # specificity (the last two at least ``target``)
     force: bool = False
+    report: bool = True                      # the report and its Grad-CAM grid (a yardstick reads the ensemble)
     executor: str = Executor.none.value      # where the trainings run: see training.jobs.JobSettings
     jobs: int | None = None
     slurm_partition: str | None = None
@@ -163,7 +164,8 @@ def output_lock(out: Path) -> Iterator[None]:
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
-    """Run (or finish) every stage, one `alldetect run` at a time in an output folder; returns the report path."""
+    """Run (or finish) every stage, one `alldetect run` at a time in an output folder; returns the report path (the
+    ensemble folder's, without a report)."""
     cfg = choose_recipe(cfg)
     if cfg.export:
         require_extra("onnx", "--export")  # before hours of training, not after
@@ -207,16 +209,17 @@ def _run_stages(cfg: PipelineConfig, out: Path) -> Path:
                        outputs=[ens_dir / folder.SPEC],
                        run=lambda status: build_ensemble([t.out for t in train_cfgs], folder,
                                                          operating_point=cfg.operating_point, target=cfg.target)))
-    if has_extra("explain"):
+    if cfg.report and has_extra("explain"):
         steps.append(Stage("explain", inputs={"cells": GRID_CELLS},
                            outputs=[ens_dir / folder.GRADCAM / "gradcam_grid.png"],
                            run=lambda status: _explain_examples(folder, cfg.device)))
-    else:
+    elif cfg.report:
         logger.warning("no Grad-CAM grid in the report: it needs alldetect's 'explain' extra "
                        "(pip install 'alldetect[explain]')")
-    steps.append(Stage("report", inputs={"bootstrap": cfg.bootstrap, "seed": cfg.seed},
-                       outputs=[ens_dir / folder.REPORT],
-                       run=lambda status: make_report(folder, n_boot=cfg.bootstrap, seed=cfg.seed)))
+    if cfg.report:
+        steps.append(Stage("report", inputs={"bootstrap": cfg.bootstrap, "seed": cfg.seed},
+                           outputs=[ens_dir / folder.REPORT],
+                           run=lambda status: make_report(folder, n_boot=cfg.bootstrap, seed=cfg.seed)))
     if _exports(cfg):
         steps.append(Stage("export", inputs={"int8": True}, outputs=[folder.graph()],
                            run=lambda status: _export(folder)))
@@ -243,7 +246,7 @@ def _run_stages(cfg: PipelineConfig, out: Path) -> Path:
                 stage.run(status)
                 stages.mark(stage.name, key, done=True)
             bar.update(1)
-    return ens_dir / folder.REPORT
+    return ens_dir / folder.REPORT if cfg.report else ens_dir
 
 
 def _train_as_jobs(trainings: list[tuple[Stage, str]], stages: Stages, settings: JobSettings, folder: Path) -> None:

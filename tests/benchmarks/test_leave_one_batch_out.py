@@ -2,6 +2,7 @@
 and its preliminary test set): every batch held out once, trained through `alldetect run`, pooled with
 intervals. Synthetic, so the figures say nothing; the test checks the machinery."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -60,16 +61,30 @@ def test_chosen_batches_are_held_out_alone_or_together_and_pooled_over_them(tmp_
     assert "/fold_0/" not in manifest and "/fold_2/" not in manifest and "/fold_1/" in manifest
 
 
-def test_an_unknown_batch_or_one_held_out_twice_is_refused_in_one_line(tmp_path):
+def test_an_unknown_batch_or_one_held_out_twice_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     _synthetic_batches(tmp_path)
     for hold_out, error in ((["fold_9"], "--hold-out fold_9: no such batch"),
                             (["fold_0+fold_1", "fold_1"], "--hold-out names fold_1 more than once")):
-        refused = _lobo(tmp_path, tmp_path / "lobo", *(arg for batch in hold_out for arg in ("--hold-out", batch)))
+        refused = _lobo_here(tmp_path, capsys, monkeypatch, *(arg for batch in hold_out for arg in ("--hold-out", batch)))
         assert refused.returncode == 2 and error in refused.stderr.splitlines()[-1]
     for criterion, error in (("sens:0.9", "the criterion is one of balanced_accuracy, sensitivity, specificity"),
                              ("specificity", "specificity needs a target in (0, 1]")):
-        refused = _lobo(tmp_path, tmp_path / "lobo", "--operating-point", criterion)
+        refused = _lobo_here(tmp_path, capsys, monkeypatch, "--operating-point", criterion)
         assert refused.returncode == 2 and error in refused.stderr.splitlines()[-1]
+
+
+def _lobo_here(tmp_path: Path, capsys, monkeypatch, *extra: str) -> subprocess.CompletedProcess:
+    """The script's main in this process (refusals come before any training: no need to start Python anew)."""
+    spec = importlib.util.spec_from_file_location("leave_one_batch_out", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look their module up there
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *_arguments(tmp_path, tmp_path / "lobo"), *extra])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        script.main()
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, exit_.value.code, out, err)
 
 
 def _synthetic_batches(tmp_path: Path) -> None:
@@ -77,8 +92,12 @@ def _synthetic_batches(tmp_path: Path) -> None:
                                             test_hem_subjects=1, final_subjects=0, cells_per_subject=3), workers=2)
 
 
+def _arguments(tmp_path: Path, out: Path) -> list[str]:
+    return ["--data", str(tmp_path / "data"), "--members", "mobilenet,efficientnet_lite0", "--epochs", "1",
+            "--input-size", "32", "--no-pretrained", "--folds", "2", "--bootstrap", "20", "--device", "cpu",
+            "--out", str(out)]
+
+
 def _lobo(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path / "data"), "--members",
-                           "mobilenet,efficientnet_lite0", "--epochs", "1", "--input-size", "32", "--no-pretrained",
-                           "--folds", "2", "--bootstrap", "20", "--device", "cpu", "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(SCRIPT), *_arguments(tmp_path, out), *extra], capture_output=True,
+                          text=True, timeout=600)

@@ -68,13 +68,20 @@ def decode_rgb(source: Path | BinaryIO, *, name: str, max_pixels: int = MAX_PIXE
         raise ImageProblem(name, f"corrupt or truncated image ({type(e).__name__}: {first_line(e)})") from None
 
 
-def _single_page(img: Image.Image, name: str) -> None:
-    """Refuse an image of several pages or frames: which is the cell is not ours to guess. ``is_animated`` reads
-    at most the second page's header (counting pages with ``n_frames`` walks every one: minutes for a crafted
-    file of 80,000 pages)."""
-    if getattr(img, "is_animated", False):
-        raise ImageProblem(name, "holds more than one page or frame; a cell image has one: save the page to score "
-                                 "as its own file")
+def _single_page(img: Image.Image, name: str, *, most: int = 16) -> None:
+    """Refuse an image of several pages or frames: which is the cell is not ours to guess. Pages are counted up
+    to ``most`` (``n_frames`` would walk every one: minutes for a crafted file of 80,000 pages)."""
+    if not getattr(img, "is_animated", False):
+        return
+    pages = 1
+    try:
+        while pages <= most:
+            img.seek(pages)
+            pages += 1
+    except EOFError:
+        pass
+    count = f"{pages} pages" if pages <= most else f"more than {most} pages"
+    raise ImageProblem(name, f"holds {count}; a cell image has one: save the page to score as its own file")
 
 
 def image_rgb(image: Image.Image | np.ndarray | bytes, *, name: str,

@@ -59,8 +59,7 @@ def write_model_card(folder: EnsembleFolder | str | Path) -> Path:
         lines += ["> **Trained on SYNTHETIC cells.** This model shows that the software works; it detects nothing "
                   "in real blood.", ""]
     for title in SECTIONS:
-        if sections[title]:
-            lines += [f"## {title}", "", *sections[title], ""]
+        lines += [f"## {title}", "", *sections[title], ""]
     path = folder.path / folder.CARD
     path.write_text("\n".join(lines))
     return path
@@ -141,7 +140,8 @@ def _site(spec: EnsembleSpec) -> list[str]:
                          f"time: {loo['donors_right']} of {loo['donors']} donors right, their cells' sensitivity "
                          f"{loo['sensitivity']:.3f} and specificity {loo['specificity']:.3f}. So few donors pin the "
                          "point only roughly: check it on more of the site's donors as they come.")
-    return lines
+    return lines or ["None: this ensemble is as it was trained (`alldetect adapt` and `alldetect calibrate` write "
+                     "a copy adapted to a site's batch or calibrated on its donors)."]
 
 
 def _domain(folder: EnsembleFolder) -> list[str]:
