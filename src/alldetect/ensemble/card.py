@@ -125,7 +125,8 @@ def _site(spec: EnsembleSpec) -> list[str]:
                          f"BatchNorm statistics of {step['layers']} layers re-estimated on them ({step['adapted_layers']} "
                          f"layers), weighed {step['site_weight']:g} against the training ones. The domain check keeps "
                          "its training reference: it still flags cells unlike the training cells. The predictions, "
-                         "report and figures in this folder are those of the ensemble before adaptation.")
+                         "report and figures in this folder are those of the ensemble before adaptation."
+                         + _called_shares(step.get("called_all")) + _graphs(step.get("graphs")))
         elif step.get("step") == "calibrate":
             loo, (low, high) = step["leave_one_out"], step["cell_threshold_interval"]
             named = ", ".join(f"{d} ({'ALL' if c else 'healthy'})" for d, c in step["donors"].items())
@@ -139,9 +140,21 @@ def _site(spec: EnsembleSpec) -> list[str]:
                          f"at least {point['min_cells']} cells for a call. Leaving one calibration donor out at a "
                          f"time: {loo['donors_right']} of {loo['donors']} donors right, their cells' sensitivity "
                          f"{loo['sensitivity']:.3f} and specificity {loo['specificity']:.3f}. So few donors pin the "
-                         "point only roughly: check it on more of the site's donors as they come.")
+                         "point only roughly: check it on more of the site's donors as they come."
+                         + _graphs(step.get("graphs")))
     return lines or ["None: this ensemble is as it was trained (`alldetect adapt` and `alldetect calibrate` write "
                      "a copy adapted to a site's batch or calibrated on its donors)."]
+
+
+def _called_shares(shares: dict | None) -> str:
+    if not shares:
+        return ""
+    return (f" Of a sample of the site's cells it called {shares['before']:.0%} ALL before adapting and "
+            f"{shares['after']:.0%} after (a large move warns of a batch made mostly of one kind).")
+
+
+def _graphs(graphs: str | None) -> str:
+    return f" ONNX graphs: {graphs}." if graphs else ""
 
 
 def _domain(folder: EnsembleFolder) -> list[str]:
