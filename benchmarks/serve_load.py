@@ -1,21 +1,21 @@
 """`alldetect serve` under ordinary and hostile load at once, on loopback.
 
-Starts the real command in its own process (temporary files sent to a watched folder, its log to a file),
-then: C clients each send R requests of real-size cells (1-4 cells of 450x450 BMP per request, retrying after
-a 503 as told by Retry-After); one client sends a stream of hostile requests (chunked uploads over the limit,
-zip bombs, bad zip entries, decompression bombs, too many megapixels, cross-origin posts, foreign Host
-headers, malformed bodies, empty files, float TIFFs, a TIFF of 20,000 pages, a 1x6000 PNG, Grad-CAM requests);
-from another loopback address (127.0.0.2, as an
-attacker elsewhere; ``--slow-addresses N``: from N addresses in turn), S slow clients each hold an upload open
-sending one body byte per second (reconnecting when closed) and a separate process holds H connections that sent half their headers (reopened once a second
-when closed); from two more addresses (127.0.0.3 and 127.0.0.4), a third process holds U connections that
-pipeline page requests until their buffers are full and never read an answer (reopened once a second when
-closed); a poller asks /api/health every 50 ms. Then two Grad-CAM requests, with the server's RSS before and
-after. ``--rounds N`` runs all of it N times on one server, the RSS after each. Prints a table: answers by
-status, upload and health latency percentiles, how long slow, half-open and unread connections lived, the
-server's RSS at the start, peak and end (of each round), the largest temporary file ever written and the log's
-size. ``--tamper`` also changes each file an ensemble folder's spec names (a byte of a
-member's weights, a swapped ONNX graph, overflowing combiner weights) and runs ``predict`` on each copy.
+Starts the real command in its own process (temporary files sent to a watched folder, its log to a file), then: C
+clients each send R requests of real-size cells (1-4 cells of 450x450 BMP per request, retrying after a 503 as
+told by Retry-After); one client sends a stream of hostile requests (chunked uploads over the limit, zip bombs,
+bad zip entries, decompression bombs, too many megapixels, cross-origin posts, foreign Host headers, malformed
+bodies, empty files, float TIFFs, a TIFF of 20,000 pages, a 1x6000 PNG, Grad-CAM requests); from another loopback
+address (127.0.0.2, as an attacker elsewhere; ``--slow-addresses N``: from N addresses in turn), S slow clients
+each hold an upload open sending one body byte per second (reconnecting when closed) and a separate process holds
+H connections that sent half their headers (reopened once a second when closed); from two more addresses
+(127.0.0.3 and 127.0.0.4), a third process holds U connections that pipeline page requests until their buffers are
+full and never read an answer (reopened once a second when closed); a poller asks /api/health every 50 ms. Then
+two Grad-CAM requests, with the server's RSS before and after. ``--rounds N`` runs all of it N times on one
+server, the RSS after each. Prints a table: answers by status, upload and health latency percentiles, how long
+slow, half-open and unread connections lived, the server's RSS at the start, peak and end (of each round), the
+largest temporary file ever written and the log's size. ``--tamper`` also changes each file an ensemble folder's
+spec names (a byte of a member's weights, a swapped ONNX graph, overflowing combiner weights) and runs ``predict``
+on each copy.
 
     python benchmarks/serve_load.py ENS_DIR [--clients 8] [--requests 25] [--slow-clients 16] [--half-open 2000]
                                             [--unread 0] [--body-timeout 20] [--max-connections 4096]

@@ -275,7 +275,8 @@ def train(
         help="paper: the paper's protocol; plus: what generalised to unseen donors (AdamW + warm-up/cosine, "
              "label smoothing, dihedral augmentation, last epoch); demo: small and quick.")] = Profile.paper,
     epochs: Annotated[int | None, typer.Option(help="Epochs [paper: 12 = one triangular2 cycle; plus: 12].")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per optimizer step [paper profile: 32].")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per optimizer step [paper profile: 32].")] \
+    = None,
     crop: Annotated[int | None, typer.Option(help="Center-crop side in pixels [paper: 300].")] = None,
     input_size: Annotated[int | None, typer.Option(help="Resize crops to this side (default: no resize).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local ImageNet weights: a file, or a folder of them.")]

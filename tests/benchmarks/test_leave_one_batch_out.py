@@ -65,7 +65,8 @@ def test_an_unknown_batch_or_one_held_out_twice_is_refused_in_one_line(tmp_path,
     _synthetic_batches(tmp_path)
     for hold_out, error in ((["fold_9"], "--hold-out fold_9: no such batch"),
                             (["fold_0+fold_1", "fold_1"], "--hold-out names fold_1 more than once")):
-        refused = _lobo_here(tmp_path, capsys, monkeypatch, *(arg for batch in hold_out for arg in ("--hold-out", batch)))
+        arguments = (arg for batch in hold_out for arg in ("--hold-out", batch))
+        refused = _lobo_here(tmp_path, capsys, monkeypatch, *arguments)
         assert refused.returncode == 2 and error in refused.stderr.splitlines()[-1]
     for criterion, error in (("sens:0.9", "the criterion is one of balanced_accuracy, sensitivity, specificity"),
                              ("specificity", "specificity needs a target in (0, 1]")):

@@ -122,8 +122,8 @@ def _site(spec: EnsembleSpec) -> list[str]:
         origin = f"from ensemble {step.get('from', '?')} ({step.get('from_folder', '?')}) on {step.get('when', '?')}"
         if step.get("step") == "adapt":
             lines.append(f"- **Adapted** on {step['cells']} unlabelled cells of the site ({donors}), {origin}: the "
-                         f"BatchNorm statistics of {step['layers']} layers re-estimated on them ({step['adapted_layers']} "
-                         f"layers), weighed {step['site_weight']:g} against the training ones. The domain check keeps "
+                         f"BatchNorm statistics of {step['layers']} layers re-estimated on them "
+                         f"({step['adapted_layers']} layers), weighed {step['site_weight']:g} against the training ones. The domain check keeps "
                          "its training reference: it still flags cells unlike the training cells. The predictions, "
                          "report and figures in this folder are those of the ensemble before adaptation."
                          + _called_shares(step.get("called_all")) + _graphs(step.get("graphs")))
