@@ -190,9 +190,9 @@ class Ensemble:
         subjects_used = [r.subject for r in used]
         result = calibrate(spec.operating_point(method), y, spec.fit(method).apply(member_probs), subjects_used,
                            prior_donors=prior_donors)
-        points = {name: calibrate_point(spec.operating_point(name), y, combiner.apply(member_probs), subjects_used,
-                                        prior_donors=prior_donors) for name, combiner in spec.methods.items()}
-        points[method] = result.point
+        points = {name: result.point if name == method else
+                  calibrate_point(spec.operating_point(name), y, combiner.apply(member_probs), subjects_used,
+                                  prior_donors=prior_donors) for name, combiner in spec.methods.items()}
         step = self._step("calibrate", method=method, prior_donors=prior_donors,
                           shipped=spec.operating_point(method).to_json(), unreadable=len(rows) - len(used),
                           **result.to_json())
@@ -204,12 +204,14 @@ class Ensemble:
         """Write this ensemble (adapted, calibrated, or as loaded) as a new portable folder: new weights and hashes,
         the model card saying what was done, the ONNX graphs exported again (dropped, with a note, without the
         ``onnx`` extra). ``folder`` must be new or empty. Returns the new folder, loaded."""
-        derived = self.changes or Derived(copy.deepcopy(self.folder.spec))
+        derived = self.changes or Derived(self.folder.spec)
         exported = self.folder.graph().is_file() or self.folder.graph(int8=True).is_file()
         export = exported and has_extra("onnx")
         if exported and derived.spec.site:
-            derived.spec.site[-1]["graphs"] = ("exported again" if export else "dropped: the onnx extra is not "
-                                               f"installed; `alldetect export {Path(folder).name}` writes them")
+            graphs = "exported again" if export else ("dropped: the onnx extra is not installed; `alldetect export "
+                                                      f"{Path(folder).name}` writes them")
+            site = [*derived.spec.site[:-1], {**derived.spec.site[-1], "graphs": graphs}]
+            derived = replace(derived, spec=replace(derived.spec, site=site))
         if exported and not export:
             logger.warning("%s: the ONNX graphs are not written (the onnx extra is not installed); `alldetect "
                            "export %s` writes them", folder, folder)

@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -42,10 +41,10 @@ from .formats.problems import write_problems
 from .models.members import MEMBER_SETS, PAPER_MEMBERS
 from .models.runtime import resolve_device
 from .report.build import make_report
-from .training import fit, profile_config
+from .training import profile_config
 from .choices import Executor, Profile
 from .training.config import ADDED_FIELDS, DEMO_CROP, MACHINERY, RECIPES, TrainConfig
-from .training.jobs import JobSettings, Training, run_jobs
+from .training.jobs import JobSettings, Training, run_jobs, train_job
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +200,7 @@ def _run_stages(cfg: PipelineConfig, out: Path) -> Path:
         run_dir = Path(tc.out)
         name = f"train {tc.member}" + (f" {run_dir.name}" if cfg.cross_fits else "")
         steps.append(Stage(name, inputs=_shaping(tc), outputs=[run_dir / "metrics.json"],
-                           run=lambda status, tc=tc, run_dir=run_dir: _train(tc, run_dir, status), training=tc))
+                           run=lambda status, name=name, tc=tc: _train(name, tc, status), training=tc))
     folder = EnsembleFolder(out / "ensemble")
     ens_dir = folder.path
     steps.append(Stage("ensemble", inputs={"members": [t.out for t in train_cfgs],
@@ -257,17 +256,16 @@ def _train_as_jobs(trainings: list[tuple[Stage, str]], stages: Stages, settings:
         status = stages.status(stage.name, key)
         if status == "done" and all(p.exists() for p in stage.outputs):
             continue
-        run_dir = Path(stage.training.out)
-        todo.append((Training(stage.name, stage.training, resume=status == "started",
-                              afresh=status != "started" and run_dir.exists()), key))
+        todo.append((Training.at(stage.name, stage.training, status), key))
         stages.mark(stage.name, key, done=False)
     if not todo:
         return
     logger.info("%d training(s) as jobs (--executor %s); logs in %s", len(todo), settings.executor, folder)
-    failures = run_jobs([t for t, _ in todo], settings, folder)
+    run_jobs([t for t, _ in todo], settings, folder)
     for training, key in todo:
-        if not any(line.startswith(f"{training.name}:") for line in failures):
+        if training.failure is None:
             stages.mark(training.name, key, done=True)
+    failures = [t.failure for t, _ in todo if t.failure]
     if failures:
         raise AlldetectError(f"{len(failures)} of {len(todo)} training job(s) failed: " + "; ".join(failures)
                              + "; run again to resubmit only those")
@@ -317,10 +315,9 @@ def _shaping(tc) -> dict:
             if k not in MACHINERY and not (k in ADDED_FIELDS and ADDED_FIELDS[k] == v)}
 
 
-def _train(tc, run_dir: Path, status: str) -> None:
-    if status in ("changed", "done", "new") and run_dir.exists():
-        shutil.rmtree(run_dir)  # a different config or stale files: start this member afresh
-    fit(tc, resume=status == "started")
+def _train(name: str, tc: TrainConfig, status: str) -> None:
+    training = Training.at(name, tc, status)
+    train_job(tc, training.resume, training.afresh, threads=None)
 
 
 def _index_and_split(data_dir: Path, manifest: Path, seed: int) -> None:

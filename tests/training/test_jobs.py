@@ -22,7 +22,8 @@ submitit = pytest.importorskip("submitit")
 def test_local_jobs_train_what_fit_trains_and_a_failure_is_one_line_with_its_log(split_manifest, tmp_path):
     good = Training("train mobilenet", tiny_config(split_manifest, tmp_path / "good", epochs=1))
     bad = Training("train broken", tiny_config(tmp_path / "missing.csv", tmp_path / "bad", epochs=1))
-    failures = run_jobs([good, bad], JobSettings("local", jobs=2), tmp_path / "jobs")
+    run_jobs([good, bad], JobSettings("local", jobs=2), tmp_path / "jobs")
+    failures = [t.failure for t in (good, bad) if t.failure]
     assert (tmp_path / "good" / "metrics.json").is_file()
     assert len(failures) == 1 and failures[0].startswith("train broken: failed (")
     log = Path(failures[0].rsplit("log: ", 1)[1])

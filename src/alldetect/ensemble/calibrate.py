@@ -60,26 +60,11 @@ def donor_classes(y: np.ndarray, subjects: Sequence[str]) -> dict[str, int]:
 
 
 def calibrate_point(shipped: OperatingPoint, y: np.ndarray, prob: np.ndarray, subjects: Sequence[str], *,
-                    prior_donors: float = PRIOR_DONORS, min_per_class: int = MIN_DONORS_PER_CLASS,
-                    fitted_on: str = "") -> OperatingPoint:
+                    prior_donors: float = PRIOR_DONORS, min_per_class: int = MIN_DONORS_PER_CLASS) -> OperatingPoint:
     """The operating point of the site's labelled cells (``y`` 1 = ALL, ``prob`` P(ALL), ``subjects`` donors)
     shrunk toward ``shipped``; by the shipped point's criterion (balanced accuracy for the paper's 0.5). The
     fewest cells for a call is the larger of the two points'."""
-    if not (isinstance(prior_donors, (int, float)) and prior_donors >= 0 and np.isfinite(prior_donors)):
-        raise AlldetectError(f"prior donors must be a number >= 0, got {prior_donors!r}")
-    y, prob = np.asarray(y, dtype=int), np.asarray(prob, dtype=float)
-    donors = donor_classes(y, subjects)
-    counts = [sum(1 for c in donors.values() if c == k) for k in (1, 0)]
-    if min(counts) < min_per_class:
-        raise AlldetectError(f"{counts[0]} ALL and {counts[1]} healthy donor(s): calibrating needs at least "
-                             f"{min_per_class} donors of each class")
-    site = _site_point(shipped, y, prob, subjects)
-    w = len(donors) / (len(donors) + prior_donors)
-    return OperatingPoint(_shrunk(shipped.cell_threshold, site.cell_threshold, w),
-                          _shrunk(shipped.patient_threshold, site.patient_threshold, w),
-                          max(shipped.min_cells, site.min_cells), site.criterion, site.target,
-                          fitted_on or f"{len(donors)} donors of the site ({len(y)} cells), weighed {w:.2f} against "
-                                       f"the shipped point")
+    return _calibrated(shipped, y, prob, subjects, prior_donors, min_per_class)[0]
 
 
 def calibrate(shipped: OperatingPoint, y: np.ndarray, prob: np.ndarray, subjects: Sequence[str], *,
@@ -88,19 +73,39 @@ def calibrate(shipped: OperatingPoint, y: np.ndarray, prob: np.ndarray, subjects
     over donor bootstraps (each class's donors drawn with replacement), and each donor called at the point
     fitted without it."""
     y, prob = np.asarray(y, dtype=int), np.asarray(prob, dtype=float)
-    point = calibrate_point(shipped, y, prob, subjects, prior_donors=prior_donors)
-    donors = donor_classes(y, subjects)
+    point, site, w, donors = _calibrated(shipped, y, prob, subjects, prior_donors, MIN_DONORS_PER_CLASS)
     names = np.asarray(subjects)
     rng = np.random.default_rng(seed)
     by_class = [[d for d, c in donors.items() if c == k] for k in (1, 0)]
-    w = len(donors) / (len(donors) + prior_donors)
     thresholds = []
     for _ in range(INTERVAL_DRAWS):
         idx = np.concatenate([np.flatnonzero(names == d) for group in by_class for d in rng.choice(group, len(group))])
         thresholds.append(_shrunk(shipped.cell_threshold, _site_cell_threshold(shipped, y[idx], prob[idx]), w))
     interval = tuple(float(v) for v in np.percentile(thresholds, [5, 95]))
-    return Calibration(point, _site_point(shipped, y, prob, subjects), w, donors, len(y), interval,
+    return Calibration(point, site, w, donors, len(y), interval,
                        _leave_one_donor_out(shipped, y, prob, names, donors, prior_donors))
+
+
+def _calibrated(shipped: OperatingPoint, y: np.ndarray, prob: np.ndarray, subjects: Sequence[str],
+                prior_donors: float, min_per_class: int) -> tuple[OperatingPoint, OperatingPoint, float, dict]:
+    """The calibrated point, the site's own fit, the site's weight, and each donor's class."""
+    if not (isinstance(prior_donors, (int, float)) and prior_donors >= 0 and np.isfinite(prior_donors)):
+        raise AlldetectError(f"prior donors must be a number >= 0, got {prior_donors!r}")
+    y, prob = np.asarray(y, dtype=int), np.asarray(prob, dtype=float)
+    donors = donor_classes(y, subjects)
+    counts = [sum(1 for c in donors.values() if c == k) for k in (1, 0)]
+    if min(counts) < min_per_class:
+        raise AlldetectError(f"{counts[0]} ALL and {counts[1]} healthy donor(s): calibrating needs at least "
+                             f"{min_per_class} donors of each class")
+    criterion, target = _criterion(shipped)
+    site = fit_operating_point(y, prob, list(subjects), criterion=criterion, target=target)
+    w = len(donors) / (len(donors) + prior_donors)
+    point = OperatingPoint(_shrunk(shipped.cell_threshold, site.cell_threshold, w),
+                           _shrunk(shipped.patient_threshold, site.patient_threshold, w),
+                           max(shipped.min_cells, site.min_cells), site.criterion, site.target,
+                           f"{len(donors)} donors of the site ({len(y)} cells), weighed {w:.2f} against the shipped "
+                           "point")
+    return point, site, w, donors
 
 
 def _leave_one_donor_out(shipped: OperatingPoint, y: np.ndarray, prob: np.ndarray, names: np.ndarray,
@@ -125,13 +130,8 @@ def _criterion(shipped: OperatingPoint) -> tuple[str, float | None]:
     return shipped.criterion, shipped.target
 
 
-def _site_point(shipped: OperatingPoint, y: np.ndarray, prob: np.ndarray, subjects: Sequence[str]) -> OperatingPoint:
-    criterion, target = _criterion(shipped)
-    return fit_operating_point(y, prob, list(subjects), criterion=criterion, target=target)
-
-
 def _site_cell_threshold(shipped: OperatingPoint, y: np.ndarray, prob: np.ndarray) -> float:
-    """The cell threshold alone of ``_site_point`` (the patient threshold and fewest cells cost far more)."""
+    """The cell threshold alone of the site's own fit (its patient threshold and fewest cells cost far more)."""
     criterion, target = _criterion(shipped)
     return cell_threshold(y, prob, criterion=criterion, target=target)
 

@@ -42,7 +42,8 @@ def write_derived(source: EnsembleFolder, derived: Derived, out: str | Path, *,
     out = check_new_folder(out, source.path)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    _copy_regular_files(source.path, partial)
+    rewritten = {w for entry in derived.spec.members for w in entry.weights} if derived.members is not None else set()
+    _copy_regular_files(source.path, partial, skip=rewritten)
     folder = EnsembleFolder(partial)
     spec = replace(derived.spec, graphs={})
     if derived.members is not None:
@@ -72,27 +73,28 @@ def check_new_folder(out: str | Path, source: Path) -> Path:
 
 
 def _saved(entry, module: nn.Module, folder: Path):
-    """The member's weights written over its copied files (one per fold model), with their new hashes."""
+    """The member's weights written in the new folder (one file per fold model), with their new hashes."""
     models = list(module.folds) if isinstance(module, FoldAverage) else [module]
     hashes = []
     for weights, model in zip(entry.weights, models):
         path = folder / weights
-        path.unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
         hashes.append(sha256_file(path, kind="member weights"))
     return replace(entry, sha256=hashes)
 
 
-def _copy_regular_files(source: Path, target: Path) -> None:
-    """Every regular file under ``source`` but the graphs and the rewritten ones; links and special files are
-    left behind with a warning (the folder vouches only for what lies inside it)."""
+def _copy_regular_files(source: Path, target: Path, *, skip: set[str]) -> None:
+    """Every regular file under ``source`` but the graphs, the spec and card, and ``skip`` (paths relative to
+    ``source``, written anew); links and special files are left behind with a warning (the folder vouches only for
+    what lies inside it)."""
     for root, dirs, files in os.walk(source):
         relative = Path(root).relative_to(source)
         (target / relative).mkdir(parents=True, exist_ok=True)
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             path = Path(root) / name
-            if relative == Path(".") and (name in REWRITTEN or name.endswith(".onnx") or name.endswith(".tmp")):
+            if relative == Path(".") and (name in REWRITTEN or name.endswith(".onnx") or name.endswith(".tmp")) \
+                    or (relative / name).as_posix() in skip:
                 continue
             if path.is_symlink() or not stat.S_ISREG(path.lstat().st_mode):
                 logger.warning("%s: not copied (a link or not a regular file)", path)

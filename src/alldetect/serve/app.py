@@ -168,16 +168,18 @@ class LabServer:
                                       "still arriving; retry when one is in", retry_after=5)
         if self.receiving >= settings.max_receiving + (0 if mine else settings.receiving_reserve):
             raise UploadRejected(503, f"busy: {self.receiving} uploads are arriving; retry shortly", retry_after=5)
-        if cam and (address in self.cam_from or len(self.cam_from) >= settings.max_cam_queued):
+        self._refuse_cam(cam, address)  # before the body, so that a refused client sends nothing more
+        return await self._receive_and_score(request, address, cam)
+
+    def _cam_busy(self, address: str) -> bool:
+        """Whether ``address`` has a Grad-CAM waiting or being made, or every place for one is taken."""
+        return address in self.cam_from or len(self.cam_from) >= self.settings.max_cam_queued
+
+    def _refuse_cam(self, cam: bool, address: str) -> None:
+        if cam and self._cam_busy(address):
             raise UploadRejected(503, "busy: Grad-CAM " + ("of your previous request is still being made" if address
                                  in self.cam_from else "is being made for others") + "; retry later, or without "
                                  "cam", retry_after=10)
-        if cam:
-            self.cam_from.add(address)
-        try:
-            return await self._receive_and_score(request, address, cam)
-        finally:
-            self.cam_from.discard(address)
 
     async def _receive_and_score(self, request: Request, address: str, cam: bool) -> dict:
         settings, loop = self.settings, asyncio.get_running_loop()
@@ -200,13 +202,25 @@ class LabServer:
         finally:
             self.queued -= 1
         if cam and len(crops):
-            overlays = await loop.run_in_executor(self.explainer, self._cams, crops[: settings.max_cam_cells])
+            overlays = await self._explained(address, crops[: settings.max_cam_cells])
             if isinstance(overlays, str):
                 answer["cam_error"] = overlays
             else:
                 for j, png in enumerate(overlays):
                     answer["cells"][scored[j]]["cam_png"] = png
         return answer
+
+    async def _explained(self, address: str, crops: np.ndarray) -> list[str] | str:
+        """Grad-CAM overlays of ``crops`` in the explaining thread, a place held by ``address`` while it waits and
+        runs: taken only once the request's body is in and scored, so a client that sends slowly holds none. If the
+        places filled meanwhile, the answer keeps its scores and says why it has no overlays."""
+        if self._cam_busy(address):
+            return "no Grad-CAM: it is being made for other requests; retry later"
+        self.cam_from.add(address)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.explainer, self._cams, crops)
+        finally:
+            self.cam_from.discard(address)
 
     def _work(self, files: list[tuple[str, bytes]], client: str) -> tuple[dict, np.ndarray, list[int]]:
         """The answer, the scored cells' crops (for Grad-CAM) and the indices of those cells in the answer."""
@@ -264,20 +278,20 @@ class LabServer:
         return {"cells": out, "patients": patients}, scores.crops, scores.kept
 
     def _cams(self, batch: np.ndarray) -> list[str] | str:
-        """Grad-CAM needs the torch members: the engine's own, or (beside an ONNX engine) a copy loaded for
-        this request and let go after it, so that only one ensemble stays in memory. Why there is none (the
-        folder's weights replaced since the server started, say) is one line; the scores stand."""
+        """Grad-CAM needs the torch members with hooks on them, beside the scorer's thread: always a copy loaded
+        for this request and let go after it (the scoring engine, torch or ONNX, is never hooked while it scores).
+        Why there is none (the folder's weights replaced since the server started, say) is one line; the scores
+        stand."""
         try:
-            model = self.engine if isinstance(self.engine, TorchEngine) else \
-                TorchEngine.from_folder(self.folder, method=self.engine.method, device=self.settings.device)
+            model = TorchEngine.from_folder(self.folder, method=self.engine.method, device=self.settings.device)
             maps = cell_cams(model, batch).ensemble
+            del model
         except Exception as e:  # noqa: BLE001  (whatever fails, the request keeps its scores)
             logger.warning("Grad-CAM not made: %s", first_line(e))
             return f"no Grad-CAM: {first_line(e)}"
         finally:
+            gc.collect()
             release_memory()
-        del model
-        gc.collect()
         encoded = []
         for crop, m in zip(batch, maps):
             buffer = io.BytesIO()

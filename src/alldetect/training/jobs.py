@@ -58,16 +58,24 @@ class JobSettings:
 
 @dataclass
 class Training:
-    """One training to run as a job: its stage name, config, and how to start (afresh or resuming)."""
+    """One training to run as a job: its stage name, config, how to start (afresh or resuming), and once it ran,
+    why it failed (None: it finished)."""
     name: str
     config: TrainConfig
     resume: bool = False
     afresh: bool = False   # its folder holds another config's files: removed first
     job: object = field(default=None, repr=False)
+    failure: str | None = None
+
+    @classmethod
+    def at(cls, name: str, config: TrainConfig, status: str) -> Training:
+        """The training of a stage of `alldetect run` in ``status`` (new, changed, started or done): a started one
+        resumes; any other starts afresh, its folder (another config's, or stale files) removed."""
+        return cls(name, config, resume=status == "started", afresh=status != "started" and Path(config.out).exists())
 
 
 def train_job(config: TrainConfig, resume: bool, afresh: bool, threads: int | None) -> str:
-    """What each job runs: the training a run does in process (``fit``), with ``threads`` CPU threads."""
+    """The training of a stage, in process or as a job: ``fit``, with ``threads`` CPU threads (None: as set)."""
     import torch
 
     from .loop import fit
@@ -79,17 +87,19 @@ def train_job(config: TrainConfig, resume: bool, afresh: bool, threads: int | No
     return str(fit(config, resume=resume))
 
 
-def run_jobs(trainings: list[Training], settings: JobSettings, folder: Path) -> list[str]:
-    """Run ``trainings`` as jobs (logs under ``folder``); returns one line per failed job, naming its log."""
+def run_jobs(trainings: list[Training], settings: JobSettings, folder: Path) -> None:
+    """Run ``trainings`` as jobs (logs under ``folder``); each failed one gets its ``failure``, a line naming its
+    log."""
     import submitit
 
     folder.mkdir(parents=True, exist_ok=True)
     if settings.executor == Executor.slurm:
-        return _slurm(trainings, settings, folder, submitit)
-    return _local(trainings, settings, folder, submitit)
+        _slurm(trainings, settings, folder, submitit)
+    else:
+        _local(trainings, settings, folder, submitit)
 
 
-def _local(trainings: list[Training], settings: JobSettings, folder: Path, submitit) -> list[str]:
+def _local(trainings: list[Training], settings: JobSettings, folder: Path, submitit) -> None:
     """At most ``jobs`` processes at once, each with its own GPU where there are GPUs, else its share of cores."""
     gpus = _visible_gpus()
     slots = settings.jobs or max(1, len(gpus))
@@ -116,10 +126,9 @@ def _local(trainings: list[Training], settings: JobSettings, folder: Path, submi
         except KeyboardInterrupt:
             _cancel([t for t, _ in running])
             raise
-    return bar.failures
 
 
-def _slurm(trainings: list[Training], settings: JobSettings, folder: Path, submitit) -> list[str]:
+def _slurm(trainings: list[Training], settings: JobSettings, folder: Path, submitit) -> None:
     """One job array, one task per training, at most ``jobs`` running at once."""
     executor = submitit.SlurmExecutor(folder=folder / "%j")
     extra = dict(option.split("=", 1) for option in settings.sbatch)
@@ -144,7 +153,6 @@ def _slurm(trainings: list[Training], settings: JobSettings, folder: Path, submi
         except KeyboardInterrupt:
             _cancel(waiting)
             raise
-    return bar.failures
 
 
 class _progress:
@@ -152,7 +160,7 @@ class _progress:
 
     def __init__(self, total: int, desc: str):
         self.bar = tqdm(total=total, desc=desc, unit="job", disable=None)
-        self.failures: list[str] = []
+        self.failed = 0
 
     def __enter__(self) -> _progress:
         return self
@@ -166,13 +174,13 @@ class _progress:
         except Exception as e:  # noqa: BLE001  (a job that left no result: killed, cancelled, timed out)
             error = e
         if error is not None:
-            line = f"{training.name}: failed ({_cause(error)}); log: {training.job.paths.stderr}"
-            logger.error("%s", line)
-            self.failures.append(line)
+            training.failure = f"{training.name}: failed ({_cause(error)}); log: {training.job.paths.stderr}"
+            logger.error("%s", training.failure)
+            self.failed += 1
         self.bar.update(1)
 
     def show(self, running: int) -> None:
-        self.bar.set_postfix_str(f"running {running}, failed {len(self.failures)}")
+        self.bar.set_postfix_str(f"running {running}, failed {self.failed}")
 
 
 def _cause(error: BaseException) -> str:
